@@ -1,1 +1,145 @@
-fn main(){}
+//! The `nim-sim` binary: a simulated NIM on a socket, for benchmarks, demos and manual tests.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use nim_sim::{Failures, Sim, SimOptions, SimTls};
+
+#[derive(Parser)]
+#[command(name = "nim-sim", version, about = "A fast, deterministic simulated NVIDIA NIM (OpenAI-compatible)")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// A model to serve (repeatable). Default: meta/llama-3.1-8b-instruct.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Latency to the first token, e.g. 50ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    ttft: Duration,
+    /// Completion tokens per answer (capped by the request's max_tokens).
+    #[arg(long, default_value_t = 16)]
+    tokens: u32,
+    /// Delay between stream chunks (one token each), e.g. 10ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    chunk_delay: Duration,
+    /// Simulated GPU slots (0 = unlimited); others wait in a queue.
+    #[arg(long, default_value_t = 0)]
+    max_concurrency: usize,
+    /// Bound of the waiting queue; beyond it requests get 429.
+    #[arg(long)]
+    max_queue: Option<usize>,
+    /// Require `Authorization: Bearer KEY`.
+    #[arg(long, env = "NIM_SIM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Fraction of requests answered with --error-status (deterministic: every 1/rate-th).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Status of injected errors.
+    #[arg(long, default_value_t = 500)]
+    error_status: u16,
+    /// Break the connection after N stream chunks (0: before any response).
+    #[arg(long)]
+    reset_after_chunks: Option<u32>,
+    /// Stop sending after N stream chunks, keeping the connection open.
+    #[arg(long)]
+    stall_after_chunks: Option<u32>,
+    /// Accept requests and never answer.
+    #[arg(long)]
+    hang: bool,
+    /// Dimension of embedding vectors.
+    #[arg(long, default_value_t = 16)]
+    embedding_dim: usize,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("nim-sim: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nim-sim: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(SimTls {
+            cert_pem: std::fs::read_to_string(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?,
+            key_pem: std::fs::read_to_string(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?,
+        }),
+        _ => None,
+    };
+    let mut options = SimOptions {
+        ttft: args.ttft,
+        tokens: args.tokens,
+        chunk_delay: args.chunk_delay,
+        max_concurrency: args.max_concurrency,
+        max_queue: args.max_queue,
+        api_key: args.api_key,
+        embedding_dim: args.embedding_dim,
+        failures: Failures {
+            error_rate: args.error_rate.clamp(0.0, 1.0),
+            error_status: args.error_status,
+            reset_after_chunks: args.reset_after_chunks,
+            stall_after_chunks: args.stall_after_chunks,
+            hang: args.hang,
+        },
+        tls,
+        ..SimOptions::default()
+    };
+    if !args.models.is_empty() {
+        options.models = args.models;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let sim = Sim::start_on(listener, options).await.map_err(|e| e.to_string())?;
+    println!("nim-sim listening on {}", sim.url());
+    shutdown_signal().await;
+    sim.stop().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,394 @@
+//! What the sim answers: the request fields it reads, and the JSON and SSE it writes, in the
+//! shapes NIM (vLLM underneath) uses. Text is a fixed word cycle and every number comes from the
+//! request or a counter, so answers are reproducible. Streams are rendered event by event from a
+//! prefix built once per request.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::state::CREATED;
+
+/// The fields of an inference request the sim acts on; the rest is skipped unread.
+#[derive(Deserialize)]
+pub struct InferRequest<'a> {
+    #[serde(borrow, default)]
+    pub model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<serde_json::Value>,
+    /// Embeddings input: a string, strings, or token arrays.
+    #[serde(default)]
+    pub input: Option<serde_json::Value>,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+#[derive(Deserialize)]
+pub struct Tool {
+    #[serde(default)]
+    pub function: Option<ToolFunction>,
+}
+
+#[derive(Deserialize)]
+pub struct ToolFunction {
+    pub name: String,
+}
+
+/// The words tokens are made of, cycled.
+const WORDS: [&str; 16] = [
+    " The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ".", " NIM", " serves", " tokens",
+    " fast", " and", " well",
+];
+
+pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Everything needed to render one answer.
+pub struct Plan {
+    pub kind: Kind,
+    pub tokens: u32,
+    pub finish_reason: &'static str,
+    pub include_usage: bool,
+    pub prompt_tokens: u64,
+    /// JSON-encoded name of the function to call, when the answer is a tool call.
+    pub tool_call: Option<String>,
+    id: String,
+    model_json: String,
+    /// `data: {"id":...,"model":...,"choices":[` for stream events.
+    event_prefix: String,
+}
+
+impl Plan {
+    pub fn new(
+        kind: Kind,
+        sequence: u64,
+        model: &str,
+        request: &InferRequest<'_>,
+        tokens: u32,
+        prompt_tokens: u64,
+    ) -> Self {
+        let cap = request.max_completion_tokens.or(request.max_tokens);
+        let capped = cap.is_some_and(|cap| cap < tokens);
+        let tokens = cap.map_or(tokens, |cap| cap.min(tokens));
+        let tool_call = match (&request.tools, &request.tool_choice) {
+            (_, Some(serde_json::Value::String(choice))) if choice == "none" => None,
+            (Some(tools), _) if kind == Kind::Chat => tools
+                .iter()
+                .find_map(|t| t.function.as_ref())
+                .map(|f| serde_json::to_string(&f.name).unwrap_or_else(|_| "\"tool\"".to_owned())),
+            _ => None,
+        };
+        let finish_reason = match (&tool_call, capped) {
+            (Some(_), _) => "tool_calls",
+            (None, true) => "length",
+            (None, false) => "stop",
+        };
+        let id = match kind {
+            Kind::Chat => format!("chatcmpl-{sequence}"),
+            Kind::Completion => format!("cmpl-{sequence}"),
+        };
+        let model_json = serde_json::to_string(model).unwrap_or_else(|_| "\"model\"".to_owned());
+        let object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let event_prefix =
+            format!(r#"data: {{"id":"{id}","object":"{object}","created":{CREATED},"model":{model_json},"choices":["#);
+        Self {
+            kind,
+            tokens: if tool_call.is_some() { 1 } else { tokens },
+            finish_reason,
+            include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            prompt_tokens,
+            tool_call,
+            id,
+            model_json,
+            event_prefix,
+        }
+    }
+
+    /// The tokens this answer generates (a tool call counts as one).
+    pub fn completion_tokens(&self) -> u64 {
+        u64::from(self.tokens)
+    }
+
+    fn usage(&self) -> String {
+        let completion = self.completion_tokens();
+        format!(
+            r#"{{"prompt_tokens":{},"completion_tokens":{completion},"total_tokens":{}}}"#,
+            self.prompt_tokens,
+            self.prompt_tokens + completion
+        )
+    }
+
+    /// The non-streaming answer.
+    pub fn answer(&self) -> Bytes {
+        let (id, model, usage, finish) = (&self.id, &self.model_json, self.usage(), self.finish_reason);
+        let body = match (self.kind, &self.tool_call) {
+            (Kind::Chat, Some(name)) => format!(
+                r#"{{"id":"{id}","object":"chat.completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{}]}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
+                tool_call_json(&self.id, name)
+            ),
+            (Kind::Chat, None) => format!(
+                r#"{{"id":"{id}","object":"chat.completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
+                text(self.tokens)
+            ),
+            (Kind::Completion, _) => format!(
+                r#"{{"id":"{id}","object":"text_completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"text":"{}","logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
+                text(self.tokens)
+            ),
+        };
+        Bytes::from(body)
+    }
+
+    /// A stream event with `choice` as its only choice.
+    fn event(&self, choice: &str) -> Bytes {
+        let mut event = String::with_capacity(self.event_prefix.len() + choice.len() + 24);
+        event.push_str(&self.event_prefix);
+        event.push_str(choice);
+        event.push(']');
+        if self.include_usage {
+            event.push_str(r#","usage":null"#);
+        }
+        event.push_str("}\n\n");
+        Bytes::from(event)
+    }
+
+    /// The first chat event, announcing the assistant's turn; completions have none.
+    pub fn role_event(&self) -> Option<Bytes> {
+        (self.kind == Kind::Chat).then(|| {
+            self.event(r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}"#)
+        })
+    }
+
+    /// Content event `i` (0-based): one token, or the whole tool call.
+    pub fn content_event(&self, i: u32) -> Bytes {
+        let word = WORDS[i as usize % WORDS.len()];
+        match (self.kind, &self.tool_call) {
+            (Kind::Chat, Some(name)) => self.event(&format!(
+                r#"{{"index":0,"delta":{{"tool_calls":[{}]}},"logprobs":null,"finish_reason":null}}"#,
+                tool_call_json(&self.id, name).replacen('{', r#"{"index":0,"#, 1)
+            )),
+            (Kind::Chat, None) => self.event(&format!(
+                r#"{{"index":0,"delta":{{"content":"{word}"}},"logprobs":null,"finish_reason":null}}"#
+            )),
+            (Kind::Completion, _) => {
+                self.event(&format!(r#"{{"index":0,"text":"{word}","logprobs":null,"finish_reason":null}}"#))
+            }
+        }
+    }
+
+    pub fn finish_event(&self) -> Bytes {
+        let finish = self.finish_reason;
+        match self.kind {
+            Kind::Chat => {
+                self.event(&format!(r#"{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{finish}"}}"#))
+            }
+            Kind::Completion => {
+                self.event(&format!(r#"{{"index":0,"text":"","logprobs":null,"finish_reason":"{finish}"}}"#))
+            }
+        }
+    }
+
+    /// The final usage-only event (`choices` empty), sent when the client asked for it.
+    pub fn usage_event(&self) -> Bytes {
+        Bytes::from(format!("{}],\"usage\":{}}}\n\n", self.event_prefix, self.usage()))
+    }
+}
+
+fn tool_call_json(id: &str, name_json: &str) -> String {
+    format!(r#"{{"id":"call_{id}","type":"function","function":{{"name":{name_json},"arguments":"{{}}"}}}}"#)
+}
+
+/// The text of `tokens` tokens.
+pub fn text(tokens: u32) -> String {
+    let mut text = String::with_capacity(tokens as usize * 6);
+    for i in 0..tokens {
+        text.push_str(WORDS[i as usize % WORDS.len()]);
+    }
+    text
+}
+
+/// The texts to embed, from any of the accepted `input` shapes.
+pub fn embedding_inputs(input: &serde_json::Value) -> Option<Vec<String>> {
+    match input {
+        serde_json::Value::String(s) => Some(vec![s.clone()]),
+        serde_json::Value::Array(items) if items.is_empty() => None,
+        serde_json::Value::Array(items) if items.iter().all(|i| i.is_number()) => Some(vec![input.to_string()]),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(_) => Some(item.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// A deterministic unit vector for `text`.
+pub fn embedding(text: &str, dim: usize) -> Vec<f32> {
+    // FNV-1a of the text seeds an xorshift generator.
+    let mut state =
+        text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let mut vector: Vec<f32> = (0..dim.max(1))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect();
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::EPSILON);
+    vector.iter_mut().for_each(|x| *x /= norm);
+    vector
+}
+
+/// The embeddings answer, floats or base64 of little-endian f32s.
+pub fn embeddings_answer(model: &str, inputs: &[String], dim: usize, base64: bool, prompt_tokens: u64) -> Bytes {
+    let data: Vec<serde_json::Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let vector = embedding(text, dim);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                serde_json::json!(vector)
+            };
+            serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "object": "list", "data": data, "model": model,
+        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// NIM's error envelope.
+pub fn error_body(status: u16, message: &str) -> Bytes {
+    let kind = match status {
+        400 => "BadRequestError",
+        401 => "AuthenticationError",
+        403 => "PermissionDeniedError",
+        404 => "NotFoundError",
+        422 => "UnprocessableEntityError",
+        429 => "RateLimitError",
+        500 => "InternalServerError",
+        503 => "ServiceUnavailableError",
+        _ => "APIError",
+    };
+    Bytes::from(serde_json::json!({ "error": { "message": message, "type": kind, "code": status } }).to_string())
+}
+
+/// NIM's Prometheus metrics, in the text exposition format.
+pub fn metrics(
+    model: &str,
+    running: u64,
+    waiting: u64,
+    usage: f64,
+    prompt: u64,
+    generation: u64,
+    success: u64,
+) -> String {
+    let label = model.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    let mut out = String::with_capacity(1024);
+    let families: [(&str, &str, &str, String); 6] = [
+        ("num_requests_running", "gauge", "Number of requests currently running on GPU.", running.to_string()),
+        ("num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting.to_string()),
+        ("gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage.", format!("{usage}")),
+        ("prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt.to_string()),
+        ("generation_tokens_total", "counter", "Number of generation tokens processed.", generation.to_string()),
+        ("request_success_total", "counter", "Count of successfully processed requests.", success.to_string()),
+    ];
+    for (name, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{label}\"}} {value}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(json: &str) -> InferRequest<'_> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn max_tokens_caps_the_answer_and_says_length() {
+        let r = request(r#"{"model":"m","max_tokens":3}"#);
+        let plan = Plan::new(Kind::Chat, 1, "m", &r, 16, 5);
+        assert_eq!((plan.tokens, plan.finish_reason), (3, "length"));
+        let answer: serde_json::Value = serde_json::from_slice(&plan.answer()).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], " The quick brown");
+        assert_eq!(answer["usage"]["total_tokens"], 8);
+    }
+
+    #[test]
+    fn stream_events_are_single_sse_data_lines_of_valid_json() {
+        let r = request(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#);
+        let plan = Plan::new(Kind::Chat, 7, "org/m\"x", &r, 2, 5);
+        for event in [plan.role_event().unwrap(), plan.content_event(0), plan.finish_event(), plan.usage_event()] {
+            let text = std::str::from_utf8(&event).unwrap();
+            let json = text.strip_prefix("data: ").unwrap().strip_suffix("\n\n").unwrap();
+            let value: serde_json::Value = serde_json::from_str(json).unwrap();
+            assert_eq!(value["model"], "org/m\"x");
+            assert!(value.get("usage").is_some());
+        }
+    }
+
+    #[test]
+    fn tool_calls_name_the_first_tool_unless_tool_choice_is_none() {
+        let r = request(r#"{"model":"m","tools":[{"type":"function","function":{"name":"f1"}}]}"#);
+        let plan = Plan::new(Kind::Chat, 1, "m", &r, 16, 1);
+        let answer: serde_json::Value = serde_json::from_slice(&plan.answer()).unwrap();
+        assert_eq!(answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "f1");
+        assert_eq!(answer["choices"][0]["finish_reason"], "tool_calls");
+        let event = plan.content_event(0);
+        let value: serde_json::Value = serde_json::from_str(std::str::from_utf8(&event).unwrap()[6..].trim()).unwrap();
+        assert_eq!(value["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+
+        let r = request(r#"{"model":"m","tools":[{"type":"function","function":{"name":"f1"}}],"tool_choice":"none"}"#);
+        assert!(Plan::new(Kind::Chat, 1, "m", &r, 16, 1).tool_call.is_none());
+    }
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embedding("hello", 16);
+        assert_eq!(a, embedding("hello", 16));
+        assert_ne!(a, embedding("world", 16));
+        let norm: f32 = a.iter().map(|x| x * x).sum();
+        assert!((norm - 1.0).abs() < 1e-4);
+        assert_eq!(embedding_inputs(&serde_json::json!(["a", "b"])).unwrap().len(), 2);
+        assert_eq!(embedding_inputs(&serde_json::json!([1, 2, 3])).unwrap().len(), 1);
+        assert!(embedding_inputs(&serde_json::json!(42)).is_none());
+    }
+}
