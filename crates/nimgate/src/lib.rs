@@ -1,1 +1,82 @@
-pub fn x(){}
+//! nimgate: one OpenAI-compatible endpoint in front of many NVIDIA NIM backends.
+//!
+//! Module map (one concern each):
+//! - `config`: the file as written (`raw`), loading with env overrides (`load`), validation
+//!   into an immutable `Snapshot` (`validate`, `snapshot`).
+//! - `handler`: the request path, top to bottom.
+//! - `auth`: bearer key → `Key` by sha256 digest; ACL globs.
+//! - `routing`: model string → `Route` (exact, then globs by longest literal prefix).
+//! - `glob`: model-name patterns shared by routes and ACLs.
+//! - `pool`: backends and the order in which a route's backends are tried.
+//! - `proxy`: request body read and peek, upstream request building and sending, clients.
+//! - `streaming`: the response body passed through frame by frame.
+//! - `models`: `GET /v1/models`.
+//! - `server`: listeners, TLS, connection tasks, graceful shutdown.
+//! - `tls`: PEM certificate and key loading.
+//! - `demo`: `nimgate demo`, the gateway with two in-process simulated NIMs.
+//! - `error`: `GatewayError` and its one rendering as an OpenAI error body.
+//! - `api`: the forwarded endpoints and their paths.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod glob;
+pub mod handler;
+pub mod models;
+pub mod pool;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod streaming;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+pub use config::Snapshot;
+pub use error::GatewayError;
+
+/// The running gateway's shared state: the snapshot in force and what outlives it.
+#[derive(Debug)]
+pub struct Gateway {
+    config: ArcSwap<Snapshot>,
+    draining: AtomicBool,
+    catalog: models::Catalog,
+}
+
+impl Gateway {
+    pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        Arc::new(Self {
+            config: ArcSwap::from_pointee(snapshot),
+            draining: AtomicBool::new(false),
+            catalog: models::Catalog::default(),
+        })
+    }
+
+    /// The snapshot in force: one atomic load. A request keeps it to its end.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.config.load_full()
+    }
+
+    /// Puts a new, validated snapshot in force for every request that starts after this.
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.config.store(Arc::new(snapshot));
+    }
+
+    /// Whether the gateway is shutting down (readiness then answers 503).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub(crate) fn catalog(&self) -> &models::Catalog {
+        &self.catalog
+    }
+}

@@ -1,1 +1,194 @@
-fn main(){}
+//! The `nimgate` command line: run the gateway, check a config, hash a key, run the demo.
+//! The only place `anyhow` appears: everything below returns typed errors.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use nimgate::config::{self, EnvSource, Snapshot};
+use nimgate::{Gateway, auth, demo, server};
+
+#[derive(Parser)]
+#[command(name = "nimgate", version, about = "A fast, reliable gateway in front of NVIDIA NIM inference backends")]
+struct Cli {
+    /// Config file (YAML; TOML or JSON by extension). Default: $NIMGATE_CONFIG, then config/nimgate.yaml.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config: print every problem with its field path (exit 1) or a summary (exit 0).
+    CheckConfig {
+        /// The file to check.
+        path: PathBuf,
+    },
+    /// Print the sha256 hex of KEY (or of the first line of stdin), for `key_sha256`.
+    HashKey {
+        /// The key; read from stdin when absent (keeps it out of shell history).
+        key: Option<String>,
+    },
+    /// Run the gateway in front of two in-process simulated NIMs, with a demo key.
+    Demo {
+        /// Where the demo gateway listens (default: demo.yaml's 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::CheckConfig { path }) => check_config(&path),
+        Some(Command::HashKey { key }) => hash_key(key),
+        Some(Command::Demo { listen }) => init_logging().and_then(|()| runtime()?.block_on(run_demo(listen))),
+        None => init_logging().and_then(|()| {
+            let path = config_path(cli.config);
+            let snapshot = load(&path)?;
+            runtime()?.block_on(run_gateway(snapshot, &path))
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("NIMGATE_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("config/nimgate.yaml"))
+}
+
+fn load(path: &Path) -> anyhow::Result<Snapshot> {
+    let raw = config::load_file(path, &EnvSource::Process)?;
+    config::validate(&raw, &EnvSource::Process).with_context(|| format!("{} is not valid", path.display()))
+}
+
+fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
+    let checked =
+        config::load_file(path, &EnvSource::Process).and_then(|raw| config::validate(&raw, &EnvSource::Process));
+    match checked {
+        Ok(snapshot) => {
+            println!("{}: ok", path.display());
+            println!("{}", summary(&snapshot));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let problems = e.problems();
+            eprintln!("{}: {} problem{}", path.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
+            for problem in problems {
+                eprintln!("  {problem}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn summary(snapshot: &Snapshot) -> String {
+    let mut lines = vec![format!(
+        "  listen {}, {} backend(s), {} route(s), {} key(s){}",
+        snapshot.server.listen,
+        snapshot.backends.len(),
+        snapshot.routes.len(),
+        snapshot.keys.len(),
+        if snapshot.server.allow_anonymous { ", anonymous access ON" } else { "" }
+    )];
+    for route in snapshot.routes.iter() {
+        let names = |backends: &[std::sync::Arc<nimgate::pool::Backend>]| {
+            backends.iter().map(|b| b.name.to_string()).collect::<Vec<_>>().join(", ")
+        };
+        let mut line = format!("  {} -> [{}]", route.pattern.as_str(), names(route.pool.primary()));
+        if !route.pool.fallback().is_empty() {
+            line.push_str(&format!(" fallback [{}]", names(route.pool.fallback())));
+        }
+        if let Some(alias) = &route.upstream_model {
+            line.push_str(&format!(" as {}", alias.name));
+        }
+        lines.push(line);
+    }
+    lines.join("\n")
+}
+
+fn hash_key(key: Option<String>) -> anyhow::Result<ExitCode> {
+    let key = match key {
+        Some(key) => key,
+        None => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).context("cannot read the key from stdin")?;
+            line.trim_end_matches(['\r', '\n']).to_owned()
+        }
+    };
+    anyhow::ensure!(!key.is_empty(), "no key given: pass it as an argument or on stdin");
+    println!("{}", auth::digest_hex(&key));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode> {
+    let listen = snapshot.server.listen;
+    if snapshot.server.allow_anonymous {
+        tracing::warn!("server.allow_anonymous is on: requests without a known key are served");
+    }
+    let listener = server::bind(listen).await?;
+    tracing::info!(
+        config = %path.display(), %listen, tls = snapshot.server.tls.is_some(),
+        backends = snapshot.backends.len(), routes = snapshot.routes.len(), keys = snapshot.keys.len(),
+        "nimgate listening"
+    );
+    server::serve(Gateway::new(snapshot), listener, shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+    demo::run(listen, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+/// Logs go to stderr: `NIMGATE_LOG` sets the filter (default `info`), `NIMGATE_LOG_FORMAT=json`
+/// switches to one JSON object per line.
+fn init_logging() -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if std::env::var("NIMGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}

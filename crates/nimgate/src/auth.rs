@@ -1,0 +1,193 @@
+//! Who is calling: `Authorization: Bearer KEY` → the configured key, found by the sha256 digest
+//! of what was presented, so plaintext keys are never stored; and what that key may call,
+//! by its ACL globs.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use http::HeaderMap;
+use http::header::AUTHORIZATION;
+use sha2::{Digest, Sha256};
+
+use crate::glob::ModelPattern;
+
+/// A key's configured name: what logs, metrics and the admin API show instead of the key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyName(Arc<str>);
+
+impl KeyName {
+    pub fn new(name: &str) -> Self {
+        Self(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key's request and token budgets (enforced by the limiter, #4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// One caller identity.
+#[derive(Debug)]
+pub struct Key {
+    pub name: KeyName,
+    acl: Vec<ModelPattern>,
+    pub limits: Limits,
+}
+
+impl Key {
+    pub fn new(name: KeyName, acl: Vec<ModelPattern>, limits: Limits) -> Self {
+        Self { name, acl, limits }
+    }
+
+    /// Whether this key may call `model` (the name the client asked for, before any alias).
+    pub fn allows(&self, model: &str) -> bool {
+        self.acl.iter().any(|pattern| pattern.matches(model))
+    }
+}
+
+/// Why a request could not be tied to a key. Messages never echo what was presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthFailure {
+    #[error("missing API key: send `Authorization: Bearer <key>`")]
+    Missing,
+    #[error("malformed Authorization header: expected `Bearer <key>`")]
+    Malformed,
+    #[error("invalid API key")]
+    Unknown,
+}
+
+/// The keys of one snapshot, by digest.
+#[derive(Debug, Default)]
+pub struct KeyTable {
+    by_digest: HashMap<[u8; 32], Arc<Key>>,
+    /// Present when `server.allow_anonymous` is on: the identity of callers without a known key.
+    anonymous: Option<Arc<Key>>,
+    len: usize,
+}
+
+impl KeyTable {
+    /// `keys` pairs each key with the sha256 digest of its secret (validated: no duplicates).
+    pub fn new(keys: Vec<([u8; 32], Arc<Key>)>, allow_anonymous: bool) -> Self {
+        let len = keys.len();
+        let anonymous = allow_anonymous
+            .then(|| Arc::new(Key::new(KeyName::new("anonymous"), vec![ModelPattern::Any], Limits::default())));
+        Self { by_digest: keys.into_iter().collect(), anonymous, len }
+    }
+
+    /// The key presented in `headers`. With anonymous access on, a request without a known
+    /// key is the `anonymous` caller, which may use every route.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<&Arc<Key>, AuthFailure> {
+        let found = bearer_token(headers)
+            .and_then(|token| self.by_digest.get(&digest(token.as_bytes())).ok_or(AuthFailure::Unknown));
+        match (found, &self.anonymous) {
+            (Ok(key), _) => Ok(key),
+            (Err(_), Some(anonymous)) => Ok(anonymous),
+            (Err(failure), None) => Err(failure),
+        }
+    }
+
+    /// Configured keys, not counting the anonymous identity.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The sha256 digest of a key, as stored in `key_sha256`.
+pub fn digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// `hex(sha256(key))`, what `nimgate hash-key` prints.
+pub fn digest_hex(key: &str) -> String {
+    hex::encode(digest(key.as_bytes()))
+}
+
+fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthFailure> {
+    let value = headers.get(AUTHORIZATION).ok_or(AuthFailure::Missing)?;
+    let value = value.to_str().map_err(|_| AuthFailure::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() || token.contains(' ') {
+        return Err(AuthFailure::Malformed);
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(allow_anonymous: bool) -> KeyTable {
+        let key = Arc::new(Key::new(
+            KeyName::new("team-a"),
+            vec![ModelPattern::parse("meta/*").unwrap(), ModelPattern::parse("nvidia/x").unwrap()],
+            Limits::default(),
+        ));
+        KeyTable::new(vec![(digest(b"sk-team-a"), key)], allow_anonymous)
+    }
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(value) = auth {
+            h.insert(AUTHORIZATION, value.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_known_bearer_key_is_found_by_digest() {
+        let t = table(false);
+        assert_eq!(t.authenticate(&headers(Some("Bearer sk-team-a"))).unwrap().name.as_str(), "team-a");
+        assert_eq!(t.authenticate(&headers(Some("bearer  sk-team-a"))).unwrap().name.as_str(), "team-a");
+    }
+
+    #[test]
+    fn missing_malformed_and_unknown_keys_are_told_apart() {
+        let t = table(false);
+        assert_eq!(t.authenticate(&headers(None)).unwrap_err(), AuthFailure::Missing);
+        assert_eq!(t.authenticate(&headers(Some("sk-team-a"))).unwrap_err(), AuthFailure::Malformed);
+        assert_eq!(t.authenticate(&headers(Some("Basic sk-team-a"))).unwrap_err(), AuthFailure::Malformed);
+        assert_eq!(t.authenticate(&headers(Some("Bearer "))).unwrap_err(), AuthFailure::Malformed);
+        assert_eq!(t.authenticate(&headers(Some("Bearer sk-other"))).unwrap_err(), AuthFailure::Unknown);
+    }
+
+    #[test]
+    fn anonymous_access_admits_unknown_callers_to_every_model() {
+        let t = table(true);
+        let key = t.authenticate(&headers(Some("Bearer whatever"))).unwrap();
+        assert_eq!(key.name.as_str(), "anonymous");
+        assert!(key.allows("qwen/qwen2.5-7b"));
+        assert_eq!(t.authenticate(&headers(Some("Bearer sk-team-a"))).unwrap().name.as_str(), "team-a");
+    }
+
+    #[test]
+    fn acl_globs_decide_which_models_a_key_may_use() {
+        let t = table(false);
+        let key = t.authenticate(&headers(Some("Bearer sk-team-a"))).unwrap();
+        assert!(key.allows("meta/llama-3.1-8b-instruct"));
+        assert!(key.allows("nvidia/x"));
+        assert!(!key.allows("nvidia/y"));
+    }
+
+    #[test]
+    fn digest_hex_is_lowercase_sha256() {
+        assert_eq!(digest_hex("password"), "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8");
+    }
+}

@@ -1,0 +1,55 @@
+//! The validated configuration the gateway serves from: typed, indexed and immutable. A
+//! request loads the current `Arc<Snapshot>` once and keeps it to its end, so a reload (a
+//! swap of the whole snapshot) never changes the rules under a request in flight.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+
+use crate::auth::KeyTable;
+use crate::pool::Backend;
+use crate::routing::RouteTable;
+
+/// One consistent set of rules.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub server: ServerSettings,
+    /// Every configured backend, in config order.
+    pub backends: Vec<Arc<Backend>>,
+    pub routes: RouteTable,
+    pub keys: KeyTable,
+    pub rate_limits: RateLimitSettings,
+}
+
+/// `server:`.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// The listener's TLS configuration, when `server.tls` is set.
+    pub tls: Option<Arc<ServerConfig>>,
+    pub max_body_bytes: u64,
+    pub drain_timeout: Duration,
+    pub allow_anonymous: bool,
+}
+
+/// `rate_limits:`: where limiter state lives and what happens when that store is unreachable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    pub store: LimitStore,
+    pub on_store_error: OnStoreError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitStore {
+    Memory,
+    Redis { url: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    Allow,
+    Deny,
+}

@@ -1,0 +1,693 @@
+//! `RawConfig` → `Snapshot`. Checks everything that can be checked before serving (names,
+//! references, URLs, globs, durations, credentials in the environment, TLS files) and reports
+//! every problem at once, each with its field path, so an operator fixes a file in one pass.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+
+use super::load::EnvSource;
+use super::raw::{RawBackend, RawConfig, RawKey, RawProbe, RawRateLimits, RawRoute, RawServer};
+use super::snapshot::{LimitStore, OnStoreError, RateLimitSettings, ServerSettings, Snapshot};
+use super::{ConfigError, Problem};
+use crate::auth::{self, Key, KeyName, KeyTable, Limits};
+use crate::glob::ModelPattern;
+use crate::pool::{Backend, BackendName, Pool, Probe, Timeouts};
+use crate::proxy::client;
+use crate::routing::{Route, RouteTable, UpstreamModel};
+use crate::tls::{self, TlsFileError};
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_HEALTH: (&str, Duration) = ("/v1/health/ready", Duration::from_secs(5));
+const DEFAULT_LOAD_METRICS: (&str, Duration) = ("/v1/metrics", Duration::from_secs(2));
+
+/// Validates `raw`, reading credentials named by `api_key_env` / `key_env` from `env`.
+pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigError> {
+    let mut v = Validator { problems: Vec::new(), env };
+    let server = v.server(&raw.server);
+    let backends = v.backends(&raw.backends);
+    let routes = v.routes(&raw.routes, &raw.backends, &backends);
+    let keys = v.keys(&raw.keys, server.allow_anonymous);
+    let rate_limits = v.rate_limits(&raw.rate_limits);
+    if !v.problems.is_empty() {
+        return Err(ConfigError::Invalid(v.problems));
+    }
+    Ok(Snapshot { server, backends: backends.into_iter().flatten().collect(), routes, keys, rate_limits })
+}
+
+struct Validator<'a> {
+    problems: Vec<Problem>,
+    env: &'a EnvSource,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::new(path, message));
+    }
+
+    fn server(&mut self, raw: &RawServer) -> ServerSettings {
+        let listen = self.socket_addr("server.listen", raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN));
+        let admin_listen =
+            self.socket_addr("server.admin_listen", raw.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN));
+        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            self.problem("server.max_body_bytes", "must be at least 1");
+        }
+        let drain_timeout =
+            self.duration_or("server.drain_timeout", raw.drain_timeout.as_deref(), DEFAULT_DRAIN_TIMEOUT);
+        let tls = raw.tls.as_ref().and_then(|t| {
+            tls::server_config(Path::new(&t.cert), Path::new(&t.key))
+                .map_err(|e| match e {
+                    TlsFileError::Cert(m) => self.problem("server.tls.cert", m),
+                    TlsFileError::Key(m) => self.problem("server.tls.key", m),
+                })
+                .ok()
+        });
+        ServerSettings {
+            listen,
+            admin_listen,
+            tls,
+            max_body_bytes,
+            drain_timeout,
+            allow_anonymous: raw.allow_anonymous.unwrap_or(false),
+        }
+    }
+
+    /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
+    fn backends(&mut self, raw: &[RawBackend]) -> Vec<Option<Arc<Backend>>> {
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (i, b) in raw.iter().enumerate() {
+            let at = format!("backends[{i}]");
+            self.name(&format!("{at}.name"), &b.name, "backend");
+            if let Some(first) = seen.insert(&b.name, i) {
+                self.problem(
+                    format!("{at}.name"),
+                    format!("duplicate backend name `{}` (first at backends[{first}])", b.name),
+                );
+            }
+            out.push(self.backend(&at, b).map(Arc::new));
+        }
+        out
+    }
+
+    fn backend(&mut self, at: &str, b: &RawBackend) -> Option<Backend> {
+        let before = self.problems.len();
+        let base = self.backend_url(&format!("{at}.url"), &b.url);
+        let auth = b.api_key_env.as_deref().and_then(|var| {
+            let secret = self.env_secret(&format!("{at}.api_key_env"), var)?;
+            match HeaderValue::from_str(&format!("Bearer {secret}")) {
+                Ok(mut value) => {
+                    value.set_sensitive(true);
+                    Some(value)
+                }
+                Err(_) => {
+                    self.problem(
+                        format!("{at}.api_key_env"),
+                        format!("environment variable {var} holds characters not allowed in an HTTP header"),
+                    );
+                    None
+                }
+            }
+        });
+        let weight = b.weight.unwrap_or(1);
+        if weight == 0 {
+            self.problem(format!("{at}.weight"), "must be at least 1");
+        }
+        if b.max_concurrency == Some(0) {
+            self.problem(format!("{at}.max_concurrency"), "must be at least 1 (omit it for no cap)");
+        }
+        let health_check = self.probe(&format!("{at}.health_check"), b.health_check.as_ref(), DEFAULT_HEALTH);
+        let load_metrics =
+            b.load_metrics.as_ref().map(|p| self.probe(&format!("{at}.load_metrics"), Some(p), DEFAULT_LOAD_METRICS));
+        let timeouts = Timeouts {
+            connect: self.duration_or(
+                &format!("{at}.timeouts.connect"),
+                b.timeouts.as_ref().and_then(|t| t.connect.as_deref()),
+                Timeouts::DEFAULT_CONNECT,
+            ),
+            first_byte: self.duration_or(
+                &format!("{at}.timeouts.first_byte"),
+                b.timeouts.as_ref().and_then(|t| t.first_byte.as_deref()),
+                Timeouts::DEFAULT_FIRST_BYTE,
+            ),
+        };
+        let extra_ca = b.ca_file.as_deref().and_then(|file| {
+            if base.as_ref().is_some_and(|u| u.scheme_str() != Some("https")) {
+                self.problem(format!("{at}.ca_file"), "only applies to https backends");
+            }
+            tls::certificates(Path::new(file)).map_err(|e| self.problem(format!("{at}.ca_file"), e.to_string())).ok()
+        });
+        let client = client::build(timeouts.connect, extra_ca.as_deref())
+            .map_err(|e| self.problem(format!("{at}.ca_file"), e))
+            .ok();
+        if self.problems.len() > before {
+            return None;
+        }
+        let (base, client) = (base?, client?);
+        Backend::new(crate::pool::BackendParts {
+            name: BackendName::new(&b.name),
+            url: b.url.clone(),
+            base,
+            auth,
+            weight,
+            max_concurrency: b.max_concurrency,
+            stream_usage: b.stream_usage.unwrap_or(true),
+            health_check,
+            load_metrics,
+            timeouts,
+            client,
+        })
+        .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
+        .ok()
+    }
+
+    fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {
+        let uri: Uri = match url.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                self.problem(at, format!("invalid URL `{url}`: {e}"));
+                return None;
+            }
+        };
+        let problem = match (uri.scheme_str(), uri.authority()) {
+            (Some("http" | "https"), Some(authority)) if authority.as_str().contains('@') => Some(
+                "must not carry credentials: put the API key in an environment variable named by api_key_env"
+                    .to_owned(),
+            ),
+            (Some("http" | "https"), Some(_)) if uri.query().is_some() => {
+                Some("must not have a query string".to_owned())
+            }
+            (Some("http" | "https"), Some(_)) if uri.path().trim_end_matches('/').ends_with("/v1") => Some(format!(
+                "`{url}` ends in /v1, but nimgate appends the request path (/v1/chat/completions): drop the /v1"
+            )),
+            (Some("http" | "https"), Some(_)) => None,
+            (Some(scheme), _) if scheme != "http" && scheme != "https" => {
+                Some(format!("unsupported scheme `{scheme}` in `{url}`: use http or https"))
+            }
+            _ => Some(format!("`{url}` is not an absolute URL like http://127.0.0.1:8000")),
+        };
+        match problem {
+            Some(message) => {
+                self.problem(at, message);
+                None
+            }
+            None => Some(uri),
+        }
+    }
+
+    fn probe(&mut self, at: &str, raw: Option<&RawProbe>, default: (&str, Duration)) -> Probe {
+        let path = raw.and_then(|p| p.path.clone()).unwrap_or_else(|| default.0.to_owned());
+        if !path.starts_with('/') {
+            self.problem(format!("{at}.path"), format!("`{path}` must start with /"));
+        }
+        let interval = self.duration_or(&format!("{at}.interval"), raw.and_then(|p| p.interval.as_deref()), default.1);
+        Probe { path, interval }
+    }
+
+    fn routes(
+        &mut self,
+        raw: &[RawRoute],
+        raw_backends: &[RawBackend],
+        backends: &[Option<Arc<Backend>>],
+    ) -> RouteTable {
+        if raw.is_empty() {
+            self.problem("routes", "no routes configured: every model would get 404; add at least one route");
+        }
+        // Names of invalid backends still resolve (to None) so that one bad backend does not
+        // also produce an "unknown backend" problem in every route that uses it.
+        let mut by_name: HashMap<&str, Option<&Arc<Backend>>> = HashMap::new();
+        for (raw, backend) in raw_backends.iter().zip(backends) {
+            by_name.entry(raw.name.as_str()).or_insert(backend.as_ref());
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut routes = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let at = format!("routes[{i}]");
+            let pattern = ModelPattern::parse(&r.model).map_err(|e| self.problem(format!("{at}.model"), e)).ok();
+            if let Some(first) = seen.insert(r.model.clone(), i) {
+                self.problem(
+                    format!("{at}.model"),
+                    format!("duplicate route for `{}` (first at routes[{first}])", r.model),
+                );
+            }
+            if r.backends.is_empty() {
+                self.problem(format!("{at}.backends"), "empty pool: a route needs at least one backend");
+            }
+            let primary = self.pool_members(&format!("{at}.backends"), &r.backends, &[], &by_name);
+            let fallback = self.pool_members(&format!("{at}.fallback"), &r.fallback, &r.backends, &by_name);
+            let upstream_model = r.upstream_model.as_deref().map(|name| {
+                if name.is_empty() {
+                    self.problem(
+                        format!("{at}.upstream_model"),
+                        "must not be empty (omit it to forward the model name as sent)",
+                    );
+                }
+                UpstreamModel::new(name)
+            });
+            if let (Some(pattern), Some(primary), Some(fallback)) = (pattern, primary, fallback) {
+                routes.push(Arc::new(Route { pattern, pool: Pool::new(primary, fallback), upstream_model }));
+            }
+        }
+        RouteTable::new(routes)
+    }
+
+    fn pool_members(
+        &mut self,
+        at: &str,
+        names: &[String],
+        exclude: &[String],
+        by_name: &HashMap<&str, Option<&Arc<Backend>>>,
+    ) -> Option<Vec<Arc<Backend>>> {
+        let mut members = Vec::with_capacity(names.len());
+        let mut complete = true;
+        for (j, name) in names.iter().enumerate() {
+            match by_name.get(name.as_str()) {
+                Some(Some(backend)) => members.push(Arc::clone(backend)),
+                Some(None) => complete = false,
+                None => {
+                    let mut known: Vec<&str> = by_name.keys().copied().collect();
+                    known.sort_unstable();
+                    self.problem(
+                        format!("{at}[{j}]"),
+                        format!("unknown backend `{name}` (known: {})", known.join(", ")),
+                    );
+                    complete = false;
+                }
+            }
+            if names[..j].contains(name) {
+                self.problem(format!("{at}[{j}]"), format!("backend `{name}` is listed twice"));
+            } else if exclude.contains(name) {
+                self.problem(format!("{at}[{j}]"), format!("backend `{name}` is already in the route's backends"));
+            }
+        }
+        complete.then_some(members)
+    }
+
+    fn keys(&mut self, raw: &[RawKey], allow_anonymous: bool) -> KeyTable {
+        if raw.is_empty() && !allow_anonymous {
+            self.problem(
+                "keys",
+                "no keys configured: add keys, or set server.allow_anonymous: true to serve without authentication",
+            );
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut digests: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut keys = Vec::with_capacity(raw.len());
+        for (i, k) in raw.iter().enumerate() {
+            let at = format!("keys[{i}]");
+            self.name(&format!("{at}.name"), &k.name, "key");
+            if k.name == "anonymous" {
+                self.problem(format!("{at}.name"), "`anonymous` is reserved for callers without a key");
+            }
+            if let Some(first) = names.insert(&k.name, i) {
+                self.problem(format!("{at}.name"), format!("duplicate key name `{}` (first at keys[{first}])", k.name));
+            }
+            let digest = match (&k.key_sha256, &k.key_env) {
+                (Some(_), Some(_)) => {
+                    self.problem(at.clone(), "set key_sha256 or key_env, not both");
+                    None
+                }
+                (None, None) => {
+                    self.problem(at.clone(), "no key: set key_sha256 (from `nimgate hash-key`) or key_env");
+                    None
+                }
+                (Some(hex_digest), None) => self.sha256(&format!("{at}.key_sha256"), hex_digest),
+                (None, Some(var)) => {
+                    self.env_secret(&format!("{at}.key_env"), var).map(|key| auth::digest(key.as_bytes()))
+                }
+            };
+            if let Some(digest) = digest {
+                if let Some(first) = digests.insert(digest, i) {
+                    self.problem(
+                        at.clone(),
+                        format!("same key as keys[{first}] (`{}`): each key must be unique", raw[first].name),
+                    );
+                }
+            }
+            if k.models.is_empty() {
+                self.problem(
+                    format!("{at}.models"),
+                    "no ACL: list the model globs this key may use (\"*\" for every model)",
+                );
+            }
+            let acl: Vec<ModelPattern> = k
+                .models
+                .iter()
+                .enumerate()
+                .filter_map(|(j, m)| {
+                    ModelPattern::parse(m).map_err(|e| self.problem(format!("{at}.models[{j}]"), e)).ok()
+                })
+                .collect();
+            let limits = k.limits.as_ref().map_or(Limits::default(), |l| {
+                for (field, value) in
+                    [("requests_per_minute", l.requests_per_minute), ("tokens_per_minute", l.tokens_per_minute)]
+                {
+                    if value == Some(0) {
+                        self.problem(format!("{at}.limits.{field}"), "must be at least 1 (omit it for no limit)");
+                    }
+                }
+                Limits { requests_per_minute: l.requests_per_minute, tokens_per_minute: l.tokens_per_minute }
+            });
+            if let Some(digest) = digest {
+                keys.push((digest, Arc::new(Key::new(KeyName::new(&k.name), acl, limits))));
+            }
+        }
+        KeyTable::new(keys, allow_anonymous)
+    }
+
+    fn rate_limits(&mut self, raw: &RawRateLimits) -> RateLimitSettings {
+        let store = match raw.store.as_deref().unwrap_or("memory") {
+            "memory" => LimitStore::Memory,
+            "redis" => {
+                let url = raw.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    self.problem("rate_limits.redis_url", format!("`{url}` is not a redis:// or rediss:// URL"));
+                }
+                LimitStore::Redis { url }
+            }
+            other => {
+                self.problem("rate_limits.store", format!("unknown store `{other}`: use memory or redis"));
+                LimitStore::Memory
+            }
+        };
+        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("allow") {
+            "allow" => OnStoreError::Allow,
+            "deny" => OnStoreError::Deny,
+            other => {
+                self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny"));
+                OnStoreError::Allow
+            }
+        };
+        RateLimitSettings { store, on_store_error }
+    }
+
+    fn name(&mut self, at: &str, name: &str, what: &str) {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.problem(at, format!("invalid {what} name `{name}`: use 1-64 letters, digits, '-', '_' or '.'"));
+        }
+    }
+
+    fn sha256(&mut self, at: &str, text: &str) -> Option<[u8; 32]> {
+        let mut digest = [0u8; 32];
+        match hex::decode_to_slice(text.trim(), &mut digest) {
+            Ok(()) => Some(digest),
+            Err(_) => {
+                self.problem(at, "must be 64 hex digits: the output of `nimgate hash-key`");
+                None
+            }
+        }
+    }
+
+    fn env_secret(&mut self, at: &str, var: &str) -> Option<String> {
+        match self.env.var(var) {
+            Some(value) if !value.trim().is_empty() => Some(value.trim().to_owned()),
+            Some(_) => {
+                self.problem(at, format!("environment variable {var} is empty"));
+                None
+            }
+            None => {
+                self.problem(at, format!("environment variable {var} is not set"));
+                None
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, at: &str, text: &str) -> SocketAddr {
+        text.parse().unwrap_or_else(|_| {
+            self.problem(at, format!("`{text}` is not an IP address and port like 0.0.0.0:8080"));
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn duration_or(&mut self, at: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        match parse_duration(text) {
+            Ok(d) => d,
+            Err(message) => {
+                self.problem(at, message);
+                default
+            }
+        }
+    }
+}
+
+/// A humane duration (`250ms`, `5s`, `2m`, `1h 30m`) that is not zero.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text.trim()) {
+        Ok(d) if d.is_zero() => Err(format!("`{text}` must be greater than zero")),
+        Ok(d) => Ok(d),
+        Err(_) => Err(format!("invalid duration `{text}`: write it like 250ms, 5s or 2m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load_str;
+    use config::FileFormat;
+
+    const GOOD: &str = r#"
+server: { listen: "127.0.0.1:8080" }
+backends:
+  - { name: a, url: "http://127.0.0.1:8000" }
+  - { name: b, url: "https://nim.example.com", api_key_env: NIM_KEY }
+routes:
+  - { model: "meta/llama", backends: [a], fallback: [b] }
+  - { model: "nvidia/*", backends: [a, b] }
+keys:
+  - { name: team-a, key_sha256: "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", models: ["*"] }
+  - { name: team-b, key_env: TEAM_B_KEY, models: ["meta/*"] }
+"#;
+
+    fn env() -> EnvSource {
+        EnvSource::Map(
+            [("NIM_KEY", "nvapi-secret"), ("TEAM_B_KEY", "sk-b")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn check(yaml: &str) -> Result<Snapshot, Vec<String>> {
+        let raw = load_str(yaml, FileFormat::Yaml, &env()).map_err(|e| vec![e.to_string()])?;
+        validate(&raw, &env()).map_err(|e| e.problems().iter().map(ToString::to_string).collect())
+    }
+
+    /// `GOOD` with `from` replaced by `to` (which must occur).
+    fn with(from: &str, to: &str) -> String {
+        assert!(GOOD.contains(from), "{from}");
+        GOOD.replacen(from, to, 1)
+    }
+
+    fn problems(yaml: &str) -> Vec<String> {
+        check(yaml).expect_err("expected problems")
+    }
+
+    fn assert_problem(yaml: &str, expected_path_and_words: &str) {
+        let found = problems(yaml);
+        assert!(
+            found.iter().any(|p| p.starts_with(expected_path_and_words)),
+            "wanted `{expected_path_and_words}`, got {found:#?}"
+        );
+    }
+
+    #[test]
+    fn a_good_config_validates_with_defaults_filled_in() {
+        let s = check(GOOD).unwrap();
+        assert_eq!(s.backends.len(), 2);
+        assert_eq!(s.routes.len(), 2);
+        assert_eq!(s.keys.len(), 2);
+        assert_eq!(s.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(s.server.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(s.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        let b = &s.backends[1];
+        assert!(b.auth.as_ref().unwrap().is_sensitive());
+        assert_eq!(b.health_check.path, "/v1/health/ready");
+        assert_eq!(b.timeouts.first_byte, Timeouts::DEFAULT_FIRST_BYTE);
+        assert_eq!(b.uri(crate::api::Endpoint::ChatCompletions), "https://nim.example.com/v1/chat/completions");
+    }
+
+    #[test]
+    fn unknown_backend_in_a_route_names_the_known_ones() {
+        assert_problem(
+            &with("backends: [a], fallback", "backends: [a, c], fallback"),
+            "routes[0].backends[1]: unknown backend `c` (known: a, b)",
+        );
+        assert_problem(&with("fallback: [b]", "fallback: [zz]"), "routes[0].fallback[0]: unknown backend `zz`");
+    }
+
+    #[test]
+    fn duplicate_names_are_reported_where_they_repeat() {
+        assert_problem(
+            &with("name: b,", "name: a,"),
+            "backends[1].name: duplicate backend name `a` (first at backends[0])",
+        );
+        assert_problem(&with("name: team-b", "name: team-a"), "keys[1].name: duplicate key name `team-a`");
+        assert_problem(
+            &with("model: \"nvidia/*\"", "model: \"meta/llama\""),
+            "routes[1].model: duplicate route for `meta/llama`",
+        );
+    }
+
+    #[test]
+    fn bad_urls_say_why() {
+        assert_problem(
+            &with("http://127.0.0.1:8000", "127.0.0.1:8000"),
+            "backends[0].url: `127.0.0.1:8000` is not an absolute URL",
+        );
+        assert_problem(&with("http://127.0.0.1:8000", "ftp://h:1"), "backends[0].url: unsupported scheme `ftp`");
+        assert_problem(&with("http://127.0.0.1:8000", "http://u:p@h:1"), "backends[0].url: must not carry credentials");
+        assert_problem(
+            &with("http://127.0.0.1:8000", "http://h:8000/v1"),
+            "backends[0].url: `http://h:8000/v1` ends in /v1",
+        );
+        assert_problem(
+            &with("http://127.0.0.1:8000", "http://h:8000/?x=1"),
+            "backends[0].url: must not have a query string",
+        );
+        assert_problem(&with("http://127.0.0.1:8000", "http://bad host"), "backends[0].url: invalid URL");
+    }
+
+    #[test]
+    fn bad_globs_are_reported_in_routes_and_acls() {
+        assert_problem(
+            &with("model: \"nvidia/*\"", "model: \"nvidia/[x\""),
+            "routes[1].model: invalid glob `nvidia/[x`",
+        );
+        assert_problem(&with("models: [\"meta/*\"]", "models: [\"meta/{a\"]"), "keys[1].models[0]: invalid glob");
+    }
+
+    #[test]
+    fn bad_durations_are_reported_with_an_example() {
+        assert_problem(
+            &with("listen: \"127.0.0.1:8080\"", "listen: \"127.0.0.1:8080\", drain_timeout: five seconds"),
+            "server.drain_timeout: invalid duration `five seconds`: write it like 250ms, 5s or 2m",
+        );
+        assert_problem(
+            &with("url: \"http://127.0.0.1:8000\" }", "url: \"http://127.0.0.1:8000\", timeouts: { first_byte: 0s } }"),
+            "backends[0].timeouts.first_byte: `0s` must be greater than zero",
+        );
+        assert_problem(
+            &with(
+                "url: \"http://127.0.0.1:8000\" }",
+                "url: \"http://127.0.0.1:8000\", health_check: { interval: soon } }",
+            ),
+            "backends[0].health_check.interval: invalid duration",
+        );
+    }
+
+    #[test]
+    fn an_empty_pool_is_refused() {
+        assert_problem(&with("backends: [a, b]", "backends: []"), "routes[1].backends: empty pool");
+    }
+
+    #[test]
+    fn a_key_without_acl_or_secret_is_refused() {
+        assert_problem(&with("models: [\"meta/*\"]", "models: []"), "keys[1].models: no ACL");
+        assert_problem(&with("key_env: TEAM_B_KEY, ", ""), "keys[1]: no key: set key_sha256");
+        assert_problem(
+            &with("key_env: TEAM_B_KEY", "key_env: TEAM_B_KEY, key_sha256: abc"),
+            "keys[1]: set key_sha256 or key_env, not both",
+        );
+        assert_problem(
+            &with("5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8", "5e88"),
+            "keys[0].key_sha256: must be 64 hex digits",
+        );
+        assert_problem(
+            &with("key_env: TEAM_B_KEY", "key_env: MISSING_VAR"),
+            "keys[1].key_env: environment variable MISSING_VAR is not set",
+        );
+    }
+
+    #[test]
+    fn the_same_secret_twice_is_refused() {
+        let yaml = with(
+            "key_env: TEAM_B_KEY",
+            "key_sha256: \"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"",
+        );
+        assert_problem(&yaml, "keys[1]: same key as keys[0] (`team-a`)");
+    }
+
+    #[test]
+    fn a_missing_backend_credential_is_reported_without_its_value() {
+        assert_problem(
+            &with("api_key_env: NIM_KEY", "api_key_env: NO_SUCH_KEY"),
+            "backends[1].api_key_env: environment variable NO_SUCH_KEY is not set",
+        );
+        let all = format!("{:?}", check(&with("NIM_KEY", "NIM_KEY }\n  - { name: 'bad name', url: x")).err().unwrap());
+        assert!(!all.contains("nvapi-secret"));
+    }
+
+    #[test]
+    fn no_keys_needs_anonymous_access_turned_on() {
+        let keyless = GOOD.split("keys:").next().unwrap().to_owned();
+        assert_problem(&keyless, "keys: no keys configured");
+        let anonymous =
+            keyless.replace("listen: \"127.0.0.1:8080\"", "listen: \"127.0.0.1:8080\", allow_anonymous: true");
+        assert!(check(&anonymous).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let yaml = with("backends: [a], fallback", "backends: [nope], fallback")
+            .replace("name: team-b", "name: team-a")
+            .replace("\"127.0.0.1:8080\"", "\"nowhere\"");
+        let found = problems(&yaml);
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(found[0].starts_with("server.listen: `nowhere` is not an IP address and port"));
+    }
+
+    #[test]
+    fn invalid_names_limits_and_stores_are_reported() {
+        assert_problem(&with("name: a,", "name: 'a b',"), "backends[0].name: invalid backend name `a b`");
+        assert_problem(&with("name: team-b", "name: anonymous"), "keys[1].name: `anonymous` is reserved");
+        assert_problem(
+            &with("models: [\"meta/*\"]", "models: [\"meta/*\"], limits: { requests_per_minute: 0 }"),
+            "keys[1].limits.requests_per_minute: must be at least 1",
+        );
+        assert_problem(&format!("{GOOD}rate_limits: {{ store: etcd }}\n"), "rate_limits.store: unknown store `etcd`");
+        assert_problem(
+            &format!("{GOOD}rate_limits: {{ store: redis, redis_url: 'http://x' }}\n"),
+            "rate_limits.redis_url:",
+        );
+        assert_problem(
+            &with("url: \"http://127.0.0.1:8000\" }", "url: \"http://127.0.0.1:8000\", weight: 0 }"),
+            "backends[0].weight: must be at least 1",
+        );
+    }
+
+    #[test]
+    fn missing_tls_files_are_reported_on_their_field() {
+        assert_problem(
+            &with(
+                "listen: \"127.0.0.1:8080\"",
+                "listen: \"127.0.0.1:8080\", tls: { cert: /no/cert.pem, key: /no/key.pem }",
+            ),
+            "server.tls.cert: cannot read certificates from /no/cert.pem",
+        );
+        assert_problem(
+            &with("api_key_env: NIM_KEY", "api_key_env: NIM_KEY, ca_file: /no/ca.pem"),
+            "backends[1].ca_file: cannot read certificates",
+        );
+    }
+
+    #[test]
+    fn durations_parse_humanely() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

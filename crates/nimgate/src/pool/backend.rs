@@ -1,0 +1,159 @@
+//! One upstream server as configured: where it is, how to authenticate to it, its timeouts
+//! and its pooled keep-alive client. Everything a request needs from it (endpoint URIs, the
+//! `Authorization` value) is built once here, not per request.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+
+use crate::api::Endpoint;
+use crate::proxy::client::UpstreamClient;
+
+/// A backend's configured name: unique, stable across reloads, safe for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendName(Arc<str>);
+
+impl BackendName {
+    pub fn new(name: &str) -> Self {
+        Self(name.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BackendName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A periodic probe of a backend (`health_check`, `load_metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub path: String,
+    pub interval: Duration,
+}
+
+/// How long nimgate waits on a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub first_byte: Duration,
+}
+
+impl Timeouts {
+    pub const DEFAULT_CONNECT: Duration = Duration::from_secs(5);
+    /// Long, because a non-streaming completion sends its first byte only when the whole
+    /// generation is done, which takes minutes for long answers on a busy GPU.
+    pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(300);
+}
+
+/// A backend ready to take requests.
+pub struct Backend {
+    pub name: BackendName,
+    /// The configured URL, for logs and errors (it carries no credential).
+    pub url: String,
+    /// `Authorization: Bearer ...` to inject, marked sensitive so it is never printed.
+    pub auth: Option<HeaderValue>,
+    pub weight: u32,
+    pub max_concurrency: Option<u32>,
+    pub stream_usage: bool,
+    pub health_check: Probe,
+    pub load_metrics: Option<Probe>,
+    pub timeouts: Timeouts,
+    pub client: UpstreamClient,
+    uris: [Uri; Endpoint::ALL.len()],
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backend").field("name", &self.name).field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+/// The parts of a backend that validation works out from its `backends[]` entry.
+pub struct BackendParts {
+    pub name: BackendName,
+    pub url: String,
+    pub base: Uri,
+    pub auth: Option<HeaderValue>,
+    pub weight: u32,
+    pub max_concurrency: Option<u32>,
+    pub stream_usage: bool,
+    pub health_check: Probe,
+    pub load_metrics: Option<Probe>,
+    pub timeouts: Timeouts,
+    pub client: UpstreamClient,
+}
+
+impl Backend {
+    /// Assembles a backend; fails only if the base URL cannot take the API paths.
+    pub fn new(parts: BackendParts) -> Result<Self, String> {
+        let uris = Endpoint::ALL.map(|endpoint| join(&parts.base, endpoint.path()));
+        let [chat, completions, embeddings, models] = uris;
+        let uris = [chat?, completions?, embeddings?, models?];
+        Ok(Self {
+            name: parts.name,
+            url: parts.url,
+            auth: parts.auth,
+            weight: parts.weight,
+            max_concurrency: parts.max_concurrency,
+            stream_usage: parts.stream_usage,
+            health_check: parts.health_check,
+            load_metrics: parts.load_metrics,
+            timeouts: parts.timeouts,
+            client: parts.client,
+            uris,
+        })
+    }
+
+    /// The full upstream URI of `endpoint` on this backend.
+    pub fn uri(&self, endpoint: Endpoint) -> &Uri {
+        &self.uris[endpoint.index()]
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(raw: &crate::config::raw::RawBackend) -> Self {
+        let base: Uri = raw.url.parse().expect("test URL");
+        Self::new(BackendParts {
+            name: BackendName::new(&raw.name),
+            url: raw.url.clone(),
+            base,
+            auth: None,
+            weight: 1,
+            max_concurrency: None,
+            stream_usage: true,
+            health_check: Probe { path: "/v1/health/ready".into(), interval: Duration::from_secs(5) },
+            load_metrics: None,
+            timeouts: Timeouts { connect: Timeouts::DEFAULT_CONNECT, first_byte: Timeouts::DEFAULT_FIRST_BYTE },
+            client: crate::proxy::client::build(Timeouts::DEFAULT_CONNECT, None).expect("test client"),
+        })
+        .expect("test backend")
+    }
+}
+
+/// `base` (scheme, authority, optional path prefix) + `path`.
+fn join(base: &Uri, path: &str) -> Result<Uri, String> {
+    let prefix = base.path().trim_end_matches('/');
+    let mut parts = base.clone().into_parts();
+    let path_and_query = format!("{prefix}{path}");
+    parts.path_and_query = Some(path_and_query.parse().map_err(|e| format!("{e}"))?);
+    Uri::from_parts(parts).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_paths_are_joined_under_the_base_path() {
+        let base: Uri = "https://integrate.api.nvidia.com".parse().unwrap();
+        assert_eq!(join(&base, "/v1/models").unwrap(), "https://integrate.api.nvidia.com/v1/models");
+        let base: Uri = "http://10.0.0.5:8000/nim/".parse().unwrap();
+        assert_eq!(join(&base, "/v1/chat/completions").unwrap(), "http://10.0.0.5:8000/nim/v1/chat/completions");
+    }
+}

@@ -1,0 +1,211 @@
+//! The request body: read once under the size cap (refusing an oversized body by its
+//! `Content-Length` before reading a byte of it), then peeked for the few fields the gateway
+//! acts on without building a JSON tree. The same bytes are what goes upstream.
+
+use std::borrow::Cow;
+use std::ops::Range;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::error::GatewayError;
+
+/// A client gets this long to send its whole body once the headers are in.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads `body` whole, refusing it with 413 once it exceeds `max_bytes`: at once when the
+/// declared `content_length` is over, or as soon as the bytes received are, without reading
+/// the rest into memory.
+pub async fn read_capped(body: Incoming, content_length: Option<u64>, max_bytes: u64) -> Result<Bytes, GatewayError> {
+    if content_length.is_some_and(|declared| declared > max_bytes) {
+        return Err(GatewayError::RequestTooLarge { limit: max_bytes });
+    }
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect(body, content_length, max_bytes)).await {
+        Ok(result) => result,
+        Err(_) => Err(GatewayError::RequestTimeout(BODY_READ_TIMEOUT)),
+    }
+}
+
+async fn collect(mut body: Incoming, content_length: Option<u64>, max_bytes: u64) -> Result<Bytes, GatewayError> {
+    // The common case is one frame: keep it as is, no copy.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<BytesMut> = None;
+    let mut total: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| GatewayError::InvalidRequest(format!("could not read the request body: {e}")))?;
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len() as u64;
+        if total > max_bytes {
+            return Err(GatewayError::RequestTooLarge { limit: max_bytes });
+        }
+        match (&mut first, &mut joined) {
+            (None, None) => first = Some(data),
+            (Some(head), None) => {
+                let capacity = content_length.unwrap_or(2 * total).min(max_bytes) as usize;
+                let mut buffer = BytesMut::with_capacity(capacity.max(total as usize));
+                buffer.extend_from_slice(head);
+                buffer.extend_from_slice(&data);
+                first = None;
+                joined = Some(buffer);
+            }
+            (_, Some(buffer)) => buffer.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, joined) {
+        (_, Some(buffer)) => buffer.freeze(),
+        (Some(only), None) => only,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// The request fields the gateway acts on, borrowed from the body.
+#[derive(Debug)]
+pub struct RequestHead<'a> {
+    pub model: Cow<'a, str>,
+    /// Byte range of the `model` value (with its quotes) in the body, for alias rewrites.
+    pub model_span: Range<usize>,
+    pub stream: bool,
+}
+
+/// What serde reads: each field as raw JSON so that a wrong type gets a message naming the
+/// field, and every other field skipped without being built.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    stream: Option<&'a RawValue>,
+}
+
+/// Finds `model` and `stream` in a JSON request body.
+pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
+    // serde would also read a struct from a JSON array, positionally; a request is an object.
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => {
+            return Err(GatewayError::InvalidRequest("request body is empty: send a JSON object with a `model`".into()));
+        }
+        Some(b'{') => {}
+        Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
+            return Err(GatewayError::InvalidRequest("request body must be a JSON object".into()));
+        }
+        Some(_) => {}
+    }
+    let fields: Fields<'_> = serde_json::from_slice(body).map_err(|e| {
+        GatewayError::InvalidRequest(match e.classify() {
+            serde_json::error::Category::Data if e.to_string().starts_with("duplicate field") => {
+                format!("request body has a {}", strip_position(&e))
+            }
+            serde_json::error::Category::Data => "request body must be a JSON object".to_owned(),
+            _ => format!("request body is not valid JSON: {e}"),
+        })
+    })?;
+    let raw_model = fields
+        .model
+        .filter(|raw| raw.get() != "null")
+        .ok_or_else(|| GatewayError::InvalidRequest("`model` is required".into()))?;
+    let model =
+        json_string(raw_model.get()).ok_or_else(|| GatewayError::InvalidRequest("`model` must be a string".into()))?;
+    if model.is_empty() {
+        return Err(GatewayError::InvalidRequest("`model` must not be empty".into()));
+    }
+    let stream = match fields.stream {
+        None => false,
+        Some(raw) => match raw.get() {
+            "true" => true,
+            "false" | "null" => false,
+            _ => return Err(GatewayError::InvalidRequest("`stream` must be a boolean".into())),
+        },
+    };
+    Ok(RequestHead { model, model_span: span_of(body, raw_model.get()), stream })
+}
+
+/// The value of a raw JSON string, borrowed unless it has escapes; `None` if not a string.
+fn json_string(raw: &str) -> Option<Cow<'_, str>> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if inner.contains('\\') {
+        serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
+    } else {
+        // `raw` is valid JSON (serde checked it), so without escapes the text is the value.
+        Some(Cow::Borrowed(inner))
+    }
+}
+
+/// Where `part`, a slice borrowed from `whole`, sits in it.
+fn span_of(whole: &[u8], part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+fn strip_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(body: &str) -> String {
+        peek(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn finds_model_and_stream_and_the_model_span() {
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"model":"meta/llama","stream":true}"#;
+        let head = peek(body.as_bytes()).unwrap();
+        assert_eq!(head.model, "meta/llama");
+        assert!(head.stream);
+        assert_eq!(&body[head.model_span], "\"meta/llama\"");
+        assert!(matches!(head.model, Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn escaped_model_names_are_decoded() {
+        let body = r#"{"model":"meta\/llama\u002d3"}"#;
+        let head = peek(body.as_bytes()).unwrap();
+        assert_eq!(head.model, "meta/llama-3");
+        assert_eq!(&body[head.model_span], r#""meta\/llama\u002d3""#);
+    }
+
+    #[test]
+    fn stream_defaults_to_false_and_accepts_null() {
+        assert!(!peek(br#"{"model":"m"}"#).unwrap().stream);
+        assert!(!peek(br#"{"model":"m","stream":null}"#).unwrap().stream);
+    }
+
+    #[test]
+    fn bad_bodies_get_messages_that_say_what_is_wrong() {
+        assert!(message("").contains("empty"));
+        assert!(message("{\"model\":").contains("not valid JSON"));
+        assert!(message("[1,2]").contains("must be a JSON object"));
+        assert!(message("{}").contains("`model` is required"));
+        assert!(message(r#"{"model":null}"#).contains("`model` is required"));
+        assert!(message(r#"{"model":42}"#).contains("`model` must be a string"));
+        assert!(message(r#"{"model":""}"#).contains("must not be empty"));
+        assert!(message(r#"{"model":"m","stream":"yes"}"#).contains("`stream` must be a boolean"));
+        assert!(message(r#"{"model":"a","model":"b"}"#).contains("duplicate field `model`"));
+        assert!(message("{\"model\":\"m\"} trailing").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn agrees_with_a_full_parse_on_assorted_bodies() {
+        let bodies = [
+            r#"{"model":"a/b","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+            r#"{"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"model":"x","stream":false}"#,
+            r#"  {"model" : "spaced" , "stream" : true }  "#,
+        ];
+        for body in bodies {
+            let head = peek(body.as_bytes()).unwrap();
+            let full: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(full["model"].as_str().unwrap(), head.model);
+            assert_eq!(full["stream"].as_bool().unwrap_or(false), head.stream);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The upstream request: which client headers go upstream (never `Authorization`, never
+//! hop-by-hop ones), the backend's own credential, the request id, the model alias spliced
+//! into the original bytes, and sending it through the route's pool with the backend's
+//! first-byte timeout. A backend that cannot be connected to has received nothing, so the
+//! next candidate is tried; any other failure is final here (retries come with #7).
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::api::Endpoint;
+use crate::error::GatewayError;
+use crate::pool::{Backend, BackendName, Pool};
+
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
+/// `keep-alive`/`proxy-connection`. They never cross the proxy in either direction.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// The longest client-chosen request id nimgate keeps; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The client's `x-request-id` when it is sane (visible ASCII, at most 128 bytes), otherwise
+/// a new random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(id)
+            if !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
+        {
+            id.clone()
+        }
+        _ => {
+            let mut buffer = uuid::Uuid::encode_buffer();
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buffer);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
+        }
+    }
+}
+
+/// The client's headers as they go upstream: without hop-by-hop headers (and those the
+/// client's `Connection` names), `Host`, `Authorization`, `Content-Length` and `Expect`,
+/// with the request id added. The backend credential is added per attempt by `send`.
+pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(client.len() + 3);
+    for (name, value) in client {
+        if !is_dropped_request_header(name) && !named_by_connection(client, name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    headers
+}
+
+fn is_dropped_request_header(name: &HeaderName) -> bool {
+    name == HOST || name == AUTHORIZATION || name == CONTENT_LENGTH || name == EXPECT || is_hop_by_hop(name)
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name.as_str() == "upgrade" || HOP_BY_HOP.contains(&name.as_str())
+}
+
+fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Removes hop-by-hop headers from an upstream response before it goes to the client.
+pub fn strip_response_headers(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove("upgrade");
+}
+
+/// `body` with the bytes at `span` replaced: the model alias rewrite, without re-serialising.
+pub fn splice(body: &Bytes, span: Range<usize>, replacement: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(body.len() - span.len() + replacement.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(replacement);
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
+}
+
+/// Why no upstream response head arrived.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: the backend received nothing, so another may be tried.
+    #[error("backend `{backend}` refused the connection: {cause}")]
+    Connect { backend: BackendName, cause: String },
+    /// The request was (maybe partly) sent and the connection failed before a response head.
+    #[error("backend `{backend}` failed: {cause}")]
+    Failed { backend: BackendName, cause: String },
+    #[error("backend `{backend}` sent no response within {after:?}")]
+    Timeout { backend: BackendName, after: Duration },
+}
+
+impl UpstreamError {
+    /// Whether trying another backend cannot duplicate work: true only when nothing was sent.
+    pub fn retry_safe(&self) -> bool {
+        matches!(self, Self::Connect { .. })
+    }
+}
+
+impl From<UpstreamError> for GatewayError {
+    fn from(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::Connect { backend, cause } | UpstreamError::Failed { backend, cause } => {
+                GatewayError::UpstreamUnavailable { backend, cause }
+            }
+            UpstreamError::Timeout { backend, after } => GatewayError::UpstreamTimeout { backend, after },
+        }
+    }
+}
+
+/// Sends the request to the pool's first reachable candidate and returns its response head;
+/// the body streams on from there.
+pub async fn send(
+    pool: &Pool,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(Arc<Backend>, Response<Incoming>), UpstreamError> {
+    let mut last_error = None;
+    for backend in pool.candidates() {
+        let request = build(backend, endpoint, headers.clone(), body.clone());
+        match send_one(backend, request).await {
+            Ok(response) => return Ok((Arc::clone(backend), response)),
+            Err(e) if e.retry_safe() => {
+                tracing::warn!(backend = %backend.name, error = %e, "backend unreachable, trying the next one");
+                last_error = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| UpstreamError::Connect {
+        backend: BackendName::new("none"),
+        cause: "the route has no backends".into(),
+    }))
+}
+
+/// One request to one backend under its first-byte timeout.
+pub async fn send_one(backend: &Backend, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
+    let after = backend.timeouts.first_byte;
+    match tokio::time::timeout(after, backend.client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) if e.is_connect() => {
+            Err(UpstreamError::Connect { backend: backend.name.clone(), cause: root_cause(&e) })
+        }
+        Ok(Err(e)) => Err(UpstreamError::Failed { backend: backend.name.clone(), cause: root_cause(&e) }),
+        Err(_) => Err(UpstreamError::Timeout { backend: backend.name.clone(), after }),
+    }
+}
+
+/// The request for `endpoint` on `backend`, with the backend's credential.
+pub fn build(backend: &Backend, endpoint: Endpoint, mut headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    if let Some(auth) = &backend.auth {
+        headers.insert(AUTHORIZATION, auth.clone());
+    }
+    let method = if endpoint == Endpoint::Models { Method::GET } else { Method::POST };
+    if method == Method::POST {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
+    let mut request = Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = backend.uri(endpoint).clone();
+    *request.headers_mut() = headers;
+    request
+}
+
+/// The innermost cause of an error: "Connection refused (os error 111)" rather than
+/// "client error (Connect)".
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn client_credentials_and_hop_by_hop_headers_never_go_upstream() {
+        let client = map(&[
+            ("authorization", "Bearer sk-client"),
+            ("host", "gateway"),
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("content-length", "12"),
+            ("expect", "100-continue"),
+            ("content-type", "application/json"),
+            ("x-custom", "kept"),
+        ]);
+        let id = HeaderValue::from_static("req-1");
+        let up = upstream_headers(&client, &id);
+        let names: Vec<&str> = up.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type", "x-custom", "x-request-id"]);
+        assert_eq!(up["x-request-id"], "req-1");
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
+        let generated = request_id(&map(&[("x-request-id", &"x".repeat(200))]));
+        assert_eq!(generated.len(), 32);
+        let fresh = request_id(&HeaderMap::new());
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn response_hop_by_hop_headers_are_stripped() {
+        let mut h = map(&[
+            ("connection", "close, x-hop"),
+            ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/event-stream"),
+        ]);
+        strip_response_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn splice_replaces_exactly_the_span() {
+        let body = Bytes::from_static(br#"{"model":"alias","x":1}"#);
+        let out = splice(&body, 9..16, br#""meta/llama-3.1-8b-instruct""#);
+        assert_eq!(&out[..], br#"{"model":"meta/llama-3.1-8b-instruct","x":1}"#);
+    }
+}
