@@ -1,1 +1,313 @@
+//! Shared test support: start the real gateway and simulated NIMs in-process on ephemeral
+//! loopback ports, talk to them over real sockets, and wait for conditions without sleeps.
+//! Nothing here touches the process environment or fixed ports, so suites run in parallel.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use nim_sim::Sim;
+use nimgate::Gateway;
+use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawRoute};
+use nimgate::config::{EnvSource, validate};
+use nimgate::server::ServerHandle;
+use serde_json::{Value, json};
+
+pub use nim_sim::{Failures, SimOptions};
+
+/// Starts a simulated NIM with `options` on an ephemeral port.
+pub async fn sim(options: SimOptions) -> Sim {
+    Sim::start(options).await.expect("start nim-sim")
+}
+
+/// A simulated NIM serving `models` with default options.
+pub async fn sim_serving(models: &[&str]) -> Sim {
+    sim(SimOptions { models: models.iter().map(|m| m.to_string()).collect(), ..SimOptions::default() }).await
+}
+
+/// The secret a test key named `name` uses.
+pub fn secret(name: &str) -> String {
+    format!("sk-test-{name}")
+}
+
+/// Builds a gateway config in code; `start` validates it exactly as a file would be.
+#[derive(Default)]
+pub struct GatewayBuilder {
+    raw: RawConfig,
+    env: HashMap<String, String>,
+}
+
+pub fn gateway() -> GatewayBuilder {
+    let mut builder = GatewayBuilder::default();
+    builder.raw.server.listen = Some("127.0.0.1:0".into());
+    builder
+}
+
+impl GatewayBuilder {
+    /// Adds a backend named `name` at `url`.
+    pub fn backend(mut self, name: &str, url: &str) -> Self {
+        self.raw.backends.push(RawBackend { name: name.into(), url: url.into(), ..RawBackend::default() });
+        self
+    }
+
+    /// Adds a backend with every field chosen by the caller.
+    pub fn backend_with(mut self, backend: RawBackend) -> Self {
+        self.raw.backends.push(backend);
+        self
+    }
+
+    /// Routes `model` to the named backends.
+    pub fn route(self, model: &str, backends: &[&str]) -> Self {
+        self.route_with(RawRoute {
+            model: model.into(),
+            backends: backends.iter().map(|b| b.to_string()).collect(),
+            ..RawRoute::default()
+        })
+    }
+
+    pub fn route_with(mut self, route: RawRoute) -> Self {
+        self.raw.routes.push(route);
+        self
+    }
+
+    /// Routes `model` to these sims, adding a backend `sim-PORT` for each one not yet added.
+    pub fn sim_route(mut self, model: &str, sims: &[&Sim]) -> Self {
+        let mut names = Vec::new();
+        for sim in sims {
+            let name = format!("sim-{}", sim.addr().port());
+            if !self.raw.backends.iter().any(|b| b.name == name) {
+                self = self.backend(&name, &sim.url());
+            }
+            names.push(name);
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.route(model, &names)
+    }
+
+    /// Adds a key `name` (secret `secret(name)`) allowed to use `models`.
+    pub fn key(mut self, name: &str, models: &[&str]) -> Self {
+        self.raw.keys.push(RawKey {
+            name: name.into(),
+            key_sha256: Some(nimgate::auth::digest_hex(&secret(name))),
+            models: models.iter().map(|m| m.to_string()).collect(),
+            ..RawKey::default()
+        });
+        self
+    }
+
+    pub fn max_body_bytes(mut self, bytes: u64) -> Self {
+        self.raw.server.max_body_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets a variable in the environment the config is validated against (not the process's).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Changes the raw config directly, for fields without a helper.
+    pub fn with(mut self, change: impl FnOnce(&mut RawConfig)) -> Self {
+        change(&mut self.raw);
+        self
+    }
+
+    /// Validates the config and serves it on an ephemeral loopback port.
+    pub async fn start(self) -> TestGateway {
+        let snapshot = validate(&self.raw, &EnvSource::Map(self.env)).expect("test config must be valid");
+        let gateway = Gateway::new(snapshot);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
+        TestGateway { url: format!("http://{}", handle.addr()), handle, gateway }
+    }
+}
+
+/// A gateway serving on loopback.
+pub struct TestGateway {
+    pub url: String,
+    pub handle: ServerHandle,
+    pub gateway: Arc<Gateway>,
+}
+
+impl TestGateway {
+    /// A client presenting the key `name`.
+    pub fn client(&self, name: &str) -> TestClient {
+        TestClient::new(&self.url, Some(format!("Bearer {}", secret(name))))
+    }
+
+    /// A client sending no `Authorization` at all.
+    pub fn anonymous(&self) -> TestClient {
+        TestClient::new(&self.url, None)
+    }
+
+    /// A client sending this exact `Authorization` value.
+    pub fn with_authorization(&self, value: &str) -> TestClient {
+        TestClient::new(&self.url, Some(value.to_owned()))
+    }
+}
+
+/// An HTTP/1.1 client for one gateway and one identity.
+#[derive(Clone)]
+pub struct TestClient {
+    base: String,
+    authorization: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestClient {
+    pub fn new(base: &str, authorization: Option<String>) -> Self {
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        Self { base: base.trim_end_matches('/').to_owned(), authorization, http }
+    }
+
+    /// A request to `path` with the client's identity and `extra` headers.
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+        extra: &[(&str, &str)],
+    ) -> Request<Full<Bytes>> {
+        let mut builder = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        if let Some(auth) = &self.authorization {
+            builder = builder.header("authorization", auth);
+        }
+        builder = builder.header("content-type", "application/json");
+        for (name, value) in extra {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(Full::new(body.into())).expect("valid test request")
+    }
+
+    /// Sends and returns the response head with its body unread, for frame-by-frame reading.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> http::Response<Incoming> {
+        self.http.request(request).await.expect("the gateway answers")
+    }
+
+    /// Sends and reads the whole answer.
+    pub async fn fetch(&self, request: Request<Full<Bytes>>) -> Reply {
+        let response = self.send(request).await;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.expect("read the whole body").to_bytes();
+        Reply { status: parts.status, headers: parts.headers, body }
+    }
+
+    pub async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.fetch(self.request(Method::POST, path, body, &[])).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.post(path, body.to_string()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.fetch(self.request(Method::GET, path, Bytes::new(), &[])).await
+    }
+
+    /// A non-streaming chat completion for `model`.
+    pub async fn chat(&self, model: &str) -> Reply {
+        self.post_json("/v1/chat/completions", &chat_body(model, false)).await
+    }
+
+    /// Starts a streaming chat completion for `model`; the body is read by the test.
+    pub async fn chat_stream(&self, model: &str) -> http::Response<Incoming> {
+        self.send(self.request(Method::POST, "/v1/chat/completions", chat_body(model, true).to_string(), &[])).await
+    }
+}
+
+/// A minimal chat request body.
+pub fn chat_body(model: &str, stream: bool) -> Value {
+    json!({ "model": model, "messages": [{ "role": "user", "content": "Hello!" }], "stream": stream })
+}
+
+/// A complete answer.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an OpenAI-shaped gateway error with this status and contract code, and returns
+    /// its message.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status.as_u16(), status, "status; body: {}", self.text());
+        assert_eq!(self.header("content-type"), Some("application/json"));
+        let body = self.json();
+        let error = &body["error"];
+        assert_eq!(error["code"], code, "{body}");
+        assert!(error["type"].is_string(), "{body}");
+        assert!(error["param"].is_null(), "{body}");
+        assert!(body.as_object().is_some_and(|o| o.len() == 1), "only `error` at the top: {body}");
+        error["message"].as_str().expect("message is a string").to_owned()
+    }
+}
+
+/// Reads the next data frame of a streaming body within `within`; `None` at the end.
+pub async fn next_frame(body: &mut Incoming, within: Duration) -> Option<Bytes> {
+    loop {
+        let frame = tokio::time::timeout(within, body.frame()).await.expect("a frame arrives in time")?;
+        let frame = frame.expect("the stream is not broken");
+        if let Ok(data) = frame.into_data() {
+            return Some(data);
+        }
+    }
+}
+
+/// Reads a streaming body to its end, returning each data frame as it arrived.
+pub async fn all_frames(body: &mut Incoming) -> Vec<Bytes> {
+    let mut frames = Vec::new();
+    while let Some(frame) = next_frame(body, Duration::from_secs(10)).await {
+        frames.push(frame);
+    }
+    frames
+}
+
+/// The SSE `data:` payloads in `text`, in order.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|line| line.strip_prefix("data: ")))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until `condition` holds, checking every 10 ms; panics with `what` after `deadline`.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < deadline, "not within {deadline:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A header name/value pair for requests.
+pub fn header(name: &'static str, value: &str) -> (HeaderName, HeaderValue) {
+    (HeaderName::from_static(name), HeaderValue::from_str(value).expect("valid header value"))
+}

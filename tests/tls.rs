@@ -1,0 +1,144 @@
+//! TLS on both sides with a test CA generated here (rcgen): an https backend trusted through
+//! its `ca_file` (and refused without it), and the gateway's own TLS listener negotiating h2.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{BodyExt, Full};
+use nimgate::config::raw::{RawBackend, RawTls};
+use nimgate_tests::*;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+const LLAMA: &str = "meta/llama-3.1-8b-instruct";
+
+/// A CA and a `localhost` certificate it signed, as PEM, written to a temporary directory.
+struct TestPki {
+    _dir: tempfile::TempDir,
+    ca_pem: String,
+    ca_file: PathBuf,
+    cert_pem: String,
+    key_pem: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+fn pki() -> TestPki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf =
+        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) =
+        (dir.path().join("ca.pem"), dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    TestPki {
+        _dir: dir,
+        ca_pem: ca.pem(),
+        ca_file,
+        cert_pem: leaf.pem(),
+        key_pem: leaf_key.serialize_pem(),
+        cert_file,
+        key_file,
+    }
+}
+
+async fn https_sim(pki: &TestPki) -> nim_sim::Sim {
+    sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 4,
+        tls: Some(nim_sim::SimTls { cert_pem: pki.cert_pem.clone(), key_pem: pki.key_pem.clone() }),
+        ..SimOptions::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_https_backend_is_reached_through_rustls_with_its_ca_file() {
+    let pki = pki();
+    let sim = https_sim(&pki).await;
+    assert!(sim.url().starts_with("https://localhost:"));
+    let gw = gateway()
+        .backend_with(RawBackend {
+            name: "secure".into(),
+            url: sim.url(),
+            ca_file: Some(pki.ca_file.display().to_string()),
+            ..RawBackend::default()
+        })
+        .route(LLAMA, &["secure"])
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+
+    let reply = client.chat(LLAMA).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let mut body = client.chat_stream(LLAMA).await.into_body();
+    let text: String = all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(sim.stats().completed, 2);
+}
+
+#[tokio::test]
+async fn an_https_backend_with_an_untrusted_certificate_is_refused() {
+    let pki = pki();
+    let sim = https_sim(&pki).await;
+    let gw =
+        gateway().backend("untrusted", &sim.url()).route(LLAMA, &["untrusted"]).key("team-a", &["*"]).start().await;
+    let message = gw.client("team-a").chat(LLAMA).await.assert_error(502, "upstream_unavailable");
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+    assert_eq!(sim.stats().requests, 0);
+}
+
+#[tokio::test]
+async fn the_gateway_serves_tls_with_h2_by_alpn() {
+    let pki = pki();
+    let backend = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&backend])
+        .key("team-a", &["*"])
+        .with(|raw| {
+            raw.server.tls =
+                Some(RawTls { cert: pki.cert_file.display().to_string(), key: pki.key_file.display().to_string() })
+        })
+        .start()
+        .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(pki.ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, Full<Bytes>>(connector);
+
+    let url = format!("https://localhost:{}", gw.handle.addr().port());
+    let request = TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
+        Method::POST,
+        "/v1/chat/completions",
+        chat_body(LLAMA, false).to_string(),
+        &[],
+    );
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
+}
