@@ -1,0 +1,88 @@
+"""The official OpenAI SDK through nimgate to a real llama.cpp server. The model is random, so
+these tests assert structure, usage and finish reasons, never the text."""
+
+import openai
+import pytest
+
+from conftest import ALIAS, KEY_ALIAS_ONLY, MODEL, sdk
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_chat_completion(client):
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=8)
+    assert len(raw.headers["x-request-id"]) == 32
+    reply = raw.parse()
+    assert reply.object == "chat.completion"
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("length", "stop")
+    assert 0 < reply.usage.completion_tokens <= 8
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_chat_stream(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True))
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content, "some tokens arrived"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(chunk.usage is None for chunk in chunks), "no usage chunk unless asked for"
+
+
+def test_chat_stream_with_usage(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == []
+    assert 0 < last.usage.completion_tokens <= 8
+    assert last.usage.prompt_tokens > 0
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("length", "stop")
+
+
+def test_completion(client):
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8)
+    assert isinstance(reply.choices[0].text, str)
+    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert 0 < reply.usage.completion_tokens <= 8
+
+
+def test_models_lists_the_routed_models(client):
+    ids = [model.id for model in client.models.list()]
+    assert ids == [MODEL, ALIAS]
+
+
+def test_alias_is_served_by_the_upstream_model(gateway):
+    reply = sdk(gateway, KEY_ALIAS_ONLY).chat.completions.create(model=ALIAS, messages=HELLO, max_tokens=4)
+    assert reply.model == MODEL
+    assert reply.usage.completion_tokens > 0
+
+
+def test_unrouted_model_is_a_not_found_error(client):
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="no/such-model", messages=HELLO)
+    assert error.value.code == "model_not_found"
+    assert error.value.type == "invalid_request_error"
+
+
+def test_unknown_key_is_an_authentication_error(gateway):
+    with pytest.raises(openai.AuthenticationError) as error:
+        sdk(gateway, "sk-wrong").chat.completions.create(model=MODEL, messages=HELLO)
+    assert error.value.code == "invalid_api_key"
+
+
+def test_model_outside_the_acl_is_a_permission_error(gateway):
+    with pytest.raises(openai.PermissionDeniedError) as error:
+        sdk(gateway, KEY_ALIAS_ONLY).chat.completions.create(model=MODEL, messages=HELLO)
+    assert error.value.code == "model_not_allowed"
+
+
+def test_the_backends_own_error_passes_through(client):
+    # llama.cpp refuses json_object response formats with its own 400: nimgate forwards it as is.
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
+                                       response_format={"type": "json_object"})
+    assert error.value.code != "invalid_request", "the backend's error, not one of nimgate's"
