@@ -86,7 +86,9 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
     // serde would also read a struct from a JSON array, positionally; a request is an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         None => {
-            return Err(GatewayError::InvalidRequest("request body is empty: send a JSON object with a `model`".into()));
+            return Err(GatewayError::InvalidRequest(
+                "request body is empty: send a JSON object with a `model`".into(),
+            ));
         }
         Some(b'{') => {}
         Some(_) if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok() => {
