@@ -16,7 +16,7 @@ use super::snapshot::{LimitStore, OnStoreError, RateLimitSettings, ServerSetting
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
-use crate::pool::{Backend, BackendName, Pool, Probe, Timeouts};
+use crate::pool::{Backend, BackendName, EndpointUris, Pool, Probe, Timeouts};
 use crate::proxy::client;
 use crate::routing::{Route, RouteTable, UpstreamModel};
 use crate::tls::{self, TlsFileError};
@@ -151,11 +151,13 @@ impl Validator<'_> {
         if self.problems.len() > before {
             return None;
         }
-        let (base, client) = (base?, client?);
-        Backend::new(crate::pool::BackendParts {
+        let uris = EndpointUris::new(&base?)
+            .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
+            .ok()?;
+        Some(Backend {
             name: BackendName::new(&b.name),
             url: b.url.clone(),
-            base,
+            uris,
             auth,
             weight,
             max_concurrency: b.max_concurrency,
@@ -163,10 +165,8 @@ impl Validator<'_> {
             health_check,
             load_metrics,
             timeouts,
-            client,
+            client: client?,
         })
-        .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
-        .ok()
     }
 
     fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {

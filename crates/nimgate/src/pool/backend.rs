@@ -57,6 +57,8 @@ pub struct Backend {
     pub name: BackendName,
     /// The configured URL, for logs and errors (it carries no credential).
     pub url: String,
+    /// The upstream URI of each endpoint, built once.
+    pub uris: EndpointUris,
     /// `Authorization: Bearer ...` to inject, marked sensitive so it is never printed.
     pub auth: Option<HeaderValue>,
     pub weight: u32,
@@ -66,7 +68,6 @@ pub struct Backend {
     pub load_metrics: Option<Probe>,
     pub timeouts: Timeouts,
     pub client: UpstreamClient,
-    uris: [Uri; Endpoint::ALL.len()],
 }
 
 impl fmt::Debug for Backend {
@@ -75,54 +76,19 @@ impl fmt::Debug for Backend {
     }
 }
 
-/// The parts of a backend that validation works out from its `backends[]` entry.
-pub struct BackendParts {
-    pub name: BackendName,
-    pub url: String,
-    pub base: Uri,
-    pub auth: Option<HeaderValue>,
-    pub weight: u32,
-    pub max_concurrency: Option<u32>,
-    pub stream_usage: bool,
-    pub health_check: Probe,
-    pub load_metrics: Option<Probe>,
-    pub timeouts: Timeouts,
-    pub client: UpstreamClient,
-}
-
 impl Backend {
-    /// Assembles a backend; fails only if the base URL cannot take the API paths.
-    pub fn new(parts: BackendParts) -> Result<Self, String> {
-        let uris = Endpoint::ALL.map(|endpoint| join(&parts.base, endpoint.path()));
-        let [chat, completions, embeddings, models] = uris;
-        let uris = [chat?, completions?, embeddings?, models?];
-        Ok(Self {
-            name: parts.name,
-            url: parts.url,
-            auth: parts.auth,
-            weight: parts.weight,
-            max_concurrency: parts.max_concurrency,
-            stream_usage: parts.stream_usage,
-            health_check: parts.health_check,
-            load_metrics: parts.load_metrics,
-            timeouts: parts.timeouts,
-            client: parts.client,
-            uris,
-        })
-    }
-
     /// The full upstream URI of `endpoint` on this backend.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
-        &self.uris[endpoint.index()]
+        &self.uris.0[endpoint.index()]
     }
 
     #[cfg(test)]
     pub(crate) fn for_tests(raw: &crate::config::raw::RawBackend) -> Self {
         let base: Uri = raw.url.parse().expect("test URL");
-        Self::new(BackendParts {
+        Self {
             name: BackendName::new(&raw.name),
             url: raw.url.clone(),
-            base,
+            uris: EndpointUris::new(&base).expect("test URIs"),
             auth: None,
             weight: 1,
             max_concurrency: None,
@@ -131,8 +97,19 @@ impl Backend {
             load_metrics: None,
             timeouts: Timeouts { connect: Timeouts::DEFAULT_CONNECT, first_byte: Timeouts::DEFAULT_FIRST_BYTE },
             client: crate::proxy::client::build(Timeouts::DEFAULT_CONNECT, None).expect("test client"),
-        })
-        .expect("test backend")
+        }
+    }
+}
+
+/// Every endpoint's URI under a backend's base URL.
+#[derive(Debug, Clone)]
+pub struct EndpointUris([Uri; Endpoint::ALL.len()]);
+
+impl EndpointUris {
+    /// Fails only if the base URL cannot take the API paths.
+    pub fn new(base: &Uri) -> Result<Self, String> {
+        let [chat, completions, embeddings, models] = Endpoint::ALL.map(|endpoint| join(base, endpoint.path()));
+        Ok(Self([chat?, completions?, embeddings?, models?]))
     }
 }
 

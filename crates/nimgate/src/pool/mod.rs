@@ -5,7 +5,7 @@
 
 mod backend;
 
-pub use backend::{Backend, BackendName, BackendParts, Probe, Timeouts};
+pub use backend::{Backend, BackendName, EndpointUris, Probe, Timeouts};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
