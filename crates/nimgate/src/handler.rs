@@ -47,19 +47,21 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
     let key = record.key.as_ref().map_or("-", KeyName::as_str);
     let model = record.model.as_deref().unwrap_or("-");
     let backend = record.backend.as_ref().map_or("-", BackendName::as_str);
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    // Logged when the head is ready: for a stream that is its time to first byte, not its
+    // duration (the end-of-stream record arrives with the metrics work, #9).
+    let ttfb_ms = started.elapsed().as_micros() as f64 / 1000.0;
     let path = uri.path();
     match &error {
         Some(e) if e.status().is_server_error() => tracing::warn!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, duration_ms,
+            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
             code = e.code(), error = %e, "request failed"
         ),
         Some(e) => tracing::info!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, duration_ms,
+            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
             code = e.code(), error = %e, "request refused"
         ),
         None => tracing::info!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, duration_ms,
+            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
             "request"
         ),
     }

@@ -52,8 +52,17 @@ pub fn load_str(text: &str, format: FileFormat, env: &EnvSource) -> Result<RawCo
     serde_path_to_error::deserialize::<_, RawConfig>(merged).map_err(|e| {
         let path = e.path().to_string();
         let path = if path == "." { String::new() } else { path };
-        ConfigError::from(Problem::new(path, e.into_inner().to_string()))
+        ConfigError::from(Problem::new(path, without_key_suffix(e.into_inner().to_string())))
     })
+}
+
+/// The config crate appends ` for key `...`` to messages, in its own path notation; the
+/// problem already carries the path, so the suffix only adds noise.
+fn without_key_suffix(mut message: String) -> String {
+    if let Some(at) = message.rfind(" for key `") {
+        message.truncate(at);
+    }
+    message
 }
 
 /// The file format implied by a path's extension; YAML unless it says TOML or JSON.
@@ -97,7 +106,7 @@ mod tests {
             load_str("backends:\n  - name: a\n    url: http://x\n    weight: heavy\n", FileFormat::Yaml, &env(&[]))
                 .unwrap_err();
         let text = err.to_string();
-        assert!(text.starts_with("backends[0].weight: "), "{text}");
+        assert_eq!(text, "backends[0].weight: invalid type: string \"heavy\", expected an integer");
     }
 
     #[test]
