@@ -183,3 +183,22 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
     assert!(broken, "the client must see the stream break, not a clean end: {text}");
     assert!(!text.contains("[DONE]"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_stops_arriving_gets_408_after_the_read_timeout() {
+    let (sim, gw) = setup().await;
+    let mut stream = tokio::net::TcpStream::connect(gw.handle.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":",
+        secret("team-a")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert!(started.elapsed() >= nimgate::proxy::body::BODY_READ_TIMEOUT);
+    assert_eq!(sim.stats().requests, 0);
+}

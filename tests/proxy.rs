@@ -383,6 +383,17 @@ async fn models_lists_exact_routes_and_what_glob_backends_report() {
 }
 
 #[tokio::test]
+async fn backend_model_lists_are_cached_not_fetched_per_call() {
+    let sim = sim(SimOptions { models: vec!["nvidia/a".into()], record_requests: true, ..SimOptions::default() }).await;
+    let gw = gateway().sim_route("nvidia/*", &[&sim]).key("all", &["*"]).start().await;
+    for _ in 0..3 {
+        let reply = gw.client("all").get("/v1/models").await;
+        assert_eq!(reply.json()["data"][0]["id"], "nvidia/a");
+    }
+    assert_eq!(sim.recorded().iter().filter(|r| r.path == "/v1/models").count(), 1);
+}
+
+#[tokio::test]
 async fn health_endpoints_answer_without_a_key() {
     let sim = sim_serving(&[LLAMA]).await;
     let gw = gateway().sim_route(LLAMA, &[&sim]).key("team-a", &["*"]).start().await;
