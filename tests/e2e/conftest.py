@@ -23,6 +23,8 @@ MODEL = "tiny-random-llama"  # the llama.cpp server's --alias
 ALIAS = "e2e/tiny"  # a nimgate route rewritten to MODEL upstream
 KEY_ALL = "sk-e2e-all"
 KEY_ALIAS_ONLY = "sk-e2e-alias-only"
+KEY_METERED = "sk-e2e-metered"  # tokens_per_minute: 600
+KEY_ONE_PER_MINUTE = "sk-e2e-one-per-minute"  # requests_per_minute: 1
 
 
 def free_port() -> int:
@@ -99,6 +101,14 @@ keys:
   - name: e2e-alias-only
     key_sha256: {digest(KEY_ALIAS_ONLY)}
     models: ["e2e/*"]
+  - name: e2e-metered
+    key_sha256: {digest(KEY_METERED)}
+    models: ["*"]
+    limits: {{ tokens_per_minute: 600 }}
+  - name: e2e-one-per-minute
+    key_sha256: {digest(KEY_ONE_PER_MINUTE)}
+    models: ["*"]
+    limits: {{ requests_per_minute: 1 }}
 """)
     log = workdir / "nimgate.log"
     with open(log, "w") as out:

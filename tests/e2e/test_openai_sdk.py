@@ -4,7 +4,7 @@ these tests assert structure, usage and finish reasons, never the text."""
 import openai
 import pytest
 
-from conftest import ALIAS, KEY_ALIAS_ONLY, MODEL, sdk
+from conftest import ALIAS, KEY_ALIAS_ONLY, KEY_METERED, KEY_ONE_PER_MINUTE, MODEL, sdk
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -24,7 +24,8 @@ def test_chat_completion(client):
 
 
 def test_chat_stream(client):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True))
+    # Greedy sampling: both requests below generate the same tokens.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True, temperature=0))
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
     content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert content, "some tokens arrived"
@@ -86,3 +87,31 @@ def test_the_backends_own_error_passes_through(client):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=4,
                                        response_format={"type": "json_object"})
     assert error.value.code != "invalid_request", "the backend's error, not one of nimgate's"
+
+
+def test_a_metered_stream_is_charged_its_real_usage_without_showing_it(gateway):
+    client = sdk(gateway, KEY_METERED)
+    before = client.models.with_raw_response.list()
+    budget = int(before.headers["x-ratelimit-remaining-tokens"])
+    # Greedy sampling: both requests below generate the same tokens.
+    chunks = list(client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True, temperature=0))
+    assert all(chunk.usage is None for chunk in chunks), "nimgate asked for usage, the client did not"
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    # The same request again, asking for usage, tells what llama.cpp counted for it.
+    counted = list(client.chat.completions.create(
+        model=MODEL, messages=HELLO, max_tokens=8, stream=True, temperature=0,
+        stream_options={"include_usage": True}))[-1].usage
+    after = int(client.models.with_raw_response.list().headers["x-ratelimit-remaining-tokens"])
+    charged = budget - after
+    # Both streams were charged llama.cpp's real counts (the budget refills 10 tokens a second).
+    assert 2 * counted.total_tokens - 5 <= charged <= 2 * counted.total_tokens + 1, (charged, counted)
+
+
+def test_over_the_request_limit_is_a_rate_limit_error(gateway):
+    client = sdk(gateway, KEY_ONE_PER_MINUTE)
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    with pytest.raises(openai.RateLimitError) as error:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=2)
+    assert error.value.code == "rate_limit_exceeded"
+    assert 1 <= int(error.value.response.headers["retry-after"]) <= 60
+    assert error.value.response.headers["x-ratelimit-remaining-requests"] == "0"

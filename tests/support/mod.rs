@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nim_sim::Sim;
 use nimgate::Gateway;
-use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawRoute};
+use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawLimits, RawRoute};
 use nimgate::config::{EnvSource, validate};
 use nimgate::server::ServerHandle;
 use serde_json::{Value, json};
@@ -100,6 +100,15 @@ impl GatewayBuilder {
             models: models.iter().map(|m| m.to_string()).collect(),
             ..RawKey::default()
         });
+        self
+    }
+
+    /// Adds a key like `key` with request and token limits per minute.
+    pub fn key_limited(mut self, name: &str, models: &[&str], rpm: Option<u64>, tpm: Option<u64>) -> Self {
+        self = self.key(name, models);
+        if let Some(key) = self.raw.keys.last_mut() {
+            key.limits = Some(RawLimits { requests_per_minute: rpm, tokens_per_minute: tpm });
+        }
         self
     }
 

@@ -52,7 +52,7 @@ impl Body for SimBody {
                 None => Err(InjectedReset),
             })),
             Self::Stalled { .. } => Poll::Pending,
-            Self::Stream(stream) => stream.poll_event(cx).map(|event| event.map(|e| e.map(Frame::data))),
+            Self::Stream(stream) => stream.poll_next(cx).map(|event| event.map(|e| e.map(Frame::data))),
         }
     }
 
@@ -91,6 +91,8 @@ pub struct Stream {
     flushed: bool,
     stall_after: Option<u32>,
     guard: Option<RequestGuard>,
+    /// With `split_events`: the second half of the last event, sent after a short pause.
+    second_half: Option<(Bytes, Pin<Box<Sleep>>)>,
     _slot: Slot,
 }
 
@@ -109,7 +111,25 @@ impl Stream {
             flushed: false,
             stall_after: failures.stall_after_chunks,
             guard: Some(guard),
+            second_half: None,
             _slot: slot,
+        }
+    }
+
+    /// The next frame: an event, or with `split_events` each half of one in its own frame.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, InjectedReset>>> {
+        if let Some((_, pause)) = &mut self.second_half {
+            ready!(pause.as_mut().poll(cx));
+            return Poll::Ready(self.second_half.take().map(|(half, _)| Ok(half)));
+        }
+        match ready!(self.poll_event(cx)) {
+            Some(Ok(event)) if self.shared.options.split_events && event.len() > 1 => {
+                let middle = event.len() / 2;
+                // The pause makes hyper flush the first half on its own.
+                self.second_half = Some((event.slice(middle..), Box::pin(tokio::time::sleep(SPLIT_PAUSE))));
+                Poll::Ready(Some(Ok(event.slice(..middle))))
+            }
+            other => Poll::Ready(other),
         }
     }
 
@@ -190,6 +210,9 @@ impl Stream {
         }
     }
 }
+
+/// Between the two halves of a split event.
+const SPLIT_PAUSE: Duration = Duration::from_millis(3);
 
 fn sleep(duration: Duration) -> Option<Pin<Box<Sleep>>> {
     (!duration.is_zero()).then(|| Box::pin(tokio::time::sleep(duration)))

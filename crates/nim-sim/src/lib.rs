@@ -47,6 +47,9 @@ pub struct SimOptions {
     pub record_requests: bool,
     /// Each stream content chunk waits for a permit from `Sim::release_chunks`.
     pub gated_chunks: bool,
+    /// Send every stream event as two frames, cut in the middle, a few milliseconds apart
+    /// (tests of clients and proxies that must join events across frames).
+    pub split_events: bool,
     pub embedding_dim: usize,
     pub failures: Failures,
     /// Serve HTTPS (h2 and HTTP/1.1 by ALPN).
@@ -65,6 +68,7 @@ impl Default for SimOptions {
             api_key: None,
             record_requests: false,
             gated_chunks: false,
+            split_events: false,
             embedding_dim: 16,
             failures: Failures::default(),
             tls: None,

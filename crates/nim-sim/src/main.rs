@@ -50,6 +50,9 @@ struct Args {
     /// Accept requests and never answer.
     #[arg(long)]
     hang: bool,
+    /// Send every stream event as two frames, cut in the middle.
+    #[arg(long)]
+    split_events: bool,
     /// Dimension of embedding vectors.
     #[arg(long, default_value_t = 16)]
     embedding_dim: usize,
@@ -99,6 +102,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_queue: args.max_queue,
         api_key: args.api_key,
         embedding_dim: args.embedding_dim,
+        split_events: args.split_events,
         failures: Failures {
             error_rate: args.error_rate.clamp(0.0, 1.0),
             error_status: args.error_status,

@@ -302,6 +302,22 @@ async fn gated_chunks_wait_for_release() {
 }
 
 #[tokio::test]
+async fn split_events_arrive_in_two_frames_each() {
+    let sim = Sim::start(SimOptions { tokens: 2, split_events: true, ..SimOptions::default() }).await.unwrap();
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(true))).await.unwrap();
+    let mut body = response.into_body();
+    let mut frames = Vec::new();
+    while let Some(frame) = body.frame().await {
+        frames.push(frame.unwrap().into_data().unwrap());
+    }
+    let whole: Vec<u8> = frames.iter().flat_map(|f| f.to_vec()).collect();
+    let events = String::from_utf8(whole).unwrap().matches("\n\n").count();
+    assert_eq!(events, 1 + 2 + 1 + 1);
+    assert_eq!(frames.len(), 2 * events, "each event in two frames");
+    assert!(!frames[0].ends_with(b"\n\n"));
+}
+
+#[tokio::test]
 async fn stop_closes_the_port_and_breaks_open_streams() {
     let sim = Sim::start(SimOptions { tokens: 1000, chunk_delay: Duration::from_millis(10), ..SimOptions::default() })
         .await

@@ -39,6 +39,13 @@ pub struct Limits {
     pub tokens_per_minute: Option<u64>,
 }
 
+impl Limits {
+    /// Whether the key has no limit at all (the limiter is then skipped entirely).
+    pub fn is_unlimited(&self) -> bool {
+        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
+    }
+}
+
 /// One caller identity.
 #[derive(Debug)]
 pub struct Key {

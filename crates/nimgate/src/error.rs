@@ -5,11 +5,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use http::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use serde_json::json;
 
 use crate::auth::AuthFailure;
+use crate::limits::{LimitKind, Quota, retry_after_secs};
 use crate::pool::BackendName;
 use crate::streaming::ResponseBody;
 
@@ -27,6 +28,11 @@ pub enum GatewayError {
     UnknownPath(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: http::Method, path: String, allow: &'static str },
+    #[error(
+        "rate limit reached: this key may use {per_minute} {} per minute; retry in {}s",
+        .limit.as_str(), retry_after_secs(*.retry_after)
+    )]
+    RateLimited { limit: LimitKind, per_minute: u64, retry_after: Duration, quota: Quota },
     #[error("request body is larger than the limit of {limit} bytes")]
     RequestTooLarge { limit: u64 },
     #[error("request body was not received within {}s", .0.as_secs())]
@@ -49,6 +55,7 @@ impl GatewayError {
             Self::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed")
             }
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"),
             Self::RequestTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large")
             }
@@ -76,8 +83,15 @@ impl GatewayError {
         let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
         *response.status_mut() = status;
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        if let Self::MethodNotAllowed { allow, .. } = self {
-            response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+        match self {
+            Self::MethodNotAllowed { allow, .. } => {
+                response.headers_mut().insert(ALLOW, HeaderValue::from_static(allow));
+            }
+            Self::RateLimited { retry_after, quota, .. } => {
+                response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
+                quota.write_headers(response.headers_mut());
+            }
+            _ => {}
         }
         response
     }
@@ -125,6 +139,28 @@ mod tests {
             assert_eq!(body["error"]["message"], message.as_str());
             assert!(body["error"]["param"].is_null());
         }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limit_renders_429_with_retry_after_and_quota_headers() {
+        let quota = Quota {
+            requests: Some(crate::limits::Window { limit: 60, remaining: 0, reset: Duration::from_secs(10) }),
+            tokens: None,
+        };
+        let error = GatewayError::RateLimited {
+            limit: LimitKind::Requests,
+            per_minute: 60,
+            retry_after: Duration::from_millis(1200),
+            quota,
+        };
+        let response = error.render();
+        assert_eq!(response.status(), 429);
+        assert_eq!(response.headers()[RETRY_AFTER], "2");
+        assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "0");
+        let body = body_json(response).await;
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert!(body["error"]["message"].as_str().unwrap().contains("rate limit"));
     }
 
     #[tokio::test]

@@ -41,7 +41,7 @@ impl ModelPattern {
         let Some(literal_prefix) = text.find(is_meta) else {
             return Ok(Self::Exact(text.to_owned()));
         };
-        let glob = GlobBuilder::new(text)
+        let glob = GlobBuilder::new(&collapse_stars(text))
             .literal_separator(false)
             .backslash_escape(true)
             .build()
@@ -63,6 +63,22 @@ impl ModelPattern {
             Self::Any => "*",
         }
     }
+}
+
+/// `**` means what `*` does: `*` already crosses `/`, and globset's path-style `**/` (which
+/// also matches nothing at all) would surprise anyone writing a model pattern.
+fn collapse_stars(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut escaped, mut after_star) = (false, false);
+    for c in text.chars() {
+        let star = c == '*' && !escaped;
+        if !(star && after_star) {
+            out.push(c);
+        }
+        after_star = star;
+        escaped = c == '\\' && !escaped;
+    }
+    out
 }
 
 fn is_meta(c: char) -> bool {
@@ -98,6 +114,42 @@ mod tests {
         assert_eq!(glob("nvidia/llama*").literal_prefix(), "nvidia/llama".len());
         assert_eq!(glob("*").literal_prefix(), 0);
         assert_eq!(glob("a/b").literal_prefix(), 3);
+    }
+
+    /// The obvious matcher: `*` any run (slashes included), `?` any one character.
+    fn reference(pattern: &[u8], name: &[u8]) -> bool {
+        match (pattern.first(), name.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => reference(&pattern[1..], name) || (!name.is_empty() && reference(pattern, &name[1..])),
+            (Some(b'?'), Some(_)) => reference(&pattern[1..], &name[1..]),
+            (Some(p), Some(n)) if p == n => reference(&pattern[1..], &name[1..]),
+            _ => false,
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matches_like_the_obvious_matcher(pattern in "[ab/.*?-]{1,8}", name in "[ab/.-]{0,10}") {
+            let compiled = ModelPattern::parse(&pattern).unwrap();
+            proptest::prop_assert_eq!(compiled.matches(&name), reference(pattern.as_bytes(), name.as_bytes()), "{} ~ {}", pattern, name);
+        }
+
+        #[test]
+        fn literal_prefix_is_a_prefix_of_every_match(pattern in "[ab/]{0,4}[*?][ab/*]{0,4}", name in "[ab/]{0,10}") {
+            let compiled = ModelPattern::parse(&pattern).unwrap();
+            if compiled.matches(&name) {
+                let prefix = &pattern[..compiled.literal_prefix()];
+                proptest::prop_assert!(name.starts_with(prefix));
+            }
+        }
+    }
+
+    #[test]
+    fn double_stars_mean_single_stars() {
+        assert!(!glob("**/").matches(""));
+        assert!(glob("meta/**").matches("meta/a/b"));
+        assert_eq!(collapse_stars(r"a\\**b***"), r"a\\*b*");
+        assert_eq!(collapse_stars(r"a\**"), r"a\**", "an escaped star is a literal");
     }
 
     #[test]

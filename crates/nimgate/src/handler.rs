@@ -1,5 +1,6 @@
 //! The request path, top to bottom: identify the caller, read and peek the body, route, check
-//! the ACL, forward, and pass the answer back. It calls the modules that own each step, in
+//! the ACL, admit under the key's limits, forward, and pass the answer back (metered when the
+//! key has a token limit). It calls the modules that own each step, in
 //! order, and holds no policy itself. Every request ends here in one response and one access
 //! log line.
 
@@ -7,25 +8,29 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::Gateway;
 use crate::api::Endpoint;
-use crate::auth::KeyName;
+use crate::auth::Key;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::limits::Quota;
 use crate::pool::BackendName;
 use crate::proxy::{body, forward};
-use crate::streaming::ResponseBody;
+use crate::streaming::{Meter, ResponseBody};
 
-/// What the access log says about a request, filled in as the request goes.
+/// What the access log (and the rate-limit headers) say about a request, filled in as the
+/// request goes.
 #[derive(Default)]
 struct Record {
-    key: Option<KeyName>,
+    key: Option<Arc<Key>>,
     model: Option<Box<str>>,
     backend: Option<BackendName>,
+    /// The key's quota after admission.
+    quota: Option<Quota>,
 }
 
 /// Serves one request on the snapshot in force when it arrived.
@@ -41,10 +46,21 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
         Err(e) => (e.render(), Some(e)),
     };
     response.headers_mut().insert(forward::X_REQUEST_ID, request_id.clone());
+    // Every answer to a limited key says where its limits stand; a 429 has written its own.
+    if !matches!(error, Some(GatewayError::RateLimited { .. })) {
+        let quota = match (record.quota, &record.key) {
+            (Some(quota), _) => Some(quota),
+            (None, Some(key)) => gateway.limiter().peek(key).await,
+            (None, None) => None,
+        };
+        if let Some(quota) = quota {
+            quota.write_headers(response.headers_mut());
+        }
+    }
 
     let status = response.status().as_u16();
     let request_id = request_id.to_str().unwrap_or("-");
-    let key = record.key.as_ref().map_or("-", KeyName::as_str);
+    let key = record.key.as_ref().map_or("-", |k| k.name.as_str());
     let model = record.model.as_deref().unwrap_or("-");
     let backend = record.backend.as_ref().map_or("-", BackendName::as_str);
     // Logged when the head is ready: for a stream that is its time to first byte, not its
@@ -85,11 +101,11 @@ async fn dispatch(
         }),
         (&Method::GET, "/v1/models") => {
             let key = snapshot.keys.authenticate(request.headers())?;
-            record.key = Some(key.name.clone());
+            record.key = Some(Arc::clone(key));
             Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, key, request_id).await))
         }
         (&Method::POST, _) => match Endpoint::inference(path) {
-            Some(endpoint) => infer(snapshot, request, endpoint, request_id, record).await,
+            Some(endpoint) => infer(gateway, snapshot, request, endpoint, request_id, record).await,
             None if is_get_path(path) => Err(method_not_allowed(&request, "GET")),
             None => Err(GatewayError::UnknownPath(path.to_owned())),
         },
@@ -101,6 +117,7 @@ async fn dispatch(
 
 /// A model-routed POST: chat completions, completions, embeddings.
 async fn infer(
+    gateway: &Gateway,
     snapshot: &Snapshot,
     request: Request<Incoming>,
     endpoint: Endpoint,
@@ -108,7 +125,7 @@ async fn infer(
     record: &mut Record,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let key = snapshot.keys.authenticate(request.headers())?;
-    record.key = Some(key.name.clone());
+    record.key = Some(Arc::clone(key));
 
     let (parts, incoming) = request.into_parts();
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
@@ -121,15 +138,44 @@ async fn infer(
         return Err(GatewayError::ModelNotAllowed(head.model.to_string()));
     }
 
-    let upstream_body = match &route.upstream_model {
-        Some(alias) => forward::splice(&body, head.model_span.clone(), &alias.json),
-        None => body.clone(),
-    };
-    let headers = forward::upstream_headers(&parts.headers, request_id);
-    let (backend, upstream) = forward::send(&route.pool, endpoint, headers, upstream_body).await?;
-    record.backend = Some(backend.name.clone());
+    let estimate =
+        head.token_estimate(body.len(), endpoint != Endpoint::Embeddings, snapshot.rate_limits.default_max_tokens);
+    let admission = gateway.limiter().admit(key, estimate.total()).await?;
+    record.quota = admission.as_ref().map(|a| a.quota);
+    let permit = admission.and_then(|a| a.permit);
 
-    let mut response = upstream.map(ResponseBody::upstream);
+    let mut edits = Vec::with_capacity(2);
+    if let Some(alias) = &route.upstream_model {
+        edits.push(forward::Edit { span: head.model_span.clone(), bytes: alias.json.clone() });
+    }
+    let plain = forward::splice(&body, &mut edits.clone());
+    // A token-limited stream is settled from its usage chunk: ask for it if the client did not.
+    let with_usage = (permit.is_some() && head.stream && !head.wants_usage()).then(|| {
+        edits.push(forward::request_usage(&body, &head.stream_options));
+        forward::splice(&body, &mut edits)
+    });
+    let mut headers = forward::upstream_headers(&parts.headers, request_id);
+    if permit.is_some() {
+        // Usage is read from the answer's bytes, which must then not be compressed.
+        headers.remove(ACCEPT_ENCODING);
+    }
+    let answer = forward::send(&route.pool, endpoint, headers, &forward::UpstreamBody { plain, with_usage }).await?;
+    record.backend = Some(answer.backend.name.clone());
+
+    let success = answer.response.status().is_success();
+    let mut response = answer.response.map(|upstream| match permit {
+        Some(permit) => ResponseBody::metered(
+            upstream,
+            Meter {
+                permit,
+                success,
+                stream: head.stream,
+                strip_usage_event: answer.usage_requested,
+                prompt_estimate: estimate.prompt,
+            },
+        ),
+        None => ResponseBody::upstream(upstream),
+    });
     forward::strip_response_headers(response.headers_mut());
     Ok(response)
 }

@@ -7,6 +7,7 @@
 //! - `auth`: bearer key → `Key` by sha256 digest; ACL globs.
 //! - `routing`: model string → `Route` (exact, then globs by longest literal prefix).
 //! - `glob`: model-name patterns shared by routes and ACLs.
+//! - `limits`: request and token limits per key (admit, reserve, settle) and their store.
 //! - `pool`: backends and the order in which a route's backends are tried.
 //! - `proxy`: request body read and peek, upstream request building and sending, clients.
 //! - `streaming`: the response body passed through frame by frame.
@@ -24,6 +25,7 @@ pub mod demo;
 pub mod error;
 pub mod glob;
 pub mod handler;
+pub mod limits;
 pub mod models;
 pub mod pool;
 pub mod proxy;
@@ -46,6 +48,7 @@ pub struct Gateway {
     config: ArcSwap<Snapshot>,
     draining: AtomicBool,
     catalog: models::Catalog,
+    limiter: Arc<limits::Limiter>,
 }
 
 impl Gateway {
@@ -54,6 +57,7 @@ impl Gateway {
             config: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             catalog: models::Catalog::default(),
+            limiter: Arc::new(limits::Limiter::default()),
         })
     }
 
@@ -78,5 +82,10 @@ impl Gateway {
 
     pub(crate) fn catalog(&self) -> &models::Catalog {
         &self.catalog
+    }
+
+    /// The key limiter; its state outlives snapshots.
+    pub fn limiter(&self) -> &Arc<limits::Limiter> {
+        &self.limiter
     }
 }

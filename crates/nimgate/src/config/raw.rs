@@ -109,4 +109,6 @@ pub struct RawRateLimits {
     pub store: Option<String>,
     pub redis_url: Option<String>,
     pub on_store_error: Option<String>,
+    /// Completion tokens reserved for a request that sets no `max_tokens`.
+    pub default_max_tokens: Option<u64>,
 }

@@ -40,6 +40,8 @@ pub struct ServerSettings {
 pub struct RateLimitSettings {
     pub store: LimitStore,
     pub on_store_error: OnStoreError,
+    /// Completion tokens reserved at admission for a request without `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,6 +24,12 @@ use crate::tls::{self, TlsFileError};
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// A million requests a second: above it the GCRA's nanosecond arithmetic loses its meaning.
+pub const MAX_REQUESTS_PER_MINUTE: u64 = 60_000_000;
+/// A billion tokens a second, far above any GPU fleet.
+pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000_000;
+/// Completion tokens reserved for a request without `max_tokens`: a typical chat answer.
+pub const DEFAULT_MAX_TOKENS: u64 = 512;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTH: (&str, Duration) = ("/v1/health/ready", Duration::from_secs(5));
 const DEFAULT_LOAD_METRICS: (&str, Duration) = ("/v1/metrics", Duration::from_secs(2));
@@ -347,11 +353,19 @@ impl Validator<'_> {
                 })
                 .collect();
             let limits = k.limits.as_ref().map_or(Limits::default(), |l| {
-                for (field, value) in
-                    [("requests_per_minute", l.requests_per_minute), ("tokens_per_minute", l.tokens_per_minute)]
-                {
-                    if value == Some(0) {
-                        self.problem(format!("{at}.limits.{field}"), "must be at least 1 (omit it for no limit)");
+                for (field, value, max) in [
+                    ("requests_per_minute", l.requests_per_minute, MAX_REQUESTS_PER_MINUTE),
+                    ("tokens_per_minute", l.tokens_per_minute, MAX_TOKENS_PER_MINUTE),
+                ] {
+                    match value {
+                        Some(0) => {
+                            self.problem(format!("{at}.limits.{field}"), "must be at least 1 (omit it for no limit)")
+                        }
+                        Some(n) if n > max => self.problem(
+                            format!("{at}.limits.{field}"),
+                            format!("{n} is beyond what can be enforced (at most {max}); omit it for no limit"),
+                        ),
+                        _ => {}
                     }
                 }
                 Limits { requests_per_minute: l.requests_per_minute, tokens_per_minute: l.tokens_per_minute }
@@ -371,6 +385,9 @@ impl Validator<'_> {
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                     self.problem("rate_limits.redis_url", format!("`{url}` is not a redis:// or rediss:// URL"));
                 }
+                // Refused rather than silently served from memory, which would multiply every
+                // limit by the number of replicas.
+                self.problem("rate_limits.store", "the redis store is not available in this version yet; use memory");
                 LimitStore::Redis { url }
             }
             other => {
@@ -386,7 +403,11 @@ impl Validator<'_> {
                 OnStoreError::Allow
             }
         };
-        RateLimitSettings { store, on_store_error }
+        let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+        if default_max_tokens == 0 {
+            self.problem("rate_limits.default_max_tokens", "must be at least 1");
+        }
+        RateLimitSettings { store, on_store_error, default_max_tokens }
     }
 
     fn name(&mut self, at: &str, name: &str, what: &str) {
@@ -655,6 +676,10 @@ keys:
         assert_problem(
             &with("models: [\"meta/*\"]", "models: [\"meta/*\"], limits: { requests_per_minute: 0 }"),
             "keys[1].limits.requests_per_minute: must be at least 1",
+        );
+        assert_problem(
+            &with("models: [\"meta/*\"]", "models: [\"meta/*\"], limits: { requests_per_minute: 99000000000 }"),
+            "keys[1].limits.requests_per_minute: 99000000000 is beyond what can be enforced",
         );
         assert_problem(&format!("{GOOD}rate_limits: {{ store: etcd }}\n"), "rate_limits.store: unknown store `etcd`");
         assert_problem(

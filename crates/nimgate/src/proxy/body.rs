@@ -69,6 +69,51 @@ pub struct RequestHead<'a> {
     /// Byte range of the `model` value (with its quotes) in the body, for alias rewrites.
     pub model_span: Range<usize>,
     pub stream: bool,
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub max_tokens: Option<u64>,
+    pub stream_options: StreamOptions,
+}
+
+/// The request's `stream_options`, located so that it can be amended in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamOptions {
+    Absent,
+    /// `null`, at this span.
+    Null(Range<usize>),
+    /// An object at this span; whether it asks for `include_usage`.
+    Object {
+        span: Range<usize>,
+        include_usage: bool,
+    },
+}
+
+impl RequestHead<'_> {
+    /// Whether the client asked for the final usage chunk of a stream.
+    pub fn wants_usage(&self) -> bool {
+        matches!(self.stream_options, StreamOptions::Object { include_usage: true, .. })
+    }
+
+    /// Tokens to reserve at admission: the body's bytes / 4 for the prompt (JSON syntax
+    /// included, so a little high), plus the completion cap, or `default_max_tokens` when the
+    /// request sets none. Embeddings have no completion.
+    pub fn token_estimate(&self, body_len: usize, completes: bool, default_max_tokens: u64) -> TokenEstimate {
+        let prompt = (body_len as u64 / 4).max(1);
+        let completion = if completes { self.max_tokens.unwrap_or(default_max_tokens) } else { 0 };
+        TokenEstimate { prompt, completion }
+    }
+}
+
+/// A request's expected token use, before any answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenEstimate {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl TokenEstimate {
+    pub fn total(&self) -> u64 {
+        self.prompt + self.completion
+    }
 }
 
 /// What serde reads: each field as raw JSON so that a wrong type gets a message naming the
@@ -79,6 +124,24 @@ struct Fields<'a> {
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
     stream: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream_options: Option<&'a RawValue>,
+}
+
+/// A field that is present, `null` included: `Option` alone would read `null` as absent, and
+/// `"stream_options": null` must be replaced, not left beside an added one.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
+}
+
+#[derive(Deserialize)]
+struct StreamOptionsFields {
+    #[serde(default)]
+    include_usage: Option<bool>,
 }
 
 /// Finds `model` and `stream` in a JSON request body.
@@ -122,7 +185,33 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
             _ => return Err(GatewayError::InvalidRequest("`stream` must be a boolean".into())),
         },
     };
-    Ok(RequestHead { model, model_span: span_of(body, raw_model.get()), stream })
+    let mut max_tokens = None;
+    for (name, raw) in [("max_completion_tokens", fields.max_completion_tokens), ("max_tokens", fields.max_tokens)] {
+        match raw.map(RawValue::get) {
+            None | Some("null") => {}
+            Some(text) => {
+                let value = text
+                    .parse::<u64>()
+                    .map_err(|_| GatewayError::InvalidRequest(format!("`{name}` must be a non-negative integer")))?;
+                max_tokens = max_tokens.or(Some(value));
+            }
+        }
+    }
+    let stream_options = match fields.stream_options {
+        None => StreamOptions::Absent,
+        Some(raw) if raw.get() == "null" => StreamOptions::Null(span_of(body, raw.get())),
+        Some(raw) => {
+            let object = raw.get().starts_with('{').then(|| serde_json::from_str::<StreamOptionsFields>(raw.get()));
+            let options = object.and_then(Result::ok).ok_or_else(|| {
+                GatewayError::InvalidRequest("`stream_options` must be an object like {\"include_usage\": true}".into())
+            })?;
+            StreamOptions::Object {
+                span: span_of(body, raw.get()),
+                include_usage: options.include_usage.unwrap_or(false),
+            }
+        }
+    };
+    Ok(RequestHead { model, model_span: span_of(body, raw_model.get()), stream, max_tokens, stream_options })
 }
 
 /// The value of a raw JSON string, borrowed unless it has escapes; `None` if not a string.
@@ -194,6 +283,35 @@ mod tests {
         assert!(message(r#"{"model":"m","stream":"yes"}"#).contains("`stream` must be a boolean"));
         assert!(message(r#"{"model":"a","model":"b"}"#).contains("duplicate field `model`"));
         assert!(message("{\"model\":\"m\"} trailing").contains("not valid JSON"));
+    }
+
+    #[test]
+    fn finds_token_caps_and_stream_options() {
+        let body =
+            r#"{"model":"m","max_tokens":100,"max_completion_tokens":50,"stream_options":{"include_usage":true}}"#;
+        let head = peek(body.as_bytes()).unwrap();
+        assert_eq!(head.max_tokens, Some(50), "max_completion_tokens wins");
+        assert!(head.wants_usage());
+        let StreamOptions::Object { span, .. } = &head.stream_options else { panic!() };
+        assert_eq!(&body[span.clone()], r#"{"include_usage":true}"#);
+
+        let head = peek(br#"{"model":"m","max_tokens":null,"stream_options":null}"#).unwrap();
+        assert_eq!(head.max_tokens, None);
+        assert!(matches!(head.stream_options, StreamOptions::Null(_)));
+        assert!(!head.wants_usage());
+        assert!(message(r#"{"model":"m","max_tokens":-1}"#).contains("`max_tokens` must be a non-negative integer"));
+        assert!(message(r#"{"model":"m","stream_options":[]}"#).contains("`stream_options` must be an object"));
+    }
+
+    #[test]
+    fn the_token_estimate_is_prompt_bytes_over_four_plus_the_cap() {
+        let body = format!(r#"{{"model":"m","max_tokens":30,"messages":[{{"content":"{}"}}]}}"#, "x".repeat(370));
+        let head = peek(body.as_bytes()).unwrap();
+        let estimate = head.token_estimate(body.len(), true, 512);
+        assert_eq!(estimate, TokenEstimate { prompt: body.len() as u64 / 4, completion: 30 });
+        let head = peek(br#"{"model":"m"}"#).unwrap();
+        assert_eq!(head.token_estimate(13, true, 512).completion, 512);
+        assert_eq!(head.token_estimate(13, false, 512), TokenEstimate { prompt: 3, completion: 0 });
     }
 
     #[test]

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use crate::api::Endpoint;
 use crate::error::GatewayError;
 use crate::pool::{Backend, BackendName, Pool};
+use crate::proxy::body::StreamOptions;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -102,13 +103,80 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
     headers.remove("upgrade");
 }
 
-/// `body` with the bytes at `span` replaced: the model alias rewrite, without re-serialising.
-pub fn splice(body: &Bytes, span: Range<usize>, replacement: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(body.len() - span.len() + replacement.len());
-    out.extend_from_slice(&body[..span.start]);
-    out.extend_from_slice(replacement);
-    out.extend_from_slice(&body[span.end..]);
+/// One change to a request body: the bytes at `span` replaced (an empty span inserts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub span: Range<usize>,
+    pub bytes: Bytes,
+}
+
+/// `body` with `edits` applied (non-overlapping, in any order), without re-serialising.
+pub fn splice(body: &Bytes, edits: &mut [Edit]) -> Bytes {
+    if edits.is_empty() {
+        return body.clone();
+    }
+    edits.sort_by_key(|e| e.span.start);
+    let added: usize = edits.iter().map(|e| e.bytes.len()).sum();
+    let removed: usize = edits.iter().map(|e| e.span.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + added - removed);
+    let mut at = 0;
+    for edit in edits.iter() {
+        out.extend_from_slice(&body[at..edit.span.start]);
+        out.extend_from_slice(&edit.bytes);
+        at = edit.span.end;
+    }
+    out.extend_from_slice(&body[at..]);
     out.freeze()
+}
+
+/// The edit that makes a streaming request ask for the final usage chunk: `stream_options`
+/// added (right after the opening brace), or set to include usage, keeping its other options.
+pub fn request_usage(body: &[u8], options: &StreamOptions) -> Edit {
+    const ADDED: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    match options {
+        StreamOptions::Absent => {
+            // `peek` checked that the body is an object, so its first non-blank byte is `{`.
+            let open = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            Edit { span: open..open, bytes: Bytes::from_static(ADDED) }
+        }
+        StreamOptions::Null(span) => {
+            Edit { span: span.clone(), bytes: Bytes::from_static(br#"{"include_usage":true}"#) }
+        }
+        StreamOptions::Object { span, .. } => {
+            let mut object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+            object.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let bytes = serde_json::to_vec(&object).unwrap_or_else(|_| br#"{"include_usage":true}"#.to_vec());
+            Edit { span: span.clone(), bytes: Bytes::from(bytes) }
+        }
+    }
+}
+
+/// The body to send upstream: as the client sent it (aliases applied), and, when nimgate needs
+/// a stream's usage the client did not ask for, a variant that asks for it, used with backends
+/// that accept `stream_options` (`stream_usage: true`).
+#[derive(Debug, Clone)]
+pub struct UpstreamBody {
+    pub plain: Bytes,
+    pub with_usage: Option<Bytes>,
+}
+
+impl UpstreamBody {
+    /// The bytes for `backend`, and whether they ask for usage on the client's behalf.
+    fn for_backend(&self, backend: &Backend) -> (Bytes, bool) {
+        match &self.with_usage {
+            Some(with_usage) if backend.stream_usage => (with_usage.clone(), true),
+            _ => (self.plain.clone(), false),
+        }
+    }
+}
+
+/// A response head from the backend that answered.
+pub struct Answer {
+    pub backend: Arc<Backend>,
+    pub response: Response<Incoming>,
+    /// The request asked for stream usage on the client's behalf.
+    pub usage_requested: bool,
 }
 
 /// Why no upstream response head arrived.
@@ -148,13 +216,14 @@ pub async fn send(
     pool: &Pool,
     endpoint: Endpoint,
     headers: HeaderMap,
-    body: Bytes,
-) -> Result<(Arc<Backend>, Response<Incoming>), UpstreamError> {
+    body: &UpstreamBody,
+) -> Result<Answer, UpstreamError> {
     let mut last_error = None;
     for backend in pool.candidates() {
-        let request = build(backend, endpoint, headers.clone(), body.clone());
+        let (bytes, usage_requested) = body.for_backend(backend);
+        let request = build(backend, endpoint, headers.clone(), bytes);
         match send_one(backend, request).await {
-            Ok(response) => return Ok((Arc::clone(backend), response)),
+            Ok(response) => return Ok(Answer { backend: Arc::clone(backend), response, usage_requested }),
             Err(e) if e.retry_safe() => {
                 tracing::warn!(backend = %backend.name, error = %e, "backend unreachable, trying the next one");
                 last_error = Some(e);
@@ -265,9 +334,38 @@ mod tests {
     }
 
     #[test]
-    fn splice_replaces_exactly_the_span() {
+    fn splice_replaces_exactly_the_spans() {
         let body = Bytes::from_static(br#"{"model":"alias","x":1}"#);
-        let out = splice(&body, 9..16, br#""meta/llama-3.1-8b-instruct""#);
-        assert_eq!(&out[..], br#"{"model":"meta/llama-3.1-8b-instruct","x":1}"#);
+        let mut edits = [
+            Edit { span: 21..22, bytes: Bytes::from_static(b"2") },
+            Edit { span: 9..16, bytes: Bytes::from_static(br#""meta/llama-3.1-8b-instruct""#) },
+            Edit { span: 1..1, bytes: Bytes::from_static(br#""a":0,"#) },
+        ];
+        let out = splice(&body, &mut edits);
+        assert_eq!(&out[..], br#"{"a":0,"model":"meta/llama-3.1-8b-instruct","x":2}"#);
+    }
+
+    fn with_usage(body: &str) -> String {
+        let head = crate::proxy::body::peek(body.as_bytes()).unwrap();
+        let bytes = Bytes::copy_from_slice(body.as_bytes());
+        let out = splice(&bytes, &mut [request_usage(body.as_bytes(), &head.stream_options)]);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn usage_is_requested_whatever_stream_options_held() {
+        assert_eq!(
+            with_usage(r#" {"model":"m","stream":true}"#),
+            r#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            with_usage(r#"{"model":"m","stream_options":null}"#),
+            r#"{"model":"m","stream_options":{"include_usage":true}}"#
+        );
+        let kept =
+            with_usage(r#"{"model":"m","stream_options":{"continuous_usage_stats":true,"include_usage":false}}"#);
+        let value: serde_json::Value = serde_json::from_str(&kept).unwrap();
+        assert_eq!(value["stream_options"], serde_json::json!({"continuous_usage_stats":true,"include_usage":true}));
+        assert_eq!(crate::proxy::body::peek(kept.as_bytes()).unwrap().model, "m");
     }
 }

@@ -1,0 +1,295 @@
+//! The in-memory store: per key a `governor` GCRA limiter for requests and a `TokenBucket`
+//! for tokens, in a `DashMap` by key name. A key's state is kept as long as its limits do not
+//! change, so a config reload that leaves a key alone leaves its budget alone.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota as GovernorQuota, RateLimiter};
+
+use super::bucket::TokenBucket;
+use super::quota::{Quota, Window};
+use super::store::{Decision, LimitKind, RateLimitStore};
+use crate::auth::{KeyName, Limits};
+
+/// The burst of a request limit: ten seconds' worth of the per-minute rate (at least 1). A
+/// client may send that many at once; after that requests are spaced at the steady rate. A
+/// whole minute's burst would let a key spend its minute in one instant and starve the GPU;
+/// no burst would refuse an SDK that sends a few requests in parallel.
+pub fn request_burst(requests_per_minute: u64) -> u32 {
+    u32::try_from(requests_per_minute.div_ceil(6)).unwrap_or(u32::MAX).max(1)
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+struct RequestLimit {
+    per_minute: u64,
+    burst: u32,
+    interval: Duration,
+    gcra: Gcra,
+    clock: DefaultClock,
+    /// Remaining burst after the last decision and when it was made, for `peek`.
+    last: Mutex<(Instant, u32)>,
+}
+
+impl RequestLimit {
+    fn new(per_minute: u64) -> Self {
+        let burst = request_burst(per_minute);
+        let interval = Duration::from_secs(60).div_f64(per_minute as f64);
+        // Validation caps the rate, so the period is at least a microsecond and never zero.
+        let quota = GovernorQuota::with_period(interval)
+            .unwrap_or_else(|| GovernorQuota::per_second(NonZeroU32::MAX))
+            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
+        let clock = DefaultClock::default();
+        Self {
+            per_minute,
+            burst,
+            interval,
+            gcra: RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware(),
+            clock,
+            last: Mutex::new((Instant::now(), burst)),
+        }
+    }
+
+    fn window(&self, remaining: u32) -> Window {
+        Window {
+            limit: self.per_minute,
+            remaining: u64::from(remaining),
+            reset: self.interval * (self.burst - remaining.min(self.burst)),
+        }
+    }
+
+    /// Takes one request cell, or says how long until one is free.
+    fn check(&self) -> Result<Window, Duration> {
+        match self.gcra.check() {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                if let Ok(mut last) = self.last.lock() {
+                    *last = (Instant::now(), remaining);
+                }
+                Ok(self.window(remaining))
+            }
+            Err(not_until) => {
+                if let Ok(mut last) = self.last.lock() {
+                    *last = (Instant::now(), 0);
+                }
+                Err(not_until.wait_time_from(self.clock.now()))
+            }
+        }
+    }
+
+    fn peek(&self) -> Window {
+        let (at, remaining) = self.last.lock().map_or((Instant::now(), self.burst), |last| *last);
+        let refilled = (at.elapsed().as_secs_f64() / self.interval.as_secs_f64()) as u64;
+        let remaining = (u64::from(remaining) + refilled).min(u64::from(self.burst)) as u32;
+        self.window(remaining)
+    }
+}
+
+struct KeyState {
+    limits: Limits,
+    requests: Option<RequestLimit>,
+    tokens: Option<Mutex<TokenBucket>>,
+}
+
+impl KeyState {
+    fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            requests: limits.requests_per_minute.map(RequestLimit::new),
+            tokens: limits.tokens_per_minute.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
+        }
+    }
+
+    fn token_window(&self, bucket: &mut TokenBucket, now: Instant) -> Option<Window> {
+        let limit = self.limits.tokens_per_minute?;
+        Some(Window { limit, remaining: bucket.remaining(now), reset: bucket.until_full(now) })
+    }
+}
+
+/// Limiter state of every key of this replica.
+#[derive(Default)]
+pub struct MemoryStore {
+    keys: DashMap<KeyName, Arc<KeyState>>,
+}
+
+impl MemoryStore {
+    /// The key's state, created (or recreated, when its limits changed) as needed. The map's
+    /// guard is dropped before returning: nothing holds it across an await.
+    fn state(&self, key: &KeyName, limits: &Limits) -> Arc<KeyState> {
+        if let Some(state) = self.keys.get(key) {
+            if state.limits == *limits {
+                return Arc::clone(&state);
+            }
+        }
+        let state = Arc::new(KeyState::new(*limits));
+        self.keys.insert(key.clone(), Arc::clone(&state));
+        state
+    }
+
+    fn decide(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
+        let state = self.state(key, limits);
+        let now = Instant::now();
+        let mut quota = Quota::default();
+
+        // Tokens first: a refused token reservation is simply not made, while a request cell
+        // taken from the GCRA cannot be given back.
+        let mut reserved = 0;
+        if let Some(bucket) = &state.tokens {
+            // A poisoned lock means a panic elsewhere; fail open rather than refuse every request.
+            let Ok(mut bucket) = bucket.lock() else { return Decision::Admitted { reserved: 0, quota } };
+            match bucket.try_reserve(tokens, now) {
+                Ok(amount) => reserved = amount,
+                Err(wait) => {
+                    quota.tokens = state.token_window(&mut bucket, now);
+                    quota.requests = state.requests.as_ref().map(RequestLimit::peek);
+                    return Decision::Refused { limit: LimitKind::Tokens, retry_after: wait, quota };
+                }
+            }
+            quota.tokens = state.token_window(&mut bucket, now);
+        }
+        if let Some(requests) = &state.requests {
+            match requests.check() {
+                Ok(window) => quota.requests = Some(window),
+                Err(wait) => {
+                    if let Some(bucket) = &state.tokens {
+                        if let Ok(mut bucket) = bucket.lock() {
+                            bucket.settle(reserved, 0, now);
+                            quota.tokens = state.token_window(&mut bucket, now);
+                        }
+                    }
+                    quota.requests = Some(requests.window(0));
+                    return Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota };
+                }
+            }
+        }
+        Decision::Admitted { reserved, quota }
+    }
+}
+
+impl RateLimitStore for MemoryStore {
+    async fn admit(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
+        self.decide(key, limits, tokens)
+    }
+
+    async fn peek(&self, key: &KeyName, limits: &Limits) -> Quota {
+        let state = self.state(key, limits);
+        let now = Instant::now();
+        let tokens =
+            state.tokens.as_ref().and_then(|b| b.lock().ok().and_then(|mut b| state.token_window(&mut b, now)));
+        Quota { requests: state.requests.as_ref().map(RequestLimit::peek), tokens }
+    }
+
+    fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
+        let state = self.state(key, limits);
+        if let Some(bucket) = &state.tokens {
+            if let Ok(mut bucket) = bucket.lock() {
+                bucket.settle(reserved, used, Instant::now());
+            }
+        }
+    }
+
+    fn retain(&self, keep: &dyn Fn(&KeyName) -> bool) {
+        self.keys.retain(|key, _| keep(key));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Limits {
+        Limits { requests_per_minute: rpm, tokens_per_minute: tpm }
+    }
+
+    fn admitted(d: Decision) -> (u64, Quota) {
+        match d {
+            Decision::Admitted { reserved, quota } => (reserved, quota),
+            other => panic!("refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn burst_is_ten_seconds_of_the_rate() {
+        assert_eq!(request_burst(600), 100);
+        assert_eq!(request_burst(60), 10);
+        assert_eq!(request_burst(5), 1);
+        assert_eq!(request_burst(1), 1);
+    }
+
+    #[test]
+    fn the_request_limit_admits_its_burst_then_refuses_with_the_interval() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        let l = limits(Some(60), None);
+        for expected in (0..10).rev() {
+            let (_, quota) = admitted(store.decide(&key, &l, 0));
+            assert_eq!(quota.requests.unwrap().remaining, expected);
+        }
+        match store.decide(&key, &l, 0) {
+            Decision::Refused { limit: LimitKind::Requests, retry_after, quota } => {
+                assert!(
+                    retry_after <= Duration::from_secs(1) && retry_after > Duration::from_millis(900),
+                    "{retry_after:?}"
+                );
+                assert_eq!(quota.requests.unwrap().remaining, 0);
+                assert_eq!(quota.requests.unwrap().limit, 60);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another key is unaffected.
+        admitted(store.decide(&KeyName::new("other"), &l, 0));
+    }
+
+    #[test]
+    fn the_extremes_validation_allows_do_not_overflow() {
+        use crate::config::validate::{MAX_REQUESTS_PER_MINUTE, MAX_TOKENS_PER_MINUTE};
+        let store = MemoryStore::default();
+        for (i, l) in [limits(Some(MAX_REQUESTS_PER_MINUTE), Some(MAX_TOKENS_PER_MINUTE)), limits(Some(1), Some(1))]
+            .iter()
+            .enumerate()
+        {
+            let key = KeyName::new(&format!("k{i}"));
+            admitted(store.decide(&key, l, 1));
+            let _ = store.decide(&key, l, u64::MAX);
+            store.settle(&key, l, 1, u64::MAX / 2);
+        }
+    }
+
+    #[test]
+    fn a_token_refusal_consumes_no_request_and_a_request_refusal_no_tokens() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        let l = limits(Some(6), Some(100)); // burst 1 request
+        let (reserved, _) = admitted(store.decide(&key, &l, 60));
+        assert_eq!(reserved, 60);
+        // Tokens refuse first; the second request cell is not spent on it.
+        assert!(matches!(store.decide(&key, &l, 60), Decision::Refused { limit: LimitKind::Tokens, .. }));
+        store.settle(&key, &l, 60, 10);
+        // Now tokens fit, but the request burst (1) is spent: the reservation is undone.
+        match store.decide(&key, &l, 60) {
+            Decision::Refused { limit: LimitKind::Requests, quota, .. } => {
+                assert_eq!(quota.tokens.unwrap().remaining, 90);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn state_survives_unchanged_limits_and_resets_on_changed_ones() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        admitted(store.decide(&key, &limits(None, Some(100)), 80));
+        let (_, quota) = admitted(store.decide(&key, &limits(None, Some(100)), 10));
+        assert_eq!(quota.tokens.unwrap().remaining, 10);
+        let (_, quota) = admitted(store.decide(&key, &limits(None, Some(200)), 10));
+        assert_eq!(quota.tokens.unwrap().remaining, 190);
+        store.retain(&|k| k.as_str() != "k");
+        assert!(store.keys.is_empty());
+    }
+}

@@ -1,0 +1,107 @@
+//! What a key has left, as the `x-ratelimit-*` headers say it: per limit its size, what
+//! remains now and when it is whole again. Durations use OpenAI's notation (`20ms`, `6s`,
+//! `1m30s`), which SDKs and dashboards already parse.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// One limit's state after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub limit: u64,
+    pub remaining: u64,
+    /// Time until the limit is back to its full size.
+    pub reset: Duration,
+}
+
+/// Every limit a key has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub requests: Option<Window>,
+    pub tokens: Option<Window>,
+}
+
+const REQUESTS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+];
+const TOKENS: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+];
+
+impl Quota {
+    /// Adds the header triple of each limit the key has.
+    pub fn write_headers(&self, headers: &mut HeaderMap) {
+        for (window, names) in [(self.requests, &REQUESTS), (self.tokens, &TOKENS)] {
+            if let Some(w) = window {
+                let [limit, remaining, reset] = names.clone();
+                headers.insert(limit, HeaderValue::from(w.limit));
+                headers.insert(remaining, HeaderValue::from(w.remaining));
+                if let Ok(value) = HeaderValue::from_str(&openai_duration(w.reset)) {
+                    headers.insert(reset, value);
+                }
+            }
+        }
+    }
+}
+
+/// `20ms`, `6s`, `1.5s`, `1m30s`, `2h0m0s`: the notation of OpenAI's reset headers.
+pub fn openai_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    if secs < 60 {
+        let tenths = (ms % 1000) / 100;
+        return if tenths == 0 { format!("{secs}s") } else { format!("{secs}.{tenths}s") };
+    }
+    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    if h > 0 { format!("{h}h{m}m{s}s") } else { format!("{m}m{s}s") }
+}
+
+/// `Retry-After`: whole seconds until admission, rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_like_openai_headers() {
+        assert_eq!(openai_duration(Duration::from_millis(20)), "20ms");
+        assert_eq!(openai_duration(Duration::from_secs(6)), "6s");
+        assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(openai_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(openai_duration(Duration::from_secs(7200)), "2h0m0s");
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
+        assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn only_the_limits_a_key_has_get_headers() {
+        let quota = Quota {
+            requests: None,
+            tokens: Some(Window { limit: 1000, remaining: 250, reset: Duration::from_secs(45) }),
+        };
+        let mut headers = HeaderMap::new();
+        quota.write_headers(&mut headers);
+        assert_eq!(headers.len(), 3);
+        assert_eq!(headers["x-ratelimit-limit-tokens"], "1000");
+        assert_eq!(headers["x-ratelimit-remaining-tokens"], "250");
+        assert_eq!(headers["x-ratelimit-reset-tokens"], "45s");
+    }
+}

@@ -1,0 +1,332 @@
+//! Request and token limits over real sockets, through the gateway to nim-sim: 429 with
+//! `Retry-After` and the `x-ratelimit-*` headers, refills timed against `Retry-After`, token
+//! reservations that keep streams from overshooting, settlement from reported usage (JSON
+//! answers, usage chunks asked for on the client's behalf and hidden from it, events split
+//! across frames) and refunds after short answers.
+
+use std::time::{Duration, Instant};
+
+use http::Method;
+use nimgate::config::raw::RawBackend;
+use nimgate_tests::*;
+use serde_json::{Value, json};
+
+const LLAMA: &str = "meta/llama-3.1-8b-instruct";
+
+fn header_u64(reply: &Reply, name: &str) -> u64 {
+    reply.header(name).unwrap_or_else(|| panic!("missing {name}")).parse().unwrap()
+}
+
+/// A chat request body with `max_tokens`, `stream` and, optionally, stream_options.
+fn request(max_tokens: Option<u64>, stream: bool, include_usage: bool) -> Value {
+    let mut body = chat_body(LLAMA, stream);
+    if let Some(max) = max_tokens {
+        body["max_tokens"] = json!(max);
+    }
+    if include_usage {
+        body["stream_options"] = json!({ "include_usage": true });
+    }
+    body
+}
+
+/// Reads a streaming answer whole; returns its text.
+async fn stream_text(client: &TestClient, body: &Value) -> (http::StatusCode, http::HeaderMap, String) {
+    let response = client.send(client.request(Method::POST, "/v1/chat/completions", body.to_string(), &[])).await;
+    let (parts, mut body) = response.into_parts();
+    let text = all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    (parts.status, parts.headers, text)
+}
+
+/// The usage-only events of an SSE text.
+fn usage_events(text: &str) -> Vec<Value> {
+    sse_data(text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|e| e["choices"] == json!([]) && e["usage"].is_object())
+        .collect()
+}
+
+/// Tokens the key has left now, as the gateway reports them on any answer.
+async fn tokens_left(client: &TestClient) -> u64 {
+    header_u64(&client.get("/v1/models").await, "x-ratelimit-remaining-tokens")
+}
+
+#[tokio::test]
+async fn the_request_limit_gives_429_with_retry_after_and_headers_and_spares_other_keys() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key_limited("team-a", &["*"], Some(60), None)
+        .key_limited("team-b", &["*"], Some(60), None)
+        .start()
+        .await;
+    let client = gw.client("team-a");
+
+    // A burst of 10 (ten seconds of 60 per minute), counted down on every answer.
+    for left in (0..10).rev() {
+        let reply = client.chat(LLAMA).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(header_u64(&reply, "x-ratelimit-limit-requests"), 60);
+        assert_eq!(header_u64(&reply, "x-ratelimit-remaining-requests"), left);
+        assert!(reply.header("x-ratelimit-reset-requests").is_some());
+        assert!(reply.header("x-ratelimit-limit-tokens").is_none(), "no token limit, no token headers");
+    }
+    let refused = client.chat(LLAMA).await;
+    let message = refused.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
+    assert!(message.contains("rate limit") && message.contains("60 requests per minute"), "{message}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(header_u64(&refused, "x-ratelimit-remaining-requests"), 0);
+    assert_eq!(sim.stats().requests, 10, "the refused request never reached the backend");
+
+    assert_eq!(gw.client("team-b").chat(LLAMA).await.status, 200, "another key is unaffected");
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(client.chat(LLAMA).await.status, 200, "admitted again after Retry-After");
+}
+
+#[tokio::test]
+async fn retry_after_matches_the_real_refill_time() {
+    let sim = sim_serving(&[LLAMA]).await;
+    // 30 per minute: a burst of 5, then one every 2 s.
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], Some(30), None).start().await;
+    let client = gw.client("team-a");
+    for _ in 0..5 {
+        assert_eq!(client.chat(LLAMA).await.status, 200);
+    }
+    let refused = client.chat(LLAMA).await;
+    assert_eq!(refused.status, 429);
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(retry_after, 2);
+
+    let since = Instant::now();
+    while client.chat(LLAMA).await.status == 429 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = since.elapsed();
+    assert_admitted_as_announced(waited, retry_after);
+}
+
+#[tokio::test]
+async fn token_retry_after_matches_the_real_refill_time() {
+    let sim = sim(SimOptions { models: vec![LLAMA.into()], tokens: 100, ..SimOptions::default() }).await;
+    // 600 per minute = 10 tokens per second.
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(600)).start().await;
+    let client = gw.client("team-a");
+    // Spend most of the minute: the answer's real usage (its prompt + 100) is what is charged.
+    assert_eq!(client.post_json("/v1/chat/completions", &request(Some(400), false, false)).await.status, 200);
+    let left = tokens_left(&client).await;
+    let refused = client.post_json("/v1/chat/completions", &request(Some(left + 10), false, false)).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.assert_error(429, "rate_limit_exceeded").contains("tokens per minute"));
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((2..=4).contains(&retry_after), "{retry_after}");
+
+    let since = Instant::now();
+    while client.post_json("/v1/chat/completions", &request(Some(left + 10), false, false)).await.status == 429 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waited = since.elapsed();
+    assert_admitted_as_announced(waited, retry_after);
+}
+
+/// Polled every 50 ms, admission comes within a second of `Retry-After`, and not before the
+/// second it names has begun.
+fn assert_admitted_as_announced(waited: Duration, retry_after: u64) {
+    let announced = Duration::from_secs(retry_after);
+    assert!(
+        waited > announced - Duration::from_secs(1) && waited <= announced + Duration::from_millis(150),
+        "admitted after {waited:?}, Retry-After said {retry_after}s"
+    );
+}
+
+#[tokio::test]
+async fn a_json_answer_is_charged_its_reported_usage() {
+    let sim = sim(SimOptions { models: vec![LLAMA.into()], tokens: 20, ..SimOptions::default() }).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(6000)).start().await;
+    let client = gw.client("team-a");
+
+    let reply = client.post_json("/v1/chat/completions", &request(Some(300), false, false)).await;
+    assert_eq!(reply.status, 200);
+    let usage = reply.json()["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(header_u64(&reply, "x-ratelimit-limit-tokens"), 6000);
+    // At admission the whole estimate (prompt + 300) was held...
+    assert!(header_u64(&reply, "x-ratelimit-remaining-tokens") <= 6000 - 300);
+    // ...and the real usage replaced it (refills add at most 100 per second).
+    let left = tokens_left(&client).await;
+    assert!((6000 - usage..6000 - usage + 50).contains(&left), "left {left}, used {usage}");
+}
+
+#[tokio::test]
+async fn a_refund_after_a_short_answer_lets_the_next_request_in_at_once() {
+    let sim = sim(SimOptions { models: vec![LLAMA.into()], tokens: 5, ..SimOptions::default() }).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key_limited("team-a", &["*"], None, Some(600))
+        .with(|raw| raw.rate_limits.default_max_tokens = Some(450))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    // Each request reserves its prompt (~25) + 450 of the 600: without the refund of the ~445
+    // an answer of 5 tokens leaves unused, the second request would wait for a minute.
+    for _ in 0..2 {
+        let reply = client.post_json("/v1/chat/completions", &request(None, false, false)).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    for _ in 0..2 {
+        let (status, _, _) = stream_text(&client, &request(None, true, false)).await;
+        assert_eq!(status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_did_not_ask_for_usage_is_charged_but_shows_none() {
+    let sim =
+        sim(SimOptions { models: vec![LLAMA.into()], tokens: 30, record_requests: true, ..SimOptions::default() })
+            .await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(6000)).start().await;
+    let client = gw.client("team-a");
+
+    let (status, headers, text) = stream_text(&client, &request(Some(100), true, false)).await;
+    assert_eq!(status, 200);
+    assert!(headers.contains_key("x-ratelimit-remaining-tokens"));
+    assert!(usage_events(&text).is_empty(), "the client sees no usage chunk: {text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert_eq!(sse_data(&text).len(), 1 + 30 + 1 + 1, "every other event arrives");
+
+    let sent = sim.recorded()[0].body.clone();
+    let sent: Value = serde_json::from_slice(&sent).unwrap();
+    assert_eq!(sent["stream_options"]["include_usage"], true, "asked upstream on the client's behalf");
+    let charged = sent.to_string().len() as u64 / 4 + 30; // the sim's prompt count + its tokens
+    let left = tokens_left(&client).await;
+    assert!((6000 - charged - 2..6000 - charged + 50).contains(&left), "left {left}, charged {charged}");
+}
+
+#[tokio::test]
+async fn a_stream_whose_client_asked_for_usage_gets_it() {
+    let sim = sim(SimOptions { models: vec![LLAMA.into()], tokens: 7, ..SimOptions::default() }).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(6000)).start().await;
+    let (_, _, text) = stream_text(&gw.client("team-a"), &request(Some(100), true, true)).await;
+    let usage = usage_events(&text);
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["usage"]["completion_tokens"], 7);
+}
+
+#[tokio::test]
+async fn a_usage_event_split_across_two_frames_is_counted_and_hidden() {
+    let sim = sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 12,
+        split_events: true,
+        record_requests: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(6000)).start().await;
+    let client = gw.client("team-a");
+
+    let (_, _, text) = stream_text(&client, &request(Some(500), true, false)).await;
+    assert!(usage_events(&text).is_empty(), "{text}");
+    assert_eq!(sse_data(&text).len(), 1 + 12 + 1 + 1);
+
+    let charged = sim.recorded()[0].body.len() as u64 / 4 + 12;
+    let left = tokens_left(&client).await;
+    assert!((6000 - charged - 2..6000 - charged + 50).contains(&left), "left {left}, charged {charged}");
+}
+
+#[tokio::test]
+async fn streams_cannot_overshoot_the_token_limit_beyond_their_reservations() {
+    let sim = sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 60,
+        chunk_delay: Duration::from_millis(10),
+        gated_chunks: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], None, Some(200)).start().await;
+    let client = gw.client("team-a");
+    let body = request(Some(60), true, false).to_string();
+    let estimate = body.len() as u64 / 4 + 60;
+    assert!(2 * estimate <= 200 && 3 * estimate > 200, "two fit, three do not ({estimate})");
+
+    // Two streams are admitted and held open; nothing has been charged by usage yet.
+    let first = client.send(client.request(Method::POST, "/v1/chat/completions", body.clone(), &[])).await;
+    let second = client.send(client.request(Method::POST, "/v1/chat/completions", body.clone(), &[])).await;
+    assert_eq!((first.status().as_u16(), second.status().as_u16()), (200, 200));
+    // A third is refused on their reservations alone: charging only after the answers would let it in.
+    let third = client.post("/v1/chat/completions", body.clone()).await;
+    third.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(sim.stats().requests, 2);
+
+    sim.release_chunks(1000);
+    for response in [first, second] {
+        let mut body = response.into_body();
+        all_frames(&mut body).await;
+    }
+    // The answers used what they reserved (the sim counts the prompt the same way), so nothing
+    // overshot, and the charge now on the key is their reported usage.
+    let charged = 2 * (sim_prompt_tokens(&body) + 60);
+    assert!(charged <= 200, "the reservations covered what the streams used ({charged})");
+    let left = tokens_left(&client).await;
+    assert!((200 - charged..200 - charged + 10).contains(&left), "left {left}, charged {charged}");
+    // And the stream usage keeps the limit reached for the next one.
+    client.post("/v1/chat/completions", body).await.assert_error(429, "rate_limit_exceeded");
+}
+
+/// The prompt tokens nim-sim reports for a request the gateway amended to ask for usage.
+fn sim_prompt_tokens(client_body: &str) -> u64 {
+    (client_body.len() as u64 + r#""stream_options":{"include_usage":true},"#.len() as u64) / 4
+}
+
+#[tokio::test]
+async fn a_backend_without_stream_usage_is_estimated_from_the_stream() {
+    let sim =
+        sim(SimOptions { models: vec![LLAMA.into()], tokens: 40, record_requests: true, ..SimOptions::default() })
+            .await;
+    let gw = gateway()
+        .backend_with(RawBackend {
+            name: "no-usage".into(),
+            url: sim.url(),
+            stream_usage: Some(false),
+            ..RawBackend::default()
+        })
+        .route(LLAMA, &["no-usage"])
+        .key_limited("team-a", &["*"], None, Some(6000))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let body = request(Some(1000), true, false);
+
+    let (_, _, text) = stream_text(&client, &body).await;
+    assert_eq!(sse_data(&text).len(), 1 + 40 + 1 + 1);
+    assert_eq!(sim.recorded()[0].body, body.to_string(), "the request is forwarded untouched");
+    // Estimated: the prompt estimate plus one token per text event, not the 1000 reserved.
+    let estimated = body.to_string().len() as u64 / 4 + 40;
+    let left = tokens_left(&client).await;
+    assert!((6000 - estimated - 2..6000 - estimated + 50).contains(&left), "left {left}, estimated {estimated}");
+}
+
+#[tokio::test]
+async fn every_answer_to_a_limited_key_carries_its_limits() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key_limited("team-a", &["meta/*"], Some(600), Some(100_000))
+        .key("unlimited", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    for reply in [
+        client.chat(LLAMA).await,
+        client.chat("meta/not-routed").await,
+        client.post("/v1/chat/completions", "{not json").await,
+        client.get("/v1/models").await,
+    ] {
+        assert_eq!(header_u64(&reply, "x-ratelimit-limit-requests"), 600, "{}", reply.status);
+        assert_eq!(header_u64(&reply, "x-ratelimit-limit-tokens"), 100_000);
+        assert!(reply.header("x-ratelimit-reset-tokens").is_some());
+    }
+    let reply = gw.client("unlimited").chat(LLAMA).await;
+    assert!(reply.header("x-ratelimit-limit-requests").is_none());
+}
