@@ -1,7 +1,8 @@
 //! Response bodies: whole answers, and the streamed answer produced event by event with the
 //! configured delays (or on release when gated), which also plays the injected stream failures.
-//! A stream holds its GPU slot and its request guard, so dropping it (the client left) frees the
-//! slot and counts a cancellation.
+//! Every inference body holds its request guard, so the body reaching its end counts a
+//! completion and the body being dropped early (the client left) counts a cancellation. A stream
+//! also holds its GPU slot, freed when the stream ends or is dropped.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,29 +15,44 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
+use crate::Failures;
 use crate::gpu::Slot;
 use crate::reply::{DONE, Plan};
 use crate::state::{RequestGuard, Shared};
 
-/// The injected failure that breaks a connection mid-answer.
+/// The injected failure that breaks a connection mid-answer (or, as a service error, before
+/// any answer).
 #[derive(Debug, thiserror::Error)]
 #[error("nim-sim: connection reset by failure injection")]
 pub struct InjectedReset;
 
+/// Every body the sim sends.
 pub enum SimBody {
-    Full(Option<Bytes>),
-    /// Sends `head`, then breaks the connection.
-    Broken(Option<Bytes>),
+    /// A whole answer in one frame; an inference answer completes its guard as it goes out.
+    Full { bytes: Option<Bytes>, guard: Option<RequestGuard> },
+    /// Sends the first half of an answer whose `Content-Length` promised all of it, pauses for
+    /// the connection to write it out, then breaks the connection.
+    Broken { head: Option<Bytes>, pause: Option<Pin<Box<Sleep>>> },
     /// Never sends anything; the guard counts a cancellation when the client leaves.
-    Stalled {
-        _held: RequestGuard,
-    },
+    Stalled { _held: RequestGuard },
+    /// A streamed answer.
     Stream(Box<Stream>),
 }
 
 impl SimBody {
+    /// A whole body that is not an inference answer (or one already accounted for).
     pub fn full(bytes: impl Into<Bytes>) -> Self {
-        Self::Full(Some(bytes.into()))
+        Self::Full { bytes: Some(bytes.into()), guard: None }
+    }
+
+    /// The first half of `answer`, then a broken connection.
+    pub fn broken(answer: &Bytes) -> Self {
+        Self::Broken { head: Some(answer.slice(..answer.len() / 2)), pause: None }
+    }
+
+    /// A whole inference answer, completed when it is handed to the connection.
+    pub fn answer(bytes: Bytes, guard: RequestGuard) -> Self {
+        Self::Full { bytes: Some(bytes), guard: Some(guard) }
     }
 }
 
@@ -46,24 +62,33 @@ impl Body for SimBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, InjectedReset>>> {
         match self.get_mut() {
-            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Self::Broken(head) => Poll::Ready(Some(match head.take() {
-                Some(head) => Ok(Frame::data(head)),
-                None => Err(InjectedReset),
-            })),
+            Self::Full { bytes, guard } => {
+                if let Some(guard) = guard.take() {
+                    guard.complete();
+                }
+                Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b))))
+            }
+            Self::Broken { head, pause } => {
+                if let Some(head) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(head))));
+                }
+                // Pending once makes hyper flush what it holds, so the client gets the half.
+                ready!(pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(RESET_PAUSE))).as_mut().poll(cx));
+                Poll::Ready(Some(Err(InjectedReset)))
+            }
             Self::Stalled { .. } => Poll::Pending,
             Self::Stream(stream) => stream.poll_next(cx).map(|event| event.map(|e| e.map(Frame::data))),
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self, Self::Full(None))
+        // Not for a `Full` with a guard still to complete: hyper would then never poll it.
+        matches!(self, Self::Full { bytes: None, guard: None })
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Self::Full(None) => SizeHint::with_exact(0),
+            Self::Full { bytes, .. } => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             _ => SizeHint::default(),
         }
     }
@@ -84,12 +109,18 @@ pub struct Stream {
     shared: Arc<Shared>,
     plan: Plan,
     stage: Stage,
+    /// Content events produced so far.
     sent: u32,
     delay: Option<Pin<Box<Sleep>>>,
     gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    reset_after: Option<u32>,
+    /// Content events after which the connection breaks, at most `plan.tokens`.
+    reset_at: Option<u32>,
+    /// Whether the pause that lets hyper flush before the reset was taken.
     flushed: bool,
-    stall_after: Option<u32>,
+    /// Content events after which the stream goes silent, at most `plan.tokens`.
+    stall_at: Option<u32>,
+    /// Whether the stall began (and was counted).
+    stalled: bool,
     guard: Option<RequestGuard>,
     /// With `split_events`: the second half of the last event, sent after a short pause.
     second_half: Option<(Bytes, Pin<Box<Sleep>>)>,
@@ -97,19 +128,21 @@ pub struct Stream {
 }
 
 impl Stream {
-    pub fn new(shared: Arc<Shared>, plan: Plan, guard: RequestGuard, slot: Slot) -> Self {
-        let failures = shared.failures();
+    /// A stream of `plan`, playing the stream failures of `failures`. The first event waits
+    /// for `ttft`.
+    pub fn new(shared: Arc<Shared>, plan: Plan, failures: &Failures, guard: RequestGuard, slot: Slot) -> Self {
         let ttft = shared.options.ttft;
         Self {
             delay: sleep(ttft),
+            reset_at: failures.reset_after_chunks.map(|n| n.min(plan.tokens)),
+            stall_at: failures.stall_after_chunks.map(|n| n.min(plan.tokens)),
             shared,
             plan,
             stage: Stage::Start,
             sent: 0,
             gate: None,
-            reset_after: failures.reset_after_chunks,
             flushed: false,
-            stall_after: failures.stall_after_chunks,
+            stalled: false,
             guard: Some(guard),
             second_half: None,
             _slot: slot,
@@ -147,26 +180,34 @@ impl Stream {
                     }
                 }
                 Stage::Content => {
-                    if self.sent == self.plan.tokens {
-                        self.stage = Stage::Finish;
-                        continue;
-                    }
-                    if self.reset_after == Some(self.sent) {
+                    if self.reset_at == Some(self.sent) {
                         if !self.flushed {
-                            // Let hyper flush the chunks already produced (it flushes when the
-                            // body is pending), so the client sees them before the reset.
+                            // Let the connection write out the events already produced (hyper
+                            // flushes when the body is pending; h2 would drop queued frames on
+                            // the reset), so the client sees them before the break.
                             self.flushed = true;
-                            self.delay = sleep(Duration::from_millis(1));
+                            self.delay = sleep(RESET_PAUSE);
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
                         }
                         self.stage = Stage::End;
                         self.shared.counters.errors_injected.fetch_add(1, Ordering::Relaxed);
+                        if let Some(guard) = self.guard.take() {
+                            guard.refuse();
+                        }
                         return Poll::Ready(Some(Err(InjectedReset)));
                     }
-                    if self.stall_after == Some(self.sent) {
+                    if self.stall_at == Some(self.sent) {
+                        if !self.stalled {
+                            self.stalled = true;
+                            self.shared.counters.errors_injected.fetch_add(1, Ordering::Relaxed);
+                        }
                         // Never woken: the stream is held until the client drops it.
                         return Poll::Pending;
+                    }
+                    if self.sent == self.plan.tokens {
+                        self.stage = Stage::Finish;
+                        continue;
                     }
                     if self.shared.options.gated_chunks {
                         let shared = Arc::clone(&self.shared);
@@ -213,6 +254,9 @@ impl Stream {
 
 /// Between the two halves of a split event.
 const SPLIT_PAUSE: Duration = Duration::from_millis(3);
+
+/// Before an injected reset, for the events already produced to reach the socket.
+const RESET_PAUSE: Duration = Duration::from_millis(2);
 
 fn sleep(duration: Duration) -> Option<Pin<Box<Sleep>>> {
     (!duration.is_zero()).then(|| Box::pin(tokio::time::sleep(duration)))

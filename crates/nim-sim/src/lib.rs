@@ -7,7 +7,8 @@
 //! counters, never from randomness, so a test can predict it exactly.
 //!
 //! Modules: `server` (listener, connections, dispatch), `reply` (what each endpoint answers),
-//! `body` (the streamed response body), `gpu` (slots and queue), `state` (shared counters).
+//! `body` (response bodies, the stream's timing and its injected failures), `gpu` (slots and
+//! queue), `state` (shared counters, the request guard behind `completed` and `cancelled`).
 
 mod body;
 mod gpu;
@@ -30,10 +31,11 @@ use state::Shared;
 pub struct SimOptions {
     /// Models served; requests for others get NIM's 404.
     pub models: Vec<String>,
-    /// Time before the first token (streams: before the first event; non-streams: added to
-    /// the generation time).
+    /// Time before the first token. Streams send their headers at once and hold the first
+    /// event (the role chunk, as vLLM does) for it; non-streams add it to the generation time.
     pub ttft: Duration,
-    /// Completion tokens per answer, capped by the request's `max_tokens`.
+    /// Completion tokens per answer, capped by the request's `max_completion_tokens` or
+    /// `max_tokens` (the answer then finishes with `length`).
     pub tokens: u32,
     /// Time between tokens (one token per stream chunk).
     pub chunk_delay: Duration,
@@ -50,7 +52,9 @@ pub struct SimOptions {
     /// Send every stream event as two frames, cut in the middle, a few milliseconds apart
     /// (tests of clients and proxies that must join events across frames).
     pub split_events: bool,
+    /// Dimension of embedding vectors.
     pub embedding_dim: usize,
+    /// Failure injection at start; change it later with `Sim::set_failures`.
     pub failures: Failures,
     /// Serve HTTPS (h2 and HTTP/1.1 by ALPN).
     pub tls: Option<SimTls>,
@@ -76,10 +80,12 @@ impl Default for SimOptions {
     }
 }
 
-/// A certificate chain and private key, PEM.
+/// A certificate chain and private key, PEM, for a sim serving HTTPS. `Debug` hides both.
 #[derive(Clone, Default)]
 pub struct SimTls {
+    /// The certificate chain, leaf first.
     pub cert_pem: String,
+    /// The private key: PKCS#8, PKCS#1 or SEC1.
     pub key_pem: String,
 }
 
@@ -97,24 +103,30 @@ pub struct Failures {
     pub error_rate: f64,
     /// Status of injected errors; 0 means 500.
     pub error_status: u16,
-    /// `Some(0)`: close the connection without any response. `Some(n)`: streams send n content
-    /// chunks and then break the connection; non-streams send half their body and break it.
+    /// `Some(0)`: close the connection without any response (h2: reset the stream).
+    /// `Some(n)`: streams send min(n, tokens) content chunks and then break the connection, never
+    /// finishing; non-streams send their head and half their body, then break it. Applies to
+    /// inference requests only, so health checks keep passing.
     pub reset_after_chunks: Option<u32>,
-    /// Streams send n content chunks and then nothing more; non-streams send the head only.
+    /// Streams send min(n, tokens) content chunks and then nothing more; non-streams send the
+    /// head only. Either holds until the client leaves (counted as cancelled).
     pub stall_after_chunks: Option<u32>,
-    /// Accept requests and never answer.
+    /// Accept inference requests and never answer, until the client leaves (counted as
+    /// cancelled).
     pub hang: bool,
 }
 
 /// Counters since the sim started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimStats {
-    /// Inference requests received (chat, completions, embeddings), failed ones included.
+    /// Inference requests received (chat, completions, embeddings) past the API key check,
+    /// failed ones included.
     pub requests: u64,
     /// Inference answers sent to their end.
     pub completed: u64,
     /// Inference requests whose client left before the answer ended.
     pub cancelled: u64,
+    /// Requests on which a failure was injected: error statuses, resets, stalls and hangs.
     pub errors_injected: u64,
     /// GPU slots held now.
     pub running: u64,
@@ -122,36 +134,44 @@ pub struct SimStats {
     pub waiting: u64,
     /// Stream content chunks produced.
     pub chunks_sent: u64,
+    /// Prompt tokens of requests that reached the GPU (a quarter of the body bytes, at least 1).
     pub prompt_tokens: u64,
+    /// Completion tokens generated (streams count each chunk as it is produced).
     pub generation_tokens: u64,
 }
 
-/// One request as received.
+/// One request as received (`SimOptions::record_requests`), any path, refused ones included.
 #[derive(Debug, Clone)]
 pub struct RecordedRequest {
+    /// The request method.
     pub method: http::Method,
     /// Path and query.
     pub path: String,
+    /// Headers as received.
     pub headers: http::HeaderMap,
+    /// The whole body.
     pub body: bytes::Bytes,
 }
 
-/// A running simulated NIM. Dropping it stops it, like `stop`.
+/// A running simulated NIM. Dropping it stops it, like `stop` but without waiting.
 pub struct Sim {
     addr: SocketAddr,
     tls: bool,
     shared: Arc<Shared>,
+    /// Sending `true` (or dropping it) ends the accept loop and every connection.
     shutdown: watch::Sender<bool>,
     accept: Option<JoinHandle<()>>,
 }
 
 impl Sim {
-    /// Starts a sim on an ephemeral loopback port.
+    /// Starts a sim on an ephemeral loopback port. Fails only if no port can be bound or the
+    /// TLS material does not parse (`InvalidInput`).
     pub async fn start(options: SimOptions) -> std::io::Result<Sim> {
         Self::start_on(TcpListener::bind("127.0.0.1:0").await?, options).await
     }
 
-    /// Starts a sim on `listener`.
+    /// Starts a sim on `listener`. Fails with `InvalidInput` when the TLS material does not
+    /// parse.
     pub async fn start_on(listener: TcpListener, options: SimOptions) -> std::io::Result<Sim> {
         let addr = listener.local_addr()?;
         let tls = match &options.tls {
@@ -165,35 +185,44 @@ impl Sim {
         Ok(Sim { addr, tls: is_tls, shared, shutdown, accept: Some(accept) })
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, or `https://localhost:PORT` with TLS (so a certificate for
-    /// `localhost` verifies).
+    /// `http://IP:PORT`, or with TLS `https://localhost:PORT` when listening on loopback or
+    /// every interface (so a certificate for `localhost` verifies).
     pub fn url(&self) -> String {
-        if self.tls { format!("https://localhost:{}", self.addr.port()) } else { format!("http://{}", self.addr) }
+        let ip = self.addr.ip();
+        match self.tls {
+            true if ip.is_loopback() || ip.is_unspecified() => format!("https://localhost:{}", self.addr.port()),
+            true => format!("https://{}", self.addr),
+            false => format!("http://{}", self.addr),
+        }
     }
 
+    /// A snapshot of the counters.
     pub fn stats(&self) -> SimStats {
         self.shared.stats()
     }
 
-    /// Every request received, when `record_requests` is on.
+    /// Every request received, in order, when `record_requests` is on; empty otherwise.
     pub fn recorded(&self) -> Vec<RecordedRequest> {
         self.shared.recorded()
     }
 
+    /// Replaces the failure injection for requests arriving from now on.
     pub fn set_failures(&self, failures: Failures) {
         self.shared.set_failures(failures);
     }
 
-    /// Lets `n` more gated stream chunks go.
+    /// Lets `n` more gated stream chunks go (`gated_chunks`), across all streams.
     pub fn release_chunks(&self, n: usize) {
         self.shared.gate.add_permits(n);
     }
 
-    /// Stops accepting and drops every open connection at once, like a killed process.
+    /// Stops accepting and drops every open connection at once, like a killed process. Returns
+    /// once the port is closed and every connection is gone.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
         if let Some(accept) = self.accept.take() {

@@ -1,5 +1,7 @@
 //! The `nim-sim` binary: a simulated NIM on a socket, for benchmarks, demos and manual tests.
+//! Flags map one to one onto `SimOptions`; everything else lives in the library.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,8 +37,8 @@ struct Args {
     /// Require `Authorization: Bearer KEY`.
     #[arg(long, env = "NIM_SIM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Fraction of requests answered with --error-status (deterministic: every 1/rate-th).
-    #[arg(long, default_value_t = 0.0)]
+    /// Fraction of requests answered with --error-status, 0 to 1 (deterministic: every 1/rate-th).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
     error_rate: f64,
     /// Status of injected errors.
     #[arg(long, default_value_t = 500)]
@@ -62,22 +64,38 @@ struct Args {
     /// PEM private key for --tls-cert.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Runtime worker threads.
+    /// Runtime worker threads (one leaves the other cores to the gateway under test).
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }
 
+/// Why the sim could not run.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start: {0}")]
+    Start(std::io::Error),
+}
+
+fn parse_rate(value: &str) -> Result<f64, String> {
+    let rate: f64 = value.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&rate) { Ok(rate) } else { Err("must be between 0 and 1".to_owned()) }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime =
-        match tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build() {
-            Ok(runtime) => runtime,
-            Err(e) => {
-                eprintln!("nim-sim: cannot start the runtime: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-    match runtime.block_on(run(args)) {
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nim-sim: {e}");
@@ -86,12 +104,12 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args) -> Result<(), RunError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).map_err(|source| RunError::Read { path: path.display().to_string(), source })
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(SimTls {
-            cert_pem: std::fs::read_to_string(cert).map_err(|e| format!("cannot read {}: {e}", cert.display()))?,
-            key_pem: std::fs::read_to_string(key).map_err(|e| format!("cannot read {}: {e}", key.display()))?,
-        }),
+        (Some(cert), Some(key)) => Some(SimTls { cert_pem: read(cert)?, key_pem: read(key)? }),
         _ => None,
     };
     let mut options = SimOptions {
@@ -104,7 +122,7 @@ async fn run(args: Args) -> Result<(), String> {
         embedding_dim: args.embedding_dim,
         split_events: args.split_events,
         failures: Failures {
-            error_rate: args.error_rate.clamp(0.0, 1.0),
+            error_rate: args.error_rate,
             error_status: args.error_status,
             reset_after_chunks: args.reset_after_chunks,
             stall_after_chunks: args.stall_after_chunks,
@@ -118,9 +136,13 @@ async fn run(args: Args) -> Result<(), String> {
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    let sim = Sim::start_on(listener, options).await.map_err(|e| e.to_string())?;
-    println!("nim-sim listening on {}", sim.url());
+        .map_err(|source| RunError::Listen { addr: args.listen, source })?;
+    let sim = Sim::start_on(listener, options).await.map_err(RunError::Start)?;
+    // Scripts wait for this line, so it must not sit in a buffer.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "nim-sim listening on {}", sim.url());
+    let _ = stdout.flush();
+    drop(stdout);
     shutdown_signal().await;
     sim.stop().await;
     Ok(())

@@ -67,22 +67,27 @@ pub enum Kind {
     Completion,
 }
 
-/// Everything needed to render one answer.
+/// Everything needed to render one answer, with the per-request parts of its JSON built once.
 pub struct Plan {
     pub kind: Kind,
+    /// Content events to send (a tool call is one).
     pub tokens: u32,
     pub finish_reason: &'static str,
     pub include_usage: bool,
     pub prompt_tokens: u64,
-    /// JSON-encoded name of the function to call, when the answer is a tool call.
+    /// The tool call, without the stream's `index`, when the answer is one:
+    /// `"id":"call_<n>","type":"function","function":{...}}`.
     pub tool_call: Option<String>,
-    id: String,
-    model_json: String,
-    /// `data: {"id":...,"model":...,"choices":[` for stream events.
+    /// `"id":"<id>","object":"<object>","created":N,"model":"<model>"` of the whole answer.
+    answer_head: String,
+    /// `data: {"id":...,"model":...,"choices":[` of every stream event.
     event_prefix: String,
+    /// `]}` or `],"usage":null}`, then the blank line ending an event.
+    event_suffix: &'static str,
 }
 
 impl Plan {
+    /// The plan for inference request number `sequence` of `kind` asking for `model`.
     pub fn new(
         kind: Kind,
         sequence: u64,
@@ -94,12 +99,16 @@ impl Plan {
         let cap = request.max_completion_tokens.or(request.max_tokens);
         let capped = cap.is_some_and(|cap| cap < tokens);
         let tokens = cap.map_or(tokens, |cap| cap.min(tokens));
-        let tool_call = match (&request.tools, &request.tool_choice) {
-            (_, Some(serde_json::Value::String(choice))) if choice == "none" => None,
-            (Some(tools), _) if kind == Kind::Chat => tools
-                .iter()
-                .find_map(|t| t.function.as_ref())
-                .map(|f| serde_json::to_string(&f.name).unwrap_or_else(|_| "\"tool\"".to_owned())),
+        let wants_tool = !matches!(&request.tool_choice, Some(serde_json::Value::String(choice)) if choice == "none");
+        let tool_call = match &request.tools {
+            Some(tools) if kind == Kind::Chat && wants_tool => {
+                tools.iter().find_map(|t| t.function.as_ref()).map(|f| {
+                    let name = json_string(&f.name);
+                    format!(
+                        r#""id":"call_{sequence}","type":"function","function":{{"name":{name},"arguments":"{{}}"}}}}"#
+                    )
+                })
+            }
             _ => None,
         };
         let finish_reason = match (&tool_call, capped) {
@@ -107,27 +116,24 @@ impl Plan {
             (None, true) => "length",
             (None, false) => "stop",
         };
-        let id = match kind {
-            Kind::Chat => format!("chatcmpl-{sequence}"),
-            Kind::Completion => format!("cmpl-{sequence}"),
+        let (id, object, chunk_object) = match kind {
+            Kind::Chat => ("chatcmpl", "chat.completion", "chat.completion.chunk"),
+            Kind::Completion => ("cmpl", "text_completion", "text_completion"),
         };
-        let model_json = serde_json::to_string(model).unwrap_or_else(|_| "\"model\"".to_owned());
-        let object = match kind {
-            Kind::Chat => "chat.completion.chunk",
-            Kind::Completion => "text_completion",
-        };
-        let event_prefix =
-            format!(r#"data: {{"id":"{id}","object":"{object}","created":{CREATED},"model":{model_json},"choices":["#);
+        let model = json_string(model);
+        let include_usage = request.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Self {
             kind,
             tokens: if tool_call.is_some() { 1 } else { tokens },
             finish_reason,
-            include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            include_usage,
             prompt_tokens,
             tool_call,
-            id,
-            model_json,
-            event_prefix,
+            answer_head: format!(r#""id":"{id}-{sequence}","object":"{object}","created":{CREATED},"model":{model}"#),
+            event_prefix: format!(
+                r#"data: {{"id":"{id}-{sequence}","object":"{chunk_object}","created":{CREATED},"model":{model},"choices":["#
+            ),
+            event_suffix: if include_usage { "],\"usage\":null}\n\n" } else { "]}\n\n" },
         }
     }
 
@@ -147,71 +153,66 @@ impl Plan {
 
     /// The non-streaming answer.
     pub fn answer(&self) -> Bytes {
-        let (id, model, usage, finish) = (&self.id, &self.model_json, self.usage(), self.finish_reason);
+        let (head, usage, finish) = (&self.answer_head, self.usage(), self.finish_reason);
         let body = match (self.kind, &self.tool_call) {
-            (Kind::Chat, Some(name)) => format!(
-                r#"{{"id":"{id}","object":"chat.completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{}]}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
-                tool_call_json(&self.id, name)
+            (Kind::Chat, Some(call)) => format!(
+                r#"{{{head},"choices":[{{"index":0,"message":{{"role":"assistant","content":null,"tool_calls":[{{{call}]}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#
             ),
             (Kind::Chat, None) => format!(
-                r#"{{"id":"{id}","object":"chat.completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
+                r#"{{{head},"choices":[{{"index":0,"message":{{"role":"assistant","content":"{}"}},"logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
                 text(self.tokens)
             ),
             (Kind::Completion, _) => format!(
-                r#"{{"id":"{id}","object":"text_completion","created":{CREATED},"model":{model},"choices":[{{"index":0,"text":"{}","logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
+                r#"{{{head},"choices":[{{"index":0,"text":"{}","logprobs":null,"finish_reason":"{finish}"}}],"usage":{usage}}}"#,
                 text(self.tokens)
             ),
         };
         Bytes::from(body)
     }
 
-    /// A stream event with `choice` as its only choice.
-    fn event(&self, choice: &str) -> Bytes {
-        let mut event = String::with_capacity(self.event_prefix.len() + choice.len() + 24);
+    /// A stream event whose only choice is `parts` joined: one allocation, sized exactly.
+    fn event(&self, parts: &[&str]) -> Bytes {
+        let len = self.event_prefix.len() + parts.iter().map(|p| p.len()).sum::<usize>() + self.event_suffix.len();
+        let mut event = String::with_capacity(len);
         event.push_str(&self.event_prefix);
-        event.push_str(choice);
-        event.push(']');
-        if self.include_usage {
-            event.push_str(r#","usage":null"#);
-        }
-        event.push_str("}\n\n");
+        parts.iter().for_each(|part| event.push_str(part));
+        event.push_str(self.event_suffix);
         Bytes::from(event)
     }
 
     /// The first chat event, announcing the assistant's turn; completions have none.
     pub fn role_event(&self) -> Option<Bytes> {
         (self.kind == Kind::Chat).then(|| {
-            self.event(r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}"#)
+            self.event(&[
+                r#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}"#,
+            ])
         })
     }
 
     /// Content event `i` (0-based): one token, or the whole tool call.
     pub fn content_event(&self, i: u32) -> Bytes {
+        const TAIL: &str = r#"","logprobs":null,"finish_reason":null}"#;
         let word = WORDS[i as usize % WORDS.len()];
         match (self.kind, &self.tool_call) {
-            (Kind::Chat, Some(name)) => self.event(&format!(
-                r#"{{"index":0,"delta":{{"tool_calls":[{}]}},"logprobs":null,"finish_reason":null}}"#,
-                tool_call_json(&self.id, name).replacen('{', r#"{"index":0,"#, 1)
-            )),
-            (Kind::Chat, None) => self.event(&format!(
-                r#"{{"index":0,"delta":{{"content":"{word}"}},"logprobs":null,"finish_reason":null}}"#
-            )),
-            (Kind::Completion, _) => {
-                self.event(&format!(r#"{{"index":0,"text":"{word}","logprobs":null,"finish_reason":null}}"#))
+            (Kind::Chat, Some(call)) => self.event(&[
+                r#"{"index":0,"delta":{"tool_calls":[{"index":0,"#,
+                call,
+                r#"]},"logprobs":null,"finish_reason":null}"#,
+            ]),
+            (Kind::Chat, None) => {
+                self.event(&[r#"{"index":0,"delta":{"content":""#, word, r#""},"logprobs":null,"finish_reason":null}"#])
             }
+            (Kind::Completion, _) => self.event(&[r#"{"index":0,"text":""#, word, TAIL]),
         }
     }
 
+    /// The event with an empty delta (chat) or text (completions) and the finish reason.
     pub fn finish_event(&self) -> Bytes {
-        let finish = self.finish_reason;
-        match self.kind {
-            Kind::Chat => {
-                self.event(&format!(r#"{{"index":0,"delta":{{}},"logprobs":null,"finish_reason":"{finish}"}}"#))
-            }
-            Kind::Completion => {
-                self.event(&format!(r#"{{"index":0,"text":"","logprobs":null,"finish_reason":"{finish}"}}"#))
-            }
-        }
+        let head = match self.kind {
+            Kind::Chat => r#"{"index":0,"delta":{},"logprobs":null,"finish_reason":""#,
+            Kind::Completion => r#"{"index":0,"text":"","logprobs":null,"finish_reason":""#,
+        };
+        self.event(&[head, self.finish_reason, "\"}"])
     }
 
     /// The final usage-only event (`choices` empty), sent when the client asked for it.
@@ -220,8 +221,9 @@ impl Plan {
     }
 }
 
-fn tool_call_json(id: &str, name_json: &str) -> String {
-    format!(r#"{{"id":"call_{id}","type":"function","function":{{"name":{name_json},"arguments":"{{}}"}}}}"#)
+/// `value` as a JSON string literal, quotes included.
+fn json_string(value: &str) -> String {
+    serde_json::Value::from(value).to_string()
 }
 
 /// The text of `tokens` tokens.
@@ -269,43 +271,67 @@ pub fn embedding(text: &str, dim: usize) -> Vec<f32> {
     vector
 }
 
-/// The embeddings answer, floats or base64 of little-endian f32s.
+/// The embeddings answer, floats or base64 of little-endian f32s (what the official OpenAI SDKs
+/// ask for by default).
 pub fn embeddings_answer(model: &str, inputs: &[String], dim: usize, base64: bool, prompt_tokens: u64) -> Bytes {
-    let data: Vec<serde_json::Value> = inputs
-        .iter()
-        .enumerate()
-        .map(|(index, text)| {
-            let vector = embedding(text, dim);
-            let embedding = if base64 {
-                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
-                serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                serde_json::json!(vector)
-            };
-            serde_json::json!({ "object": "embedding", "index": index, "embedding": embedding })
-        })
-        .collect();
-    let body = serde_json::json!({
-        "object": "list", "data": data, "model": model,
-        "usage": { "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens }
-    });
-    Bytes::from(body.to_string())
+    let mut body = String::with_capacity(64 + inputs.len() * (48 + dim * 12));
+    body.push_str(r#"{"object":"list","data":["#);
+    for (index, text) in inputs.iter().enumerate() {
+        let vector = embedding(text, dim);
+        if index > 0 {
+            body.push(',');
+        }
+        let _ = write!(body, r#"{{"object":"embedding","index":{index},"embedding":"#);
+        if base64 {
+            let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+            body.push('"');
+            base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut body);
+            body.push('"');
+        } else {
+            body.push('[');
+            for (i, x) in vector.iter().enumerate() {
+                let sep = if i > 0 { "," } else { "" };
+                // Display of a finite f32 is its shortest round-trip decimal, never exponent form.
+                let _ = write!(body, "{sep}{x}");
+            }
+            body.push(']');
+        }
+        body.push('}');
+    }
+    let model = json_string(model);
+    let _ = write!(
+        body,
+        r#"],"model":{model},"usage":{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens}}}}}"#
+    );
+    Bytes::from(body)
 }
 
-/// NIM's error envelope.
-pub fn error_body(status: u16, message: &str) -> Bytes {
-    let kind = match status {
+/// The OpenAI-style error type NIM names for `status`. Injected errors take theirs from here
+/// too; a full queue's 429 is a `RateLimitError`.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
         400 => "BadRequestError",
         401 => "AuthenticationError",
         403 => "PermissionDeniedError",
         404 => "NotFoundError",
+        408 => "RequestTimeoutError",
+        409 => "ConflictError",
+        413 => "RequestEntityTooLargeError",
         422 => "UnprocessableEntityError",
         429 => "RateLimitError",
-        500 => "InternalServerError",
+        502 => "BadGatewayError",
         503 => "ServiceUnavailableError",
-        _ => "APIError",
-    };
-    Bytes::from(serde_json::json!({ "error": { "message": message, "type": kind, "code": status } }).to_string())
+        504 => "GatewayTimeoutError",
+        _ if status >= 500 => "InternalServerError",
+        _ => "APIStatusError",
+    }
+}
+
+/// NIM's error envelope: `{"error":{"message":...,"type":...,"code":<status>}}`.
+pub fn error_body(status: u16, message: &str) -> Bytes {
+    let message = json_string(message);
+    let kind = error_type(status);
+    Bytes::from(format!(r#"{{"error":{{"message":{message},"type":"{kind}","code":{status}}}}}"#))
 }
 
 /// NIM's Prometheus metrics, in the text exposition format.
@@ -390,5 +416,62 @@ mod tests {
         assert_eq!(embedding_inputs(&serde_json::json!(["a", "b"])).unwrap().len(), 2);
         assert_eq!(embedding_inputs(&serde_json::json!([1, 2, 3])).unwrap().len(), 1);
         assert!(embedding_inputs(&serde_json::json!(42)).is_none());
+    }
+
+    #[test]
+    fn metrics_follow_the_text_exposition_format() {
+        let text = metrics("meta/llama \"x\"", 2, 1, 0.5, 10, 20, 3);
+        let mut described = Vec::new();
+        for line in text.lines() {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                described.push(help.split(' ').next().unwrap().to_owned());
+            } else if let Some(kind) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = kind.split_once(' ').unwrap();
+                assert_eq!(described.last().map(String::as_str), Some(name), "HELP then TYPE");
+                assert!(kind == "gauge" || (kind == "counter" && name.ends_with("_total")), "{line}");
+            } else {
+                let (series, value) = line.rsplit_once(' ').unwrap();
+                let name = series.split('{').next().unwrap();
+                assert_eq!(described.last().map(String::as_str), Some(name), "a sample of the family just typed");
+                assert!(series.ends_with(r#"{model_name="meta/llama \"x\""}"#), "{line}");
+                value.parse::<f64>().unwrap();
+            }
+        }
+        let names = ["num_requests_running", "num_requests_waiting", "gpu_cache_usage_perc"];
+        assert!(names.iter().all(|n| described.iter().any(|d| d == n)));
+        assert!(text.contains("gpu_cache_usage_perc{model_name=\"meta/llama \\\"x\\\"\"} 0.5\n"));
+        assert!(text.contains("generation_tokens_total{model_name=\"meta/llama \\\"x\\\"\"} 20\n"));
+    }
+
+    #[test]
+    fn errors_use_nims_envelope_and_escape_their_message() {
+        let body: serde_json::Value =
+            serde_json::from_slice(&error_body(404, "The model `a\"b` does not exist.")).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({ "error": {
+                "message": "The model `a\"b` does not exist.", "type": "NotFoundError", "code": 404
+            }})
+        );
+        assert_eq!(error_type(429), "RateLimitError");
+        assert_eq!(error_type(418), "APIStatusError");
+    }
+
+    #[test]
+    fn float_and_base64_embeddings_carry_the_same_vector() {
+        let inputs = vec!["a".to_owned(), "b".to_owned()];
+        let floats: serde_json::Value = serde_json::from_slice(&embeddings_answer("m", &inputs, 4, false, 3)).unwrap();
+        let b64: serde_json::Value = serde_json::from_slice(&embeddings_answer("m", &inputs, 4, true, 3)).unwrap();
+        assert_eq!(floats["usage"], serde_json::json!({ "prompt_tokens": 3, "total_tokens": 3 }));
+        for i in 0..2 {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64["data"][i]["embedding"].as_str().unwrap())
+                .unwrap();
+            let decoded: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            let parsed: Vec<f32> =
+                floats["data"][i]["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            assert_eq!(decoded, parsed, "the decimal form round-trips exactly");
+            assert_eq!(decoded, embedding(&inputs[i], 4));
+        }
     }
 }

@@ -1,22 +1,26 @@
 //! The sim's HTTP side: accepting connections (plain or TLS, HTTP/1.1 and h2), dropping them all
 //! at once on stop, and dispatching each request to what it answers. Inference requests pass
-//! through failure injection, the GPU queue and the configured latency before their answer.
+//! through authorization, failure injection, the GPU queue and the configured latency before
+//! their answer. Kept apart from `reply` so what is said and when it is said read separately.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::conn::auto;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{InjectedReset, SimBody, Stream};
@@ -24,11 +28,16 @@ use crate::reply::{self, InferRequest, Kind, Plan};
 use crate::state::{RequestGuard, Shared, injects_error};
 use crate::{RecordedRequest, SimTls};
 
+/// The TLS side of a sim serving HTTPS: `SimTls`'s chain and key, ALPN h2 then http/1.1.
+/// Fails with `InvalidInput` when the PEM does not parse or the key does not fit the chain.
 pub fn tls_acceptor(files: &SimTls) -> std::io::Result<TlsAcceptor> {
     let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let certs = CertificateDer::pem_slice_iter(files.cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(format!("bad certificate PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("the certificate PEM holds no certificate".to_owned()));
+    }
     let key =
         PrivateKeyDer::from_pem_slice(files.key_pem.as_bytes()).map_err(|e| invalid(format!("bad key PEM: {e}")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -41,94 +50,131 @@ pub fn tls_acceptor(files: &SimTls) -> std::io::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Accepts until shut down; every connection task ends (abruptly) at the same signal.
+/// Runs hyper's spawned work (h2 streams) as tasks that end when the sim stops, so no request
+/// outlives its sim, whatever the protocol.
+#[derive(Clone)]
+struct StoppableExecutor {
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<F> hyper::rt::Executor<F> for StoppableExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let mut shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = future => {}
+                () = stopped(&mut shutdown) => {}
+            }
+        });
+    }
+}
+
+/// Accepts until shut down, one task per connection. At the shutdown signal it closes the
+/// listener, then aborts every connection task and returns once they are gone.
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let executor = StoppableExecutor { shutdown: shutdown.clone() };
+    let builder = Arc::new(auto::Builder::new(executor));
+    let mut connections = JoinSet::new();
     loop {
-        let (stream, _) = tokio::select! {
+        tokio::select! {
+            biased;
+            () = stopped(&mut shutdown) => break,
+            // Reap finished connections so the set stays as large as the open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
+                Ok((stream, _)) => {
+                    connections.spawn(serve(stream, tls.clone(), Arc::clone(&builder), Arc::clone(&shared)));
                 }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
-            _ = stopped(&mut shutdown) => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let (builder, shared, tls, mut shutdown) =
-            (Arc::clone(&builder), Arc::clone(&shared), tls.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let shared = Arc::clone(&shared);
-                async move { handle(shared, request).await }
-            });
-            let serve = async {
-                match tls {
-                    None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                    }
-                    Some(acceptor) => {
-                        if let Ok(stream) = acceptor.accept(stream).await {
-                            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                () = serve => {}
-                _ = stopped(&mut shutdown) => {}
+        }
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// One connection, from the TLS handshake (when serving HTTPS) to its end.
+async fn serve(
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    builder: Arc<auto::Builder<StoppableExecutor>>,
+    shared: Arc<Shared>,
+) {
+    // Small SSE events must leave at once, not wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| handle(Arc::clone(&shared), request));
+    match tls {
+        None => {
+            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+        }
+        Some(acceptor) => {
+            if let Ok(stream) = acceptor.accept(stream).await {
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
             }
-        });
+        }
     }
 }
 
 /// Completes when the sim is stopped or dropped.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
+/// A response, or `InjectedReset` to make hyper drop the connection without one.
 type Answer = Result<Response<SimBody>, InjectedReset>;
 
+/// What the sim serves at each path.
+enum Endpoint {
+    Models,
+    Infer(Option<Kind>),
+    /// Anything else, with the message saying so.
+    NotFound(String),
+}
+
 async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
-    let kind = match (request.method(), request.uri().path()) {
+    let endpoint = match (request.method(), request.uri().path()) {
         (&Method::GET, "/v1/health/ready") => {
             return Ok(json(StatusCode::OK, r#"{"object":"health.response","message":"Service is ready."}"#));
         }
         (&Method::GET, "/v1/health/live") => {
             return Ok(json(StatusCode::OK, r#"{"object":"health.response","message":"Service is live."}"#));
         }
+        // Open like health: Prometheus and load-aware balancers scrape it without a key.
         (&Method::GET, "/v1/metrics") => return Ok(metrics(&shared)),
-        (&Method::GET, "/v1/models") => {
-            let authorization = request.headers().get(AUTHORIZATION).cloned();
-            record(&shared, request).await;
-            return Ok(match authorized_or(&shared, authorization.as_ref()) {
-                Some(refusal) => refusal,
-                None => json(StatusCode::OK, shared.models_json.clone()),
-            });
-        }
-        (&Method::POST, "/v1/chat/completions") => Some(Kind::Chat),
-        (&Method::POST, "/v1/completions") => Some(Kind::Completion),
-        (&Method::POST, "/v1/embeddings") => None,
-        (_, path) => {
-            let message = format!("no route for {} {path}", request.method());
-            return Ok(error(StatusCode::NOT_FOUND, &message));
-        }
+        (&Method::GET, "/v1/models") => Endpoint::Models,
+        (&Method::POST, "/v1/chat/completions") => Endpoint::Infer(Some(Kind::Chat)),
+        (&Method::POST, "/v1/completions") => Endpoint::Infer(Some(Kind::Completion)),
+        (&Method::POST, "/v1/embeddings") => Endpoint::Infer(None),
+        (method, path) => Endpoint::NotFound(format!("no route for {method} {path}")),
     };
-    let authorization = request.headers().get(AUTHORIZATION).cloned();
-    let Some(body) = record(&shared, request).await else {
+    // The API key guards `/v1/*` (health and metrics answered above); other paths are unknown.
+    let guarded = !matches!(endpoint, Endpoint::NotFound(_)) || request.uri().path().starts_with("/v1/");
+    let authorized = !guarded || authorized(&shared, request.headers().get(AUTHORIZATION));
+    let Some(body) = read(&shared, request).await else {
         return Ok(error(StatusCode::BAD_REQUEST, "could not read the request body"));
     };
-    infer(shared, kind, authorization, body).await
+    if !authorized {
+        return Ok(error(StatusCode::UNAUTHORIZED, "invalid or missing API key"));
+    }
+    match endpoint {
+        Endpoint::Models => Ok(json(StatusCode::OK, shared.models_json.clone())),
+        Endpoint::Infer(kind) => infer(shared, kind, body).await,
+        Endpoint::NotFound(message) => Ok(error(StatusCode::NOT_FOUND, &message)),
+    }
 }
 
 /// Reads the body, keeping the request when recording. `None` if the body could not be read.
-async fn record(shared: &Shared, request: Request<Incoming>) -> Option<Bytes> {
+async fn read(shared: &Shared, request: Request<Incoming>) -> Option<Bytes> {
     let (parts, incoming) = request.into_parts();
     let body = incoming.collect().await.ok()?.to_bytes();
     if shared.options.record_requests {
@@ -138,25 +184,24 @@ async fn record(shared: &Shared, request: Request<Incoming>) -> Option<Bytes> {
     Some(body)
 }
 
-/// `None` when the request may proceed, otherwise the 401 to answer.
-fn authorized_or(shared: &Shared, authorization: Option<&HeaderValue>) -> Option<Response<SimBody>> {
-    let expected = shared.options.api_key.as_deref()?;
+/// Whether the request may proceed: always without an `api_key`, else only with its bearer.
+fn authorized(shared: &Shared, authorization: Option<&HeaderValue>) -> bool {
+    let Some(expected) = shared.options.api_key.as_deref() else {
+        return true;
+    };
     let presented = authorization.and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    (presented != Some(expected)).then(|| error(StatusCode::UNAUTHORIZED, "invalid or missing API key"))
+    presented == Some(expected)
 }
 
-/// A chat completion, completion or embeddings request (`kind` None).
-async fn infer(shared: Arc<Shared>, kind: Option<Kind>, authorization: Option<HeaderValue>, body: Bytes) -> Answer {
+/// A chat completion, completion or embeddings request (`kind` None), already authorized.
+async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
     let counters = &shared.counters;
     counters.requests.fetch_add(1, Ordering::Relaxed);
+    // From here on, being dropped before `complete` or `refuse` means the client left.
     let guard = RequestGuard::new(&shared);
-    if let Some(refusal) = authorized_or(&shared, authorization.as_ref()) {
-        guard.refuse();
-        return Ok(refusal);
-    }
-
     let failures = shared.failures();
     let sequence = counters.sequence.fetch_add(1, Ordering::Relaxed);
+
     if failures.reset_after_chunks == Some(0) {
         counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         guard.refuse();
@@ -165,11 +210,14 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, authorization: Option<He
     if injects_error(sequence, failures.error_rate) {
         counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         guard.refuse();
-        let status = StatusCode::from_u16(failures.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let status = if failures.error_status == 0 { StatusCode::INTERNAL_SERVER_ERROR } else { status };
+        let status = match failures.error_status {
+            0 => StatusCode::INTERNAL_SERVER_ERROR,
+            code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        };
         return Ok(error(status, "injected failure"));
     }
     if failures.hang {
+        counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         // Held until the client leaves; the guard then counts the cancellation.
         std::future::pending::<()>().await;
     }
@@ -189,6 +237,16 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, authorization: Option<He
         guard.refuse();
         return Ok(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist.")));
     }
+    let embedding_inputs = match kind {
+        Some(_) => None,
+        None => match request.input.as_ref().and_then(reply::embedding_inputs) {
+            Some(inputs) => Some(inputs),
+            None => {
+                guard.refuse();
+                return Ok(error(StatusCode::BAD_REQUEST, "`input` must be a string, strings or token arrays"));
+            }
+        },
+    };
     let prompt_tokens = (body.len() as u64 / 4).max(1);
 
     let Ok(slot) = shared.gpu.acquire().await else {
@@ -198,43 +256,45 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, authorization: Option<He
     counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
 
     let Some(kind) = kind else {
-        let Some(inputs) = request.input.as_ref().and_then(reply::embedding_inputs) else {
-            guard.refuse();
-            return Ok(error(StatusCode::BAD_REQUEST, "`input` must be a string, strings or token arrays"));
-        };
+        let inputs = embedding_inputs.unwrap_or_default();
         let base64 = request.encoding_format.as_deref() == Some("base64");
         sleep(shared.options.ttft).await;
+        drop(slot);
         let answer = reply::embeddings_answer(model, &inputs, shared.options.embedding_dim, base64, prompt_tokens);
-        guard.complete();
-        return Ok(json(StatusCode::OK, answer));
+        return Ok(answer_response(answer, guard));
     };
 
     let plan = Plan::new(kind, sequence, model, &request, shared.options.tokens, prompt_tokens);
     if request.stream.unwrap_or(false) {
-        let mut response =
-            Response::new(SimBody::Stream(Box::new(Stream::new(Arc::clone(&shared), plan, guard, slot))));
+        let stream = Stream::new(Arc::clone(&shared), plan, &failures, guard, slot);
+        let mut response = Response::new(SimBody::Stream(Box::new(stream)));
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-        response.headers_mut().insert("cache-control", HeaderValue::from_static("no-cache"));
+        response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(response);
     }
 
     sleep(shared.options.ttft + shared.options.chunk_delay * plan.tokens).await;
     counters.generation_tokens.fetch_add(plan.completion_tokens(), Ordering::Relaxed);
-    let answer = plan.answer();
     drop(slot);
+    let answer = plan.answer();
     if failures.stall_after_chunks.is_some() {
+        counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         return Ok(with_length(SimBody::Stalled { _held: guard }, answer.len()));
     }
     if failures.reset_after_chunks.is_some() {
         counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         guard.refuse();
-        let half = answer.slice(..answer.len() / 2);
-        return Ok(with_length(SimBody::Broken(Some(half)), answer.len()));
+        return Ok(with_length(SimBody::broken(&answer), answer.len()));
     }
-    guard.complete();
-    Ok(json(StatusCode::OK, answer))
+    Ok(answer_response(answer, guard))
 }
 
+/// A 200 JSON inference answer that completes `guard` as it goes out.
+fn answer_response(answer: Bytes, guard: RequestGuard) -> Response<SimBody> {
+    with_length(SimBody::answer(answer.clone(), guard), answer.len())
+}
+
+/// A 200 JSON response whose `Content-Length` is `length`, whatever the body then sends.
 fn with_length(body: SimBody, length: usize) -> Response<SimBody> {
     let mut response = Response::new(body);
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -242,7 +302,8 @@ fn with_length(body: SimBody, length: usize) -> Response<SimBody> {
     response
 }
 
-async fn sleep(duration: std::time::Duration) {
+/// Sleeps, without touching the timer when there is nothing to wait for.
+async fn sleep(duration: Duration) {
     if !duration.is_zero() {
         tokio::time::sleep(duration).await;
     }
@@ -272,6 +333,7 @@ fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<SimBody> {
     response
 }
 
+/// NIM's error envelope with `status`.
 fn error(status: StatusCode, message: &str) -> Response<SimBody> {
     json(status, reply::error_body(status.as_u16(), message))
 }

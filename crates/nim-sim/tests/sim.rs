@@ -66,6 +66,26 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+fn h2c_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// Reads frames until the body ends (`Ok`) or breaks (`Err`), with the text seen so far.
+async fn drain(body: &mut Incoming) -> Result<String, String> {
+    let mut text = String::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("the body moves on") {
+            Some(Ok(frame)) => text.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap_or_default())),
+            Some(Err(_)) => return Err(text),
+            None => return Ok(text),
+        }
+    }
+}
+
+fn sse_payloads(text: &str) -> Vec<&str> {
+    text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect()
+}
+
 #[tokio::test]
 async fn chat_completion_has_openai_shape_and_usage() {
     let sim = Sim::start(SimOptions { tokens: 4, ..SimOptions::default() }).await.unwrap();
@@ -339,4 +359,295 @@ async fn stop_closes_the_port_and_breaks_open_streams() {
     .expect("the stream ends at once");
     assert!(ended, "an error, not a clean end");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn chunks_before_the_usage_chunk_carry_a_null_usage_only_when_it_was_asked_for() {
+    let sim = Sim::start(SimOptions { tokens: 2, ..SimOptions::default() }).await.unwrap();
+    let mut request = chat(true);
+    request["stream_options"] = json!({ "include_usage": true });
+    request["max_completion_tokens"] = json!(1);
+    let response = client().request(post(&sim, "/v1/chat/completions", &request)).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let events = events(response.into_body()).await;
+    assert_eq!(events.len(), 1 + 1 + 1 + 1 + 1, "{events:?}");
+    for event in &events[..3] {
+        let chunk: Value = serde_json::from_str(event).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert_eq!(chunk["usage"], Value::Null);
+        assert!(chunk.as_object().unwrap().contains_key("usage"), "{event}");
+        assert_eq!(chunk["choices"][0]["logprobs"], Value::Null);
+    }
+    let content: Value = serde_json::from_str(&events[1]).unwrap();
+    assert_eq!(content["choices"][0]["delta"]["content"], " The");
+    let finish: Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(finish["choices"][0]["delta"], json!({}));
+    assert_eq!(finish["choices"][0]["finish_reason"], "length", "capped by max_completion_tokens");
+    let usage: Value = serde_json::from_str(&events[3]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 1);
+    assert_eq!(events[4], "[DONE]");
+}
+
+#[tokio::test]
+async fn a_request_with_tools_gets_a_call_of_the_first_tool() {
+    let sim = Sim::start(SimOptions::default()).await.unwrap();
+    let mut request = chat(false);
+    request["tools"] = json!([
+        { "type": "function", "function": { "name": "get_weather", "parameters": {} } },
+        { "type": "function", "function": { "name": "other" } },
+    ]);
+    let (status, body) = send(&sim, "/v1/chat/completions", &request).await;
+    assert_eq!(status, 200);
+    let message = &body["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null);
+    assert_eq!(message["tool_calls"][0]["id"], "call_0");
+    assert_eq!(message["tool_calls"][0]["type"], "function");
+    assert_eq!(message["tool_calls"][0]["function"], json!({ "name": "get_weather", "arguments": "{}" }));
+    assert_eq!(body["choices"][0]["finish_reason"], "tool_calls");
+
+    request["stream"] = json!(true);
+    let response = client().request(post(&sim, "/v1/chat/completions", &request)).await.unwrap();
+    let events = events(response.into_body()).await;
+    assert_eq!(events.len(), 1 + 1 + 1 + 1, "{events:?}");
+    let call: Value = serde_json::from_str(&events[1]).unwrap();
+    let entry = &call["choices"][0]["delta"]["tool_calls"][0];
+    assert_eq!((entry["index"].clone(), entry["function"]["name"].clone()), (json!(0), json!("get_weather")));
+    let finish: Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+
+    request["stream"] = json!(false);
+    request["tool_choice"] = json!("none");
+    let (_, body) = send(&sim, "/v1/chat/completions", &request).await;
+    assert!(body["choices"][0]["message"]["content"].is_string());
+}
+
+#[tokio::test]
+async fn embeddings_take_token_arrays_and_bad_bodies_get_400() {
+    let sim = Sim::start(SimOptions { embedding_dim: 8, ..SimOptions::default() }).await.unwrap();
+    let (status, body) = send(&sim, "/v1/embeddings", &json!({ "model": LLAMA, "input": [[1, 2], [3]] })).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["object"], "list");
+    assert_eq!(body["data"][1]["index"], 1);
+    assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
+    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    let (status, body) = send(&sim, "/v1/embeddings", &json!({ "model": LLAMA })).await;
+    assert_eq!((status.as_u16(), body["error"]["type"].clone()), (400, json!("BadRequestError")));
+    let (status, body) = send(&sim, "/v1/chat/completions", &json!({ "messages": [] })).await;
+    assert_eq!((status.as_u16(), body["error"]["code"].clone()), (400, json!(400)));
+    let bad = Request::post(format!("{}/v1/chat/completions", sim.url())).body(Full::from("{not json")).unwrap();
+    let response = client().request(bad).await.unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(sim.stats().completed, 1);
+}
+
+#[tokio::test]
+async fn the_api_key_guards_v1_but_not_health_or_metrics() {
+    let sim = Sim::start(SimOptions { api_key: Some("k".into()), ..SimOptions::default() }).await.unwrap();
+    let (status, body) = get(&sim, "/v1/models").await;
+    assert_eq!(status, 401);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["type"], "AuthenticationError");
+    assert_eq!(get(&sim, "/v1/nothing").await.0, 401, "the key is checked before the route");
+    assert_eq!(get(&sim, "/v1/health/ready").await.0, 200);
+    assert_eq!(get(&sim, "/v1/metrics").await.0, 200);
+    let wrong = Request::post(format!("{}/v1/chat/completions", sim.url()))
+        .header("authorization", "Bearer nope")
+        .body(Full::new(Bytes::from(chat(false).to_string())))
+        .unwrap();
+    assert_eq!(client().request(wrong).await.unwrap().status(), 401);
+    assert_eq!(sim.stats().requests, 0, "refused before it counts as inference");
+}
+
+#[tokio::test]
+async fn recorded_requests_keep_method_path_headers_and_body() {
+    let sim = Sim::start(SimOptions { record_requests: true, ..SimOptions::default() }).await.unwrap();
+    let body = chat(false).to_string();
+    let request = Request::post(format!("{}/v1/chat/completions?trace=1", sim.url()))
+        .header("x-request-id", "abc")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    assert_eq!(client().request(request).await.unwrap().status(), 200);
+    get(&sim, "/v1/models").await;
+    let seen = sim.recorded();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].method, Method::POST);
+    assert_eq!(seen[0].path, "/v1/chat/completions?trace=1");
+    assert_eq!(seen[0].headers["x-request-id"], "abc");
+    assert_eq!(seen[0].body, body.as_bytes());
+    assert_eq!((seen[1].method.clone(), seen[1].path.as_str()), (Method::GET, "/v1/models"));
+
+    let quiet = Sim::start(SimOptions::default()).await.unwrap();
+    send(&quiet, "/v1/chat/completions", &chat(false)).await;
+    assert!(quiet.recorded().is_empty());
+}
+
+#[tokio::test]
+async fn every_request_fails_at_rate_one_and_status_zero_means_500() {
+    let sim = Sim::start(SimOptions {
+        failures: Failures { error_rate: 1.0, ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] {
+        let (status, body) = send(&sim, path, &json!({ "model": LLAMA, "prompt": "x", "input": "x" })).await;
+        assert_eq!(status, 500);
+        assert_eq!(body["error"]["type"], "InternalServerError");
+        assert_eq!(body["error"]["code"], 500);
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.errors_injected, stats.completed, stats.cancelled), (3, 3, 0, 0));
+}
+
+#[tokio::test]
+async fn non_stream_resets_and_stalls_send_headers_then_break_or_go_silent() {
+    let sim = Sim::start(SimOptions {
+        failures: Failures { reset_after_chunks: Some(1), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(false))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let length: usize = response.headers()["content-length"].to_str().unwrap().parse().unwrap();
+    let seen = drain(&mut response.into_body()).await.expect_err("the body breaks");
+    assert_eq!(seen.len(), length / 2);
+
+    sim.set_failures(Failures { stall_after_chunks: Some(0), ..Failures::default() });
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(false))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    assert!(tokio::time::timeout(Duration::from_millis(150), body.frame()).await.is_err());
+    drop(body);
+    eventually("the stalled answer counts as cancelled", || sim.stats().cancelled == 1).await;
+    assert_eq!(sim.stats().errors_injected, 2);
+}
+
+#[tokio::test]
+async fn a_reset_beyond_the_last_token_still_breaks_before_the_end() {
+    let sim = Sim::start(SimOptions {
+        tokens: 3,
+        failures: Failures { reset_after_chunks: Some(10), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(true))).await.unwrap();
+    let text = drain(&mut response.into_body()).await.expect_err("the stream breaks");
+    assert_eq!(sse_payloads(&text).len(), 1 + 3, "{text}");
+    assert!(!text.contains("finish_reason\":\"stop") && !text.contains("[DONE]"));
+    let stats = sim.stats();
+    assert_eq!((stats.completed, stats.cancelled, stats.errors_injected), (0, 0, 1));
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_stream_cancels_generation_and_frees_the_slot() {
+    for h2 in [false, true] {
+        let sim =
+            Sim::start(SimOptions { tokens: 1000, chunk_delay: Duration::from_millis(5), ..SimOptions::default() })
+                .await
+                .unwrap();
+        let client = if h2 { h2c_client() } else { client() };
+        let response = client.request(post(&sim, "/v1/chat/completions", &chat(true))).await.unwrap();
+        assert_eq!(response.version(), if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+        let mut body = response.into_body();
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(sim.stats().running, 1);
+        drop(body);
+        eventually("the stream is cancelled", || sim.stats().cancelled == 1 && sim.stats().running == 0).await;
+        let produced = sim.stats().chunks_sent;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(sim.stats().chunks_sent, produced, "generation stopped (h2: {h2})");
+        assert_eq!(sim.stats().completed, 0);
+    }
+}
+
+#[tokio::test]
+async fn latency_is_ttft_plus_a_delay_per_token_without_streaming() {
+    let sim = Sim::start(SimOptions {
+        tokens: 4,
+        ttft: Duration::from_millis(60),
+        chunk_delay: Duration::from_millis(10),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let (status, _) = send(&sim, "/v1/chat/completions", &chat(false)).await;
+    assert_eq!(status, 200);
+    assert!(started.elapsed() >= Duration::from_millis(100), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn dropping_the_sim_closes_its_port() {
+    let sim = Sim::start(SimOptions::default()).await.unwrap();
+    let addr = sim.addr();
+    assert_eq!(get(&sim, "/v1/health/live").await.0, 200);
+    drop(sim);
+    let start = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(5), "the port stays open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+mod tls {
+    use super::*;
+    use hyper_rustls::HttpsConnector;
+    use std::sync::Arc;
+
+    fn https_client(ca: &rcgen::Certificate, h2: bool) -> Client<HttpsConnector<HttpConnector>, Full<Bytes>> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only();
+        let connector = if h2 { connector.enable_http2().build() } else { connector.enable_http1().build() };
+        Client::builder(TokioExecutor::new()).http2_only(h2).build(connector)
+    }
+
+    #[tokio::test]
+    async fn https_serves_http1_and_h2_and_stop_ends_open_h2_streams() {
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let tls = nim_sim::SimTls { cert_pem: certified.cert.pem(), key_pem: certified.key_pair.serialize_pem() };
+        let sim = Sim::start(SimOptions {
+            tls: Some(tls),
+            failures: Failures { stall_after_chunks: Some(1), ..Failures::default() },
+            ..SimOptions::default()
+        })
+        .await
+        .unwrap();
+        assert!(sim.url().starts_with("https://localhost:"), "{}", sim.url());
+
+        let health = Request::get(format!("{}/v1/health/ready", sim.url())).body(Full::default()).unwrap();
+        let response = https_client(&certified.cert, false).request(health).await.unwrap();
+        assert_eq!((response.status(), response.version()), (StatusCode::OK, http::Version::HTTP_11));
+
+        let response = https_client(&certified.cert, true).request(post(&sim, "/v1/chat/completions", &chat(true)));
+        let response = response.await.unwrap();
+        assert_eq!((response.status(), response.version()), (StatusCode::OK, http::Version::HTTP_2));
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap(); // role
+        body.frame().await.unwrap().unwrap(); // one token, then the stall
+        let stats = sim.stats();
+        assert_eq!((stats.running, stats.chunks_sent), (1, 1));
+        let addr = sim.addr();
+        sim.stop().await;
+        assert!(drain(&mut body).await.is_err(), "the stream breaks at stop");
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_tls_material_is_refused_at_start() {
+        let tls = nim_sim::SimTls { cert_pem: "nope".into(), key_pem: "nope".into() };
+        let error = Sim::start(SimOptions { tls: Some(tls), ..SimOptions::default() }).await.err().unwrap();
+        assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+    }
 }
