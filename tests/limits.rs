@@ -330,3 +330,29 @@ async fn every_answer_to_a_limited_key_carries_its_limits() {
     let reply = gw.client("unlimited").chat(LLAMA).await;
     assert!(reply.header("x-ratelimit-limit-requests").is_none());
 }
+
+#[tokio::test]
+async fn limiter_state_survives_a_new_snapshot_for_unchanged_keys_only() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let config = |rpm_b: u64| {
+        gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], Some(60), None).key_limited(
+            "team-b",
+            &["*"],
+            Some(rpm_b),
+            None,
+        )
+    };
+    let gw = config(60).start().await;
+    for name in ["team-a", "team-b"] {
+        for _ in 0..3 {
+            assert_eq!(gw.client(name).chat(LLAMA).await.status, 200);
+        }
+    }
+
+    // The same keys, team-b with a new limit: team-a keeps its spent burst, team-b starts afresh.
+    gw.gateway.replace(config(120).snapshot());
+    let a = gw.client("team-a").chat(LLAMA).await;
+    assert_eq!(header_u64(&a, "x-ratelimit-remaining-requests"), 6, "10 - 3 - this one");
+    let b = gw.client("team-b").chat(LLAMA).await;
+    assert_eq!(header_u64(&b, "x-ratelimit-remaining-requests"), 19, "a fresh burst of 20, minus this one");
+}

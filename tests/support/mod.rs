@@ -129,9 +129,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// The validated snapshot of this config (to put in force with `Gateway::replace`).
+    pub fn snapshot(&self) -> nimgate::Snapshot {
+        validate(&self.raw, &EnvSource::Map(self.env.clone())).expect("test config must be valid")
+    }
+
     /// Validates the config and serves it on an ephemeral loopback port.
     pub async fn start(self) -> TestGateway {
-        let snapshot = validate(&self.raw, &EnvSource::Map(self.env)).expect("test config must be valid");
+        let snapshot = self.snapshot();
         let gateway = Gateway::new(snapshot);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");

@@ -106,6 +106,11 @@ impl KeyTable {
         }
     }
 
+    /// The names of the configured keys.
+    pub fn names(&self) -> impl Iterator<Item = &KeyName> {
+        self.by_digest.values().map(|key| &key.name)
+    }
+
     /// Configured keys, not counting the anonymous identity.
     pub fn len(&self) -> usize {
         self.len

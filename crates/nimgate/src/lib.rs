@@ -67,7 +67,12 @@ impl Gateway {
     }
 
     /// Puts a new, validated snapshot in force for every request that starts after this.
+    /// Limiter state of keys still configured is kept (and reset only where a key's limits
+    /// changed); that of removed keys is dropped.
     pub fn replace(&self, snapshot: Snapshot) {
+        let names: std::collections::HashSet<&auth::KeyName> = snapshot.keys.names().collect();
+        self.limiter.retain(&|name| names.contains(name));
+        drop(names);
         self.config.store(Arc::new(snapshot));
     }
 
