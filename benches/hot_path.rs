@@ -49,17 +49,26 @@ fn caller_checks(c: &mut Criterion) {
     let snapshot = validate(&config(), &EnvSource::Map(Default::default())).expect("bench config is valid");
     let gateway = Gateway::new(snapshot);
     let snapshot = gateway.snapshot();
-    let mut headers = HeaderMap::new();
-    headers.insert("authorization", "Bearer sk-team-42".parse().expect("header"));
+    // Requests cycle through the 100 keys, as real traffic does; one key alone would pass its
+    // (bench-sized) 1M requests a second limit and measure refusals instead.
+    let callers: Vec<HeaderMap> = (0..KEYS)
+        .map(|i| {
+            let mut headers = HeaderMap::new();
+            headers.insert("authorization", format!("Bearer sk-team-{i}").parse().expect("header"));
+            headers
+        })
+        .collect();
+    let keys: Vec<_> = callers.iter().map(|h| snapshot.keys.authenticate(h).expect("known key").clone()).collect();
     let model = "org1/model-1";
+    let mut next = (0..KEYS).cycle();
 
     c.bench_function("auth: key by sha256 digest", |b| {
-        b.iter(|| black_box(snapshot.keys.authenticate(black_box(&headers)).is_ok()))
+        b.iter(|| black_box(snapshot.keys.authenticate(black_box(&callers[42])).is_ok()))
     });
-    let key = snapshot.keys.authenticate(&headers).expect("known key");
-    c.bench_function("acl: two globs", |b| b.iter(|| black_box(key.allows(black_box(model)))));
+    c.bench_function("acl: two globs", |b| b.iter(|| black_box(keys[42].allows(black_box(model)))));
     c.bench_function("limits: admit + settle (requests and tokens)", |b| {
         b.iter(|| {
+            let key = &keys[next.next().unwrap_or(0)];
             let admission = now(gateway.limiter().admit(key, black_box(700))).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
                 permit.settle(black_box(300));
@@ -68,7 +77,7 @@ fn caller_checks(c: &mut Criterion) {
     });
     c.bench_function("auth + acl + limits: one request's caller checks", |b| {
         b.iter(|| {
-            let key = snapshot.keys.authenticate(black_box(&headers)).expect("known key");
+            let key = snapshot.keys.authenticate(black_box(&callers[next.next().unwrap_or(0)])).expect("known key");
             assert!(key.allows(black_box(model)));
             let admission = now(gateway.limiter().admit(key, 700)).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
@@ -78,23 +87,78 @@ fn caller_checks(c: &mut Criterion) {
     });
 }
 
-fn request_steps(c: &mut Criterion) {
-    let snapshot = validate(&config(), &EnvSource::Map(Default::default())).expect("bench config is valid");
-    c.bench_function("route: exact of 50", |b| {
-        b.iter(|| black_box(snapshot.routes.find(black_box("org7/model-7")).is_some()))
-    });
-    c.bench_function("route: glob of 50", |b| {
-        b.iter(|| black_box(snapshot.routes.find(black_box("org45/anything")).is_some()))
-    });
-
-    let small = format!(
-        r#"{{"model":"org1/model-1","messages":[{{"role":"user","content":"{}"}}],"stream":true,"max_tokens":256}}"#,
-        "x".repeat(900)
-    );
-    c.bench_function("peek: 1 KB body", |b| {
-        b.iter(|| black_box(nimgate::proxy::body::peek(black_box(small.as_bytes())).is_ok()))
-    });
+/// A config with `routes` routes, one in five a glob, every key allowed everything.
+fn routed(routes: usize) -> nimgate::Snapshot {
+    let mut raw = config();
+    raw.routes.clear();
+    for i in 0..routes {
+        let model = if i % 5 == 0 { format!("org{i}/*") } else { format!("org{i}/model-{i}") };
+        raw.routes.push(RawRoute { model, backends: vec!["nim".into()], ..Default::default() });
+    }
+    validate(&raw, &EnvSource::Map(Default::default())).expect("bench config is valid")
 }
 
-criterion_group!(benches, caller_checks, request_steps);
+fn route_lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("route");
+    for routes in [10, 10_000] {
+        let snapshot = routed(routes);
+        let (exact, glob) = (format!("org{}/model-{}", routes - 1, routes - 1), format!("org{}/anything", routes - 5));
+        group.bench_function(format!("exact of {routes}"), |b| {
+            b.iter(|| black_box(snapshot.routes.find(black_box(&exact))))
+        });
+        group.bench_function(format!("glob of {routes}"), |b| {
+            b.iter(|| black_box(snapshot.routes.find(black_box(&glob))))
+        });
+        group.bench_function(format!("miss of {routes}"), |b| {
+            b.iter(|| black_box(snapshot.routes.find(black_box("mistralai/unrouted-model"))))
+        });
+    }
+    group.finish();
+}
+
+/// A chat body of about `size` bytes, most of it an image part (as vision requests are).
+fn body_of(size: usize) -> String {
+    let image = "QUJD".repeat(size / 4);
+    format!(
+        r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"What is in this image?"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{image}"}}}}]}}],"model":"org1/model-1","stream":true,"max_tokens":256}}"#
+    )
+}
+
+fn model_extraction(c: &mut Criterion) {
+    let mut group = c.benchmark_group("peek");
+    for (label, size) in [("1 KB", 1 << 10), ("100 KB", 100 << 10), ("5 MB", 5 << 20)] {
+        let body = body_of(size);
+        group.throughput(criterion::Throughput::Bytes(body.len() as u64));
+        group.bench_function(label, |b| {
+            b.iter(|| black_box(nimgate::proxy::body::peek(black_box(body.as_bytes())).is_ok()))
+        });
+    }
+    group.finish();
+}
+
+fn usage_scanning(c: &mut Criterion) {
+    use nimgate::streaming::usage::{ContentCounter, UsageEventStripper, UsageScanner};
+    let chunk = bytes::Bytes::from_static(
+        br#"data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1700000000,"model":"meta/llama-3.1-8b-instruct","choices":[{"index":0,"delta":{"content":" fox"},"logprobs":null,"finish_reason":null}],"usage":null}
+
+"#,
+    );
+    let mut group = c.benchmark_group("usage per chunk");
+    group.bench_function("scan", |b| {
+        let mut scanner = UsageScanner::default();
+        b.iter(|| scanner.feed(black_box(&chunk)))
+    });
+    group.bench_function("scan + count + strip", |b| {
+        let (mut scanner, mut counter, mut stripper) =
+            (UsageScanner::default(), ContentCounter::default(), UsageEventStripper::default());
+        b.iter(|| {
+            scanner.feed(&chunk);
+            counter.feed(&chunk);
+            black_box(stripper.process(black_box(chunk.clone())))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, caller_checks, route_lookup, model_extraction, usage_scanning);
 criterion_main!(benches);

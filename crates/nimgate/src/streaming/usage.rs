@@ -5,6 +5,7 @@
 //! tokens of a stream whose server reports none.
 
 use std::ops::Range;
+use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
@@ -29,6 +30,20 @@ impl Usage {
 }
 
 const USAGE_KEY: &[u8] = b"\"usage\"";
+static USAGE_FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
+
+/// Whether `USAGE_KEY` begins inside `tail` (shorter than the key) and goes on into `next`.
+fn key_starts_in(tail: &[u8], next: &[u8]) -> bool {
+    if tail.is_empty() {
+        return false;
+    }
+    let mut window = [0u8; 2 * 8];
+    let take = next.len().min(USAGE_KEY.len());
+    window[..tail.len()].copy_from_slice(tail);
+    window[tail.len()..tail.len() + take].copy_from_slice(&next[..take]);
+    let window = &window[..tail.len() + take];
+    (0..tail.len()).any(|i| window[i..].starts_with(USAGE_KEY))
+}
 /// A usage object longer than this is not a usage object; the carry is dropped.
 const MAX_CARRY: usize = 64 * 1024;
 
@@ -41,8 +56,14 @@ pub struct UsageScanner {
 
 impl UsageScanner {
     pub fn feed(&mut self, bytes: &[u8]) {
-        if self.carry.is_empty() {
+        // The common frame needs no copy: the carry is at most a few bytes that cannot begin a
+        // key, so `bytes` is scanned where it lies. Only a key cut by the frame boundary, or an
+        // object still open from the last frame, joins the carry and the frame.
+        // (A frame shorter than the key is joined too: it may continue a key and end before it
+        // does, and copying a few bytes costs nothing.)
+        if self.carry.len() < USAGE_KEY.len() && bytes.len() >= USAGE_KEY.len() && !key_starts_in(&self.carry, bytes) {
             let keep = self.scan(bytes);
+            self.carry.clear();
             self.carry.extend_from_slice(&bytes[keep..]);
         } else {
             let mut joined = std::mem::take(&mut self.carry);
@@ -65,7 +86,7 @@ impl UsageScanner {
     /// begin one (a split key or an unfinished object) start.
     fn scan(&mut self, buf: &[u8]) -> usize {
         let mut pos = 0;
-        while let Some(found) = memmem::find(&buf[pos..], USAGE_KEY) {
+        while let Some(found) = USAGE_FINDER.find(&buf[pos..]) {
             let at = pos + found;
             let Some(open) = object_after_key(buf, at + USAGE_KEY.len()) else {
                 return at;
@@ -209,38 +230,59 @@ fn is_usage_only(event: &[u8]) -> bool {
 /// servers that report no usage (NIM and vLLM send one token per event).
 #[derive(Debug, Default)]
 pub struct ContentCounter {
-    tail: Vec<u8>,
+    /// The last bytes of the previous frame, where a marker may have begun.
+    tail: [u8; MARKER_MAX],
+    tail_len: usize,
     events: u64,
 }
 
 const CONTENT_MARKERS: [&[u8]; 3] = [b"\"content\":\"", b"\"text\":\"", b"\"arguments\":\""];
+/// The longest marker.
+const MARKER_MAX: usize = 13;
+static CONTENT_FINDERS: LazyLock<[memmem::Finder<'static>; 3]> =
+    LazyLock::new(|| CONTENT_MARKERS.map(memmem::Finder::new));
 
 impl ContentCounter {
     pub fn feed(&mut self, bytes: &[u8]) {
-        let mut joined;
-        let buf = if self.tail.is_empty() {
-            bytes
-        } else {
-            joined = std::mem::take(&mut self.tail);
-            joined.extend_from_slice(bytes);
-            &joined[..]
-        };
-        let longest = CONTENT_MARKERS.iter().map(|m| m.len()).max().unwrap_or(0);
-        // Markers ending within the kept tail are counted next time, never twice.
-        let counted_until = buf.len().saturating_sub(longest);
-        for marker in CONTENT_MARKERS {
-            self.events += memmem::find_iter(buf, marker)
-                .filter(|&i| i < counted_until && buf.get(i + marker.len()).is_some_and(|&b| b != b'"'))
-                .count() as u64;
+        // Markers that begin in the previous frame's tail and end (with the byte after them)
+        // in this one: looked for in a small window, without copying the frame.
+        if self.tail_len > 0 {
+            let mut window = [0u8; 2 * MARKER_MAX + 1];
+            let take = bytes.len().min(MARKER_MAX + 1);
+            window[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
+            window[self.tail_len..self.tail_len + take].copy_from_slice(&bytes[..take]);
+            let window = &window[..self.tail_len + take];
+            for marker in CONTENT_MARKERS {
+                self.events += (0..self.tail_len)
+                    .filter(|&i| i + marker.len() >= self.tail_len && text_follows(window, i, marker))
+                    .count() as u64;
+            }
         }
-        self.tail = buf[counted_until..].to_vec();
+        // Markers within this frame whose following byte is here too.
+        for (finder, marker) in CONTENT_FINDERS.iter().zip(CONTENT_MARKERS) {
+            self.events += finder.find_iter(bytes).filter(|&i| text_follows(bytes, i, marker)).count() as u64;
+        }
+        // The new tail is the stream's last bytes, which may reach back past a short frame.
+        if bytes.len() >= MARKER_MAX {
+            self.tail.copy_from_slice(&bytes[bytes.len() - MARKER_MAX..]);
+            self.tail_len = MARKER_MAX;
+        } else {
+            let kept = self.tail_len.min(MARKER_MAX - bytes.len());
+            self.tail.copy_within(self.tail_len - kept..self.tail_len, 0);
+            self.tail[kept..kept + bytes.len()].copy_from_slice(bytes);
+            self.tail_len = kept + bytes.len();
+        }
     }
 
-    /// Events with text seen so far. The last few bytes of a stream are never counted; in SSE
-    /// they are the `data: [DONE]` line.
+    /// Events with text seen so far.
     pub fn events(&self) -> u64 {
         self.events
     }
+}
+
+/// Whether `marker` is at `at` in `buf` and followed by a character other than `"` (text).
+fn text_follows(buf: &[u8], at: usize, marker: &[u8]) -> bool {
+    buf[at..].starts_with(marker) && buf.get(at + marker.len()).is_some_and(|&b| b != b'"')
 }
 
 #[cfg(test)]
