@@ -1,0 +1,357 @@
+//! `nimgate-bench`: the load harness. Starts nim-sim (release, zero latency), nimgate (release,
+//! a realistic config) and nginx (`proxy_pass` with upstream keepalive) and drives all three
+//! side by side in one run: closed and open loop, streams, and a memory test of 10,000 idle
+//! streams. Writes `RESULTS.md` and `results.json`. Run it through `benches/run`, which builds
+//! the release binaries, installs nginx when missing and pins the harness to its core.
+
+mod load;
+mod procs;
+mod report;
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use load::{HttpClient, Measured, Requests};
+use procs::Proc;
+use report::{Cell, Memory, Report, ScenarioResult};
+
+#[derive(Parser)]
+#[command(name = "nimgate-bench", about = "Load harness: nim-sim direct vs through nimgate vs through nginx")]
+struct Args {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Interleaved repetitions of every run (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Where RESULTS.md and results.json go.
+    #[arg(long, default_value = "benches")]
+    out: PathBuf,
+    /// Idle streams held open for the memory test (0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    idle_streams: usize,
+    /// Run without nginx even if it is installed.
+    #[arg(long)]
+    no_nginx: bool,
+    /// The command line to show in the report.
+    #[arg(long, default_value = "benches/run")]
+    command: String,
+}
+
+const KEYS: usize = 100;
+const FILLER_ROUTES: usize = 47;
+/// Events of a streamed answer of 100 tokens: role, 100 tokens, finish, `[DONE]`.
+const STREAM_EVENTS: usize = 103;
+
+#[derive(Clone, Copy)]
+enum Load {
+    Closed(usize),
+    Open(u64),
+    Streams(usize),
+}
+
+struct Target<'a> {
+    name: &'static str,
+    fast: String,
+    stream: String,
+    proxy: Option<&'a Proc>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nimgate-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nimgate-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let bin = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin_dir = bin.parent().ok_or("no binary directory")?.to_path_buf();
+    let work = std::env::temp_dir().join(format!("nimgate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let ticks = procs::ticks_per_second();
+
+    // nim-sim instances on core 1, beside the load generator.
+    let (fast_addr, stream_addr, idle_addr) = (procs::free_addr(), procs::free_addr(), procs::free_addr());
+    let sim = bin_dir.join("nim-sim");
+    let mut sims = Vec::new();
+    for (name, addr, extra) in [
+        ("sim-fast", fast_addr, vec!["--model", "bench/fast"]),
+        ("sim-stream", stream_addr, vec!["--model", "bench/stream", "--tokens", "100", "--chunk-delay", "1ms"]),
+        ("sim-idle", idle_addr, vec!["--model", "bench/idle", "--stall-after-chunks", "1"]),
+    ] {
+        let mut argv = vec!["--listen".to_owned(), addr.to_string(), "--threads".to_owned(), "1".to_owned()];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        let log = work.join(format!("{name}.log"));
+        let mut proc = Proc::spawn(name, Some(1), &sim, &argv, &[], &log)?;
+        proc.wait_listening(addr, &log)?;
+        sims.push(proc);
+    }
+
+    // nimgate on core 0.
+    let gateway_addr = procs::free_addr();
+    let config = work.join("nimgate.yaml");
+    std::fs::write(&config, nimgate_config(gateway_addr, fast_addr, stream_addr, idle_addr))
+        .map_err(|e| e.to_string())?;
+    let log = work.join("nimgate.log");
+    let mut gateway = Proc::spawn(
+        "nimgate",
+        Some(0),
+        &bin_dir.join("nimgate"),
+        &["--config".to_owned(), config.display().to_string()],
+        &[("NIMGATE_LOG", "warn")],
+        &log,
+    )?;
+    gateway.wait_listening(gateway_addr, &log)?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_kib = gateway.rss_kib();
+
+    // nginx on core 0, one worker.
+    let (nginx_fast, nginx_stream) = (procs::free_addr(), procs::free_addr());
+    let nginx = match (args.no_nginx, procs::nginx_binary()) {
+        (false, Some(nginx)) => {
+            let prefix = work.join("nginx");
+            std::fs::create_dir_all(&prefix).map_err(|e| e.to_string())?;
+            let conf = prefix.join("nginx.conf");
+            std::fs::write(
+                &conf,
+                procs::nginx_config(&prefix, &[(nginx_fast, fast_addr), (nginx_stream, stream_addr)]),
+            )
+            .map_err(|e| e.to_string())?;
+            let argv: Vec<String> =
+                ["-p", &prefix.display().to_string(), "-c", &conf.display().to_string(), "-g", "daemon off;"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            let log = work.join("nginx.log");
+            let mut proc = Proc::spawn("nginx", Some(0), &nginx, &argv, &[], &log)?;
+            proc.wait_listening(nginx_fast, &log)?;
+            Some(proc)
+        }
+        (false, None) => {
+            eprintln!("nimgate-bench: nginx is not installed (benches/run installs it); running without it");
+            None
+        }
+        (true, _) => None,
+    };
+
+    let chat = |addr: SocketAddr| format!("http://{addr}/v1/chat/completions");
+    let mut targets = vec![
+        Target { name: "direct", fast: chat(fast_addr), stream: chat(stream_addr), proxy: None },
+        Target { name: "nimgate", fast: chat(gateway_addr), stream: chat(gateway_addr), proxy: Some(&gateway) },
+    ];
+    if let Some(nginx) = &nginx {
+        targets.push(Target { name: "nginx", fast: chat(nginx_fast), stream: chat(nginx_stream), proxy: Some(nginx) });
+    }
+    let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("Bearer sk-bench-{i}")).collect());
+    let client = load::http1_client();
+    let duration = Duration::from_secs_f64(args.duration);
+
+    eprintln!("warming up");
+    for target in &targets {
+        measure(&client, target, &keys, Load::Closed(64), Duration::from_secs(1), ticks).await;
+        measure(&client, target, &keys, Load::Streams(20), Duration::from_millis(500), ticks).await;
+    }
+
+    let scenarios: [(&str, Load); 7] = [
+        ("closed c=1", Load::Closed(1)),
+        ("closed c=64", Load::Closed(64)),
+        ("closed c=256", Load::Closed(256)),
+        ("open 1000/s", Load::Open(1000)),
+        ("open 5000/s", Load::Open(5000)),
+        ("streams c=100", Load::Streams(100)),
+        ("streams c=1000", Load::Streams(1000)),
+    ];
+    let mut results: Vec<ScenarioResult> = scenarios
+        .iter()
+        .map(|(name, load)| ScenarioResult {
+            name: name.to_string(),
+            streaming: matches!(load, Load::Streams(_)),
+            cells: targets
+                .iter()
+                .map(|t| (t.name.to_owned(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new() }))
+                .collect(),
+        })
+        .collect();
+    for rep in 0..args.reps {
+        for (scenario, (name, load)) in scenarios.iter().enumerate() {
+            for (t, target) in targets.iter().enumerate() {
+                eprintln!("rep {}/{}: {name} -> {}", rep + 1, args.reps, target.name);
+                let (measured, cpu) = measure(&client, target, &keys, *load, duration, ticks).await;
+                let cell = &mut results[scenario].cells[t].1;
+                if let Some(cpu) = cpu {
+                    cell.cpu_per_1k.push(cpu);
+                }
+                cell.runs.push(measured);
+            }
+        }
+    }
+
+    let memory = if args.idle_streams > 0 {
+        eprintln!("memory: {} idle streams through nimgate", args.idle_streams);
+        Some(memory_test(gateway_addr, &keys, args.idle_streams, idle_kib, &gateway).await)
+    } else {
+        None
+    };
+
+    let mut peak_rss_kib = vec![("nimgate".to_owned(), gateway.peak_rss_kib())];
+    if let Some(nginx) = &nginx {
+        peak_rss_kib.push(("nginx (master + worker)".to_owned(), nginx.peak_rss_kib()));
+    }
+    let report = Report {
+        machine: machine(),
+        date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        command: args.command.clone(),
+        duration_s: args.duration,
+        reps: args.reps,
+        scenarios: results,
+        peak_rss_kib,
+        memory,
+    };
+    let markdown = report.markdown();
+    println!("{markdown}");
+    std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
+    write(&args.out.join("RESULTS.md"), &markdown)?;
+    write(&args.out.join("results.json"), &serde_json::to_string_pretty(&report.json()).unwrap_or_default())?;
+    drop(targets);
+    drop(nginx);
+    drop(gateway);
+    drop(sims);
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// One run against one target, with the proxy's CPU seconds per 1,000 answered requests.
+async fn measure(
+    client: &HttpClient,
+    target: &Target<'_>,
+    keys: &Arc<Vec<String>>,
+    load: Load,
+    duration: Duration,
+    ticks: f64,
+) -> (Measured, Option<f64>) {
+    let (url, model, stream) = match load {
+        Load::Streams(_) => (target.stream.clone(), "bench/stream", true),
+        _ => (target.fast.clone(), "bench/fast", false),
+    };
+    let requests = Arc::new(Requests { url, model, stream, keys: Arc::clone(keys) });
+    let cpu_before = target.proxy.map(|p| p.cpu_seconds(ticks));
+    let measured = match load {
+        Load::Closed(c) => load::closed_loop(client, requests, c, duration, 0).await,
+        Load::Open(rate) => load::open_loop(client, requests, rate, duration).await,
+        Load::Streams(c) => load::closed_loop(client, requests, c, duration, STREAM_EVENTS).await,
+    };
+    let cpu = match (target.proxy, cpu_before) {
+        (Some(proxy), Some(before)) if measured.ok > 0 => {
+            Some((proxy.cpu_seconds(ticks) - before) / (measured.ok as f64 / 1000.0))
+        }
+        _ => None,
+    };
+    (measured, cpu)
+}
+
+/// Holds `count` idle streams through the gateway (h2 client connections of 1,000 streams, so
+/// that the gateway's file descriptors go to its upstream connections) and reads its RSS.
+async fn memory_test(gateway: SocketAddr, keys: &Arc<Vec<String>>, count: usize, idle_kib: u64, proc: &Proc) -> Memory {
+    let requests = Arc::new(Requests {
+        url: format!("http://{gateway}/v1/chat/completions"),
+        model: "bench/idle",
+        stream: true,
+        keys: Arc::clone(keys),
+    });
+    let mut open = Vec::new();
+    let mut failed = 0;
+    for start in (0..count).step_by(1000) {
+        let batch = (count - start).min(1000);
+        let (streams, lost) = load::hold_streams(&load::http2_client(), Arc::clone(&requests), batch).await;
+        open.extend(streams);
+        failed += lost;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded_kib = proc.rss_kib();
+    drop(open);
+    Memory { idle_kib, streams: count, failed, loaded_kib }
+}
+
+/// 100 keys with limits (never reached by the harness's load), 50 routes, three sims.
+fn nimgate_config(listen: SocketAddr, fast: SocketAddr, stream: SocketAddr, idle: SocketAddr) -> String {
+    let mut yaml = String::new();
+    let _ = writeln!(
+        yaml,
+        "server:\n  listen: {listen}\n  admin_listen: 127.0.0.1:0\n  drain_timeout: 1s\nbackends:\n  \
+         - {{ name: fast, url: \"http://{fast}\" }}\n  - {{ name: stream, url: \"http://{stream}\" }}\n  \
+         - {{ name: idle, url: \"http://{idle}\" }}\nroutes:\n  - {{ model: bench/fast, backends: [fast] }}\n  \
+         - {{ model: bench/stream, backends: [stream] }}\n  - {{ model: bench/idle, backends: [idle] }}"
+    );
+    for i in 0..FILLER_ROUTES {
+        let model = if i % 5 == 0 { format!("\"org{i}/*\"") } else { format!("org{i}/model-{i}") };
+        let _ = writeln!(yaml, "  - {{ model: {model}, backends: [fast] }}");
+    }
+    yaml.push_str("keys:\n");
+    for i in 0..KEYS {
+        let digest = nimgate::auth::digest_hex(&format!("sk-bench-{i}"));
+        let _ = writeln!(
+            yaml,
+            "  - {{ name: team-{i}, key_sha256: {digest}, models: [\"bench/*\", \"org{i}/*\"], \
+             limits: {{ requests_per_minute: 600000, tokens_per_minute: 6000000000 }} }}"
+        );
+    }
+    yaml
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|l| l.trim_start_matches([' ', '\t', ':']));
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{}, {cores} cores, Linux {}", model.unwrap_or("unknown CPU"), kernel.trim())
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nimgate::config::{EnvSource, load_str, validate};
+
+    #[test]
+    fn the_generated_config_is_valid_and_as_described() {
+        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let yaml = nimgate_config(addr(1), addr(2), addr(3), addr(4));
+        let raw = load_str(&yaml, config::FileFormat::Yaml, &EnvSource::Map(Default::default())).unwrap();
+        let snapshot = validate(&raw, &EnvSource::Map(Default::default())).unwrap();
+        assert_eq!(snapshot.keys.len(), KEYS);
+        assert_eq!(snapshot.routes.len(), 50);
+        assert!(snapshot.routes.find("bench/stream").is_some());
+        assert!(snapshot.routes.find("org5/anything").is_some());
+    }
+}
