@@ -39,13 +39,12 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
     let request_id = forward::request_id(request.headers());
     let snapshot = gateway.snapshot();
     let method = request.method().clone();
-    let uri = request.uri().clone();
+    let path = path_label(request.uri().path());
     let mut record = Record::default();
     let (mut response, error) = match dispatch(&gateway, &snapshot, request, &request_id, &mut record).await {
         Ok(response) => (response, None),
         Err(e) => (e.render(), Some(e)),
     };
-    response.headers_mut().insert(forward::X_REQUEST_ID, request_id.clone());
     // Every answer to a limited key says where its limits stand; a 429 has written its own.
     if !matches!(error, Some(GatewayError::RateLimited { .. })) {
         let quota = match (record.quota, &record.key) {
@@ -57,31 +56,61 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
             quota.write_headers(response.headers_mut());
         }
     }
-
     let status = response.status().as_u16();
-    let request_id = request_id.to_str().unwrap_or("-");
-    let key = record.key.as_ref().map_or("-", |k| k.name.as_str());
-    let model = record.model.as_deref().unwrap_or("-");
-    let backend = record.backend.as_ref().map_or("-", BackendName::as_str);
-    // Logged when the head is ready: for a stream that is its time to first byte, not its
-    // duration (the end-of-stream record arrives with the metrics work, #9).
-    let ttfb_ms = started.elapsed().as_micros() as f64 / 1000.0;
-    let path = uri.path();
-    match &error {
-        Some(e) if e.status().is_server_error() => tracing::warn!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
-            code = e.code(), error = %e, "request failed"
-        ),
-        Some(e) => tracing::info!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
-            code = e.code(), error = %e, "request refused"
-        ),
-        None => tracing::info!(
-            target: "nimgate::access", request_id, %method, path, key, model, backend, status, ttfb_ms,
-            "request"
-        ),
-    }
+    log_access(&record, &request_id, &method, path, status, started, error.as_ref());
+    response.headers_mut().insert(forward::X_REQUEST_ID, request_id);
     response
+}
+
+/// The access-log line. Written when the head is ready: for a stream that is its time to
+/// first byte, not its duration (the end-of-stream record arrives with the metrics work, #9).
+/// Field values are computed inside the macros, so a filtered-out line costs nothing.
+fn log_access(
+    record: &Record,
+    request_id: &HeaderValue,
+    method: &Method,
+    path: &'static str,
+    status: u16,
+    started: Instant,
+    error: Option<&GatewayError>,
+) {
+    macro_rules! access {
+        ($level:ident, $($extra:tt)*) => {
+            tracing::$level!(
+                target: "nimgate::access",
+                request_id = request_id.to_str().unwrap_or("-"),
+                %method,
+                path,
+                key = record.key.as_ref().map_or("-", |k| k.name.as_str()),
+                model = record.model.as_deref().unwrap_or("-"),
+                backend = record.backend.as_ref().map_or("-", BackendName::as_str),
+                status,
+                ttfb_ms = started.elapsed().as_micros() as f64 / 1000.0,
+                $($extra)*
+            )
+        };
+    }
+    match error {
+        Some(e) if e.status().is_server_error() => access!(warn, code = e.code(), error = %e, "request failed"),
+        Some(e) => access!(info, code = e.code(), error = %e, "request refused"),
+        None => access!(info, "request"),
+    }
+}
+
+/// The request path as logged: one of the paths nimgate serves, or `other` (an unknown path
+/// is named in its error). Static, so logging copies nothing.
+fn path_label(path: &str) -> &'static str {
+    match Endpoint::inference(path) {
+        Some(endpoint) => endpoint.path(),
+        None => match path {
+            "/v1/models" => "/v1/models",
+            "/health/live" => "/health/live",
+            "/health/ready" => "/health/ready",
+            "/v1/health/live" => "/v1/health/live",
+            "/v1/health/ready" => "/v1/health/ready",
+            _ => "other",
+        },
+    }
 }
 
 async fn dispatch(
@@ -181,7 +210,7 @@ async fn infer(
 }
 
 fn is_get_path(path: &str) -> bool {
-    matches!(path, "/v1/models" | "/health/live" | "/health/ready" | "/v1/health/live" | "/v1/health/ready")
+    Endpoint::inference(path).is_none() && path_label(path) != "other"
 }
 
 fn method_not_allowed(request: &Request<Incoming>, allow: &'static str) -> GatewayError {

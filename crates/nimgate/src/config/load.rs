@@ -33,8 +33,8 @@ impl EnvSource {
 
 /// Reads `path` and applies the environment overrides.
 pub fn load_file(path: &Path, env: &EnvSource) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
     load_str(&text, format_of(path), env)
 }
 

@@ -36,8 +36,9 @@ impl fmt::Display for Problem {
 /// Why a configuration could not become a `Snapshot`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    #[error("cannot read config file {path}: {cause}")]
+    /// (The I/O error is part of the message, not a `source`, so that it is printed once.)
+    Read { path: String, cause: std::io::Error },
     /// Every problem found, in file order; never empty.
     #[error("{}", display_problems(.0))]
     Invalid(Vec<Problem>),

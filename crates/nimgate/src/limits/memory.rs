@@ -65,18 +65,18 @@ impl RequestLimit {
     }
 
     /// Takes one request cell, or says how long until one is free.
-    fn check(&self) -> Result<Window, Duration> {
+    fn check(&self, now: Instant) -> Result<Window, Duration> {
         match self.gcra.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 if let Ok(mut last) = self.last.lock() {
-                    *last = (Instant::now(), remaining);
+                    *last = (now, remaining);
                 }
                 Ok(self.window(remaining))
             }
             Err(not_until) => {
                 if let Ok(mut last) = self.last.lock() {
-                    *last = (Instant::now(), 0);
+                    *last = (now, 0);
                 }
                 Err(not_until.wait_time_from(self.clock.now()))
             }
@@ -154,7 +154,7 @@ impl MemoryStore {
             quota.tokens = state.token_window(&mut bucket, now);
         }
         if let Some(requests) = &state.requests {
-            match requests.check() {
+            match requests.check(now) {
                 Ok(window) => quota.requests = Some(window),
                 Err(wait) => {
                     if let Some(bucket) = &state.tokens {

@@ -34,14 +34,19 @@ const TOKENS: [HeaderName; 3] = [
 ];
 
 impl Quota {
-    /// Adds the header triple of each limit the key has.
+    /// Adds the header triple of each limit the key has. Runs on every answer to a limited
+    /// key, so the values are formatted without `fmt` and copied once.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
-        for (window, names) in [(self.requests, &REQUESTS), (self.tokens, &TOKENS)] {
+        let windows = [(self.requests, &REQUESTS), (self.tokens, &TOKENS)];
+        headers.reserve(3 * windows.iter().filter(|(w, _)| w.is_some()).count());
+        for (window, names) in windows {
             if let Some(w) = window {
                 let [limit, remaining, reset] = names.clone();
                 headers.insert(limit, HeaderValue::from(w.limit));
                 headers.insert(remaining, HeaderValue::from(w.remaining));
-                if let Ok(value) = HeaderValue::from_str(&openai_duration(w.reset)) {
+                let mut text = [0u8; 32];
+                let len = write_openai_duration(w.reset, &mut text);
+                if let Ok(value) = HeaderValue::from_bytes(&text[..len]) {
                     headers.insert(reset, value);
                 }
             }
@@ -51,17 +56,46 @@ impl Quota {
 
 /// `20ms`, `6s`, `1.5s`, `1m30s`, `2h0m0s`: the notation of OpenAI's reset headers.
 pub fn openai_duration(d: Duration) -> String {
-    let ms = d.as_millis();
+    let mut text = [0u8; 32];
+    let len = write_openai_duration(d, &mut text);
+    String::from_utf8_lossy(&text[..len]).into_owned()
+}
+
+/// Writes `openai_duration(d)` into `out`, returning its length (at most 31 bytes).
+fn write_openai_duration(d: Duration, out: &mut [u8; 32]) -> usize {
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        out[len..len + bytes.len()].copy_from_slice(bytes);
+        len += bytes.len();
+    };
+    let mut number = itoa::Buffer::new();
+    let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
     if ms < 1000 {
-        return format!("{ms}ms");
+        push(number.format(ms).as_bytes());
+        push(b"ms");
+        return len;
     }
-    let secs = d.as_secs();
+    let secs = d.as_secs().min(999_999_999_999);
     if secs < 60 {
+        push(number.format(secs).as_bytes());
         let tenths = (ms % 1000) / 100;
-        return if tenths == 0 { format!("{secs}s") } else { format!("{secs}.{tenths}s") };
+        if tenths != 0 {
+            push(b".");
+            push(number.format(tenths).as_bytes());
+        }
+        push(b"s");
+        return len;
     }
     let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    if h > 0 { format!("{h}h{m}m{s}s") } else { format!("{m}m{s}s") }
+    if h > 0 {
+        push(number.format(h).as_bytes());
+        push(b"h");
+    }
+    push(number.format(m).as_bytes());
+    push(b"m");
+    push(number.format(s).as_bytes());
+    push(b"s");
+    len
 }
 
 /// `Retry-After`: whole seconds until admission, rounded up, at least 1.
@@ -81,6 +115,7 @@ mod tests {
         assert_eq!(openai_duration(Duration::from_millis(1500)), "1.5s");
         assert_eq!(openai_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(openai_duration(Duration::from_secs(7200)), "2h0m0s");
+        assert_eq!(openai_duration(Duration::from_secs(u64::MAX)), "277777777h46m39s");
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue};
+// Hop-by-hop headers describe one connection, not the message (RFC 9110 §7.6.1), plus the
+// legacy `keep-alive`/`proxy-connection`; they never cross the proxy in either direction.
+use http::header::{
+    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -20,19 +25,6 @@ use crate::pool::{Backend, BackendName, Pool};
 use crate::proxy::body::StreamOptions;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy
-/// `keep-alive`/`proxy-connection`. They never cross the proxy in either direction.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-];
 
 /// The longest client-chosen request id nimgate keeps; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -58,9 +50,11 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// client's `Connection` names), `Host`, `Authorization`, `Content-Length` and `Expect`,
 /// with the request id added. The backend credential is added per attempt by `send`.
 pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
+    let listed = connection_listed(client);
     let mut headers = HeaderMap::with_capacity(client.len() + 3);
     for (name, value) in client {
-        if !is_dropped_request_header(name) && !named_by_connection(client, name) {
+        let dropped = is_dropped_request_header(name) || listed.as_ref().is_some_and(|l| l.contains(name));
+        if !dropped {
             headers.append(name.clone(), value.clone());
         }
     }
@@ -73,34 +67,48 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name.as_str() == "upgrade" || HOP_BY_HOP.contains(&name.as_str())
+    // Standard names compare as enum values; only the two non-standard ones compare text.
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == TE
+        || name == TRAILER
+        || name == UPGRADE
+        || name == PROXY_AUTHORIZATION
+        || name == PROXY_AUTHENTICATE
+        || HOP_BY_HOP_EXTRA.contains(&name.as_str())
 }
 
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+/// Legacy hop-by-hop headers without a standard `HeaderName`.
+const HOP_BY_HOP_EXTRA: [&str; 2] = ["keep-alive", "proxy-connection"];
+
+/// The headers a `Connection` header names besides its own options; `None` (no allocation)
+/// in the usual case of no `Connection` header, or only `keep-alive`/`close`.
+fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut listed = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',').map(str::trim) {
+            if !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close") && !token.is_empty() {
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    listed.push(name);
+                }
+            }
+        }
+    }
+    (!listed.is_empty()).then_some(listed)
 }
 
-/// Removes hop-by-hop headers from an upstream response before it goes to the client.
+/// Removes hop-by-hop headers from an upstream response before it goes to the client. Most
+/// responses carry none, so it looks before it removes (each removal hashes a name).
 pub fn strip_response_headers(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+    let listed = connection_listed(headers);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name) || listed.as_ref().is_some_and(|l| l.contains(name)))
+        .cloned()
         .collect();
-    for name in named {
+    for name in doomed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
-    }
-    headers.remove("upgrade");
 }
 
 /// One change to a request body: the bytes at `span` replaced (an empty span inserts).
@@ -219,9 +227,13 @@ pub async fn send(
     body: &UpstreamBody,
 ) -> Result<Answer, UpstreamError> {
     let mut last_error = None;
-    for backend in pool.candidates() {
+    let mut candidates = pool.candidates().peekable();
+    let mut headers = Some(headers);
+    while let Some(backend) = candidates.next() {
         let (bytes, usage_requested) = body.for_backend(backend);
-        let request = build(backend, endpoint, headers.clone(), bytes);
+        // Only a request that may be tried again needs its headers copied.
+        let headers = if candidates.peek().is_some() { headers.clone() } else { headers.take() };
+        let request = build(backend, endpoint, headers.unwrap_or_default(), bytes);
         match send_one(backend, request).await {
             Ok(response) => return Ok(Answer { backend: Arc::clone(backend), response, usage_requested }),
             Err(e) if e.retry_safe() => {
