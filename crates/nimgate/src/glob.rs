@@ -5,6 +5,14 @@
 
 use globset::{GlobBuilder, GlobMatcher};
 
+/// How a glob is matched. `org/*`, a literal and one trailing star, is most of what ACLs and
+/// routes hold, and a prefix comparison answers it without the regex engine.
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Prefix,
+    Glob(GlobMatcher),
+}
+
 /// A compiled model pattern.
 #[derive(Debug, Clone)]
 pub enum ModelPattern {
@@ -13,7 +21,7 @@ pub enum ModelPattern {
     Any,
     Glob {
         text: String,
-        matcher: GlobMatcher,
+        matcher: Matcher,
         /// Length in bytes of the literal text before the first glob metacharacter.
         literal_prefix: usize,
     },
@@ -41,19 +49,28 @@ impl ModelPattern {
         let Some(literal_prefix) = text.find(is_meta) else {
             return Ok(Self::Exact(text.to_owned()));
         };
-        let glob = GlobBuilder::new(&collapse_stars(text))
-            .literal_separator(false)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| format!("invalid glob `{text}`: {}", e.kind()))?;
-        Ok(Self::Glob { text: text.to_owned(), matcher: glob.compile_matcher(), literal_prefix })
+        let collapsed = collapse_stars(text);
+        let matcher = if collapsed.len() == literal_prefix + 1 && collapsed.ends_with('*') {
+            Matcher::Prefix
+        } else {
+            let glob = GlobBuilder::new(&collapsed)
+                .literal_separator(false)
+                .backslash_escape(true)
+                .build()
+                .map_err(|e| format!("invalid glob `{text}`: {}", e.kind()))?;
+            Matcher::Glob(glob.compile_matcher())
+        };
+        Ok(Self::Glob { text: text.to_owned(), matcher, literal_prefix })
     }
 
     pub fn matches(&self, model: &str) -> bool {
         match self {
             Self::Exact(name) => name == model,
             Self::Any => true,
-            Self::Glob { matcher, .. } => matcher.is_match(model),
+            Self::Glob { matcher: Matcher::Prefix, text, literal_prefix } => {
+                model.starts_with(&text[..*literal_prefix])
+            }
+            Self::Glob { matcher: Matcher::Glob(matcher), .. } => matcher.is_match(model),
         }
     }
 
@@ -107,6 +124,16 @@ mod tests {
         assert!(glob("nvidia/*").matches("nvidia/a/b"));
         assert!(!glob("nvidia/*").matches("meta/llama"));
         assert!(glob("meta/llama-3.?-*").matches("meta/llama-3.1-8b"));
+    }
+
+    #[test]
+    fn a_literal_and_one_trailing_star_is_a_prefix_test() {
+        assert!(matches!(glob("nvidia/*"), ModelPattern::Glob { matcher: Matcher::Prefix, .. }));
+        assert!(matches!(glob("nvidia/**"), ModelPattern::Glob { matcher: Matcher::Prefix, .. }));
+        assert!(matches!(glob("nvidia/*-8b"), ModelPattern::Glob { matcher: Matcher::Glob(_), .. }));
+        assert!(matches!(glob(r"a\*"), ModelPattern::Glob { matcher: Matcher::Glob(_), .. }), "escapes go to globset");
+        assert!(glob("nvidia/*").matches("nvidia/"));
+        assert!(!glob("nvidia/*").matches("nvidia"));
     }
 
     #[test]
