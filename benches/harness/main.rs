@@ -38,6 +38,13 @@ struct Args {
     /// Run without nginx even if it is installed.
     #[arg(long)]
     no_nginx: bool,
+    /// Also run `hyper-floor` (a bare hyper proxy on nimgate's HTTP stack) as a target, to
+    /// separate nimgate's own cost from its HTTP stack's.
+    #[arg(long)]
+    floor: bool,
+    /// Run only the scenarios whose name contains this (e.g. `closed`, `streams`, `none`).
+    #[arg(long)]
+    only: Option<String>,
     /// The command line to show in the report.
     #[arg(long, default_value = "benches/run")]
     command: String,
@@ -151,6 +158,18 @@ async fn run(args: Args) -> Result<(), String> {
         (true, _) => None,
     };
 
+    // hyper-floor on core 0, when asked for.
+    let (floor_fast, floor_stream) = (procs::free_addr(), procs::free_addr());
+    let floor = if args.floor {
+        let argv = vec![format!("{floor_fast}={fast_addr}"), format!("{floor_stream}={stream_addr}")];
+        let log = work.join("hyper-floor.log");
+        let mut proc = Proc::spawn("hyper-floor", Some(0), &bin_dir.join("hyper-floor"), &argv, &[], &log)?;
+        proc.wait_listening(floor_fast, &log)?;
+        Some(proc)
+    } else {
+        None
+    };
+
     let chat = |addr: SocketAddr| format!("http://{addr}/v1/chat/completions");
     let mut targets = vec![
         Target { name: "direct", fast: chat(fast_addr), stream: chat(stream_addr), proxy: None },
@@ -158,6 +177,14 @@ async fn run(args: Args) -> Result<(), String> {
     ];
     if let Some(nginx) = &nginx {
         targets.push(Target { name: "nginx", fast: chat(nginx_fast), stream: chat(nginx_stream), proxy: Some(nginx) });
+    }
+    if let Some(floor) = &floor {
+        targets.push(Target {
+            name: "hyper floor",
+            fast: chat(floor_fast),
+            stream: chat(floor_stream),
+            proxy: Some(floor),
+        });
     }
     let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("Bearer sk-bench-{i}")).collect());
     let client = load::http1_client();
@@ -178,6 +205,10 @@ async fn run(args: Args) -> Result<(), String> {
         ("streams c=100", Load::Streams(100)),
         ("streams c=1000", Load::Streams(1000)),
     ];
+    let scenarios: Vec<(&str, Load)> = scenarios
+        .into_iter()
+        .filter(|(name, _)| args.only.as_ref().is_none_or(|only| name.contains(only.as_str())))
+        .collect();
     let mut results: Vec<ScenarioResult> = scenarios
         .iter()
         .map(|(name, load)| ScenarioResult {
@@ -185,7 +216,9 @@ async fn run(args: Args) -> Result<(), String> {
             streaming: matches!(load, Load::Streams(_)),
             cells: targets
                 .iter()
-                .map(|t| (t.name.to_owned(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new() }))
+                .map(|t| {
+                    (t.name.to_owned(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new(), cpu_user_share: Vec::new() })
+                })
                 .collect(),
         })
         .collect();
@@ -195,8 +228,9 @@ async fn run(args: Args) -> Result<(), String> {
                 eprintln!("rep {}/{}: {name} -> {}", rep + 1, args.reps, target.name);
                 let (measured, cpu) = measure(&client, target, &keys, *load, duration, ticks).await;
                 let cell = &mut results[scenario].cells[t].1;
-                if let Some(cpu) = cpu {
-                    cell.cpu_per_1k.push(cpu);
+                if let Some((per_1k, user_share)) = cpu {
+                    cell.cpu_per_1k.push(per_1k);
+                    cell.cpu_user_share.push(user_share);
                 }
                 cell.runs.push(measured);
             }
@@ -231,13 +265,15 @@ async fn run(args: Args) -> Result<(), String> {
     write(&args.out.join("results.json"), &serde_json::to_string_pretty(&report.json()).unwrap_or_default())?;
     drop(targets);
     drop(nginx);
+    drop(floor);
     drop(gateway);
     drop(sims);
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }
 
-/// One run against one target, with the proxy's CPU seconds per 1,000 answered requests.
+/// One run against one target, with the proxy's CPU seconds per 1,000 answered requests and
+/// the share of them spent in user space (the rest is the kernel's: sockets, wakeups).
 async fn measure(
     client: &HttpClient,
     target: &Target<'_>,
@@ -245,7 +281,7 @@ async fn measure(
     load: Load,
     duration: Duration,
     ticks: f64,
-) -> (Measured, Option<f64>) {
+) -> (Measured, Option<(f64, f64)>) {
     let (url, model, stream) = match load {
         Load::Streams(_) => (target.stream.clone(), "bench/stream", true),
         _ => (target.fast.clone(), "bench/fast", false),
@@ -258,8 +294,12 @@ async fn measure(
         Load::Streams(c) => load::closed_loop(client, requests, c, duration, STREAM_EVENTS).await,
     };
     let cpu = match (target.proxy, cpu_before) {
-        (Some(proxy), Some(before)) if measured.ok > 0 => {
-            Some((proxy.cpu_seconds(ticks) - before) / (measured.ok as f64 / 1000.0))
+        (Some(proxy), Some((user_before, system_before))) if measured.ok > 0 => {
+            let (user, system) = proxy.cpu_seconds(ticks);
+            let (user, system) = (user - user_before, system - system_before);
+            let total = user + system;
+            let user_share = if total > 0.0 { user / total } else { 0.0 };
+            Some((total / (measured.ok as f64 / 1000.0), user_share))
         }
         _ => None,
     };

@@ -47,9 +47,11 @@ impl Proc {
         self.child.id()
     }
 
-    /// CPU seconds (user + system) used so far by the process and its descendants.
-    pub fn cpu_seconds(&self, ticks_per_second: f64) -> f64 {
-        tree(self.pid()).iter().map(|&pid| cpu_ticks(pid)).sum::<u64>() as f64 / ticks_per_second
+    /// CPU seconds used so far by the process and its descendants, as (user, system).
+    pub fn cpu_seconds(&self, ticks_per_second: f64) -> (f64, f64) {
+        let (user, system) =
+            tree(self.pid()).iter().map(|&pid| cpu_ticks(pid)).fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps));
+        (user as f64 / ticks_per_second, system as f64 / ticks_per_second)
     }
 
     /// Resident memory now, KiB, summed over the process tree.
@@ -81,13 +83,25 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        // Descendants first (nginx workers), then the process itself.
-        for pid in tree(self.pid()).into_iter().rev() {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).status();
+        // SIGTERM first, so that a process can finish cleanly (and tools wrapped around it,
+        // such as a profiler, can write their output); SIGKILL whatever is left after 5 s.
+        let pids = tree(self.pid());
+        signal("-TERM", self.pid());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !matches!(self.child.try_wait(), Ok(Some(_))) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in pids.into_iter().rev() {
+            signal("-KILL", pid);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends a signal with kill(1); a process that already exited is not an error worth printing.
+fn signal(which: &str, pid: u32) {
+    let _ = Command::new("kill").arg(which).arg(pid.to_string()).stderr(std::process::Stdio::null()).status();
 }
 
 /// `pid` and all its descendants, parents first.
@@ -118,11 +132,11 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
     Some(after.split_whitespace().map(str::to_owned).collect())
 }
 
-fn cpu_ticks(pid: u32) -> u64 {
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command name.
-    stat_fields(pid).map_or(0, |f| {
+/// (utime, stime): fields 14 and 15 of stat, 12 and 13 after the command name.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    stat_fields(pid).map_or((0, 0), |f| {
         let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        field(11) + field(12)
+        (field(11), field(12))
     })
 }
 
@@ -160,7 +174,7 @@ pub fn nginx_config(prefix: &Path, pairs: &[(SocketAddr, SocketAddr)]) -> String
             r#"
     upstream backend{i} {{
         server {upstream};
-        keepalive 512;
+        keepalive 4096;
     }}
     server {{
         listen {listen} backlog=4096;

@@ -13,6 +13,8 @@ pub struct Cell {
     pub runs: Vec<Measured>,
     /// CPU seconds of the proxy per 1,000 answered requests, per repetition (None: no proxy).
     pub cpu_per_1k: Vec<f64>,
+    /// Share of that CPU time spent in user space, per repetition.
+    pub cpu_user_share: Vec<f64>,
 }
 
 /// Medians of a cell's figures.
@@ -29,6 +31,7 @@ pub struct Figures {
     pub errors: u64,
     pub complete_share: f64,
     pub cpu_per_1k: Option<f64>,
+    pub cpu_user_share: Option<f64>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -54,6 +57,7 @@ impl Cell {
             errors: self.runs.iter().map(|m| m.errors).sum(),
             complete_share: q(&|m| if m.ok == 0 { 0.0 } else { m.complete_streams as f64 / m.ok as f64 }),
             cpu_per_1k: (!self.cpu_per_1k.is_empty()).then(|| median(self.cpu_per_1k.clone())),
+            cpu_user_share: (!self.cpu_user_share.is_empty()).then(|| median(self.cpu_user_share.clone())),
         }
     }
 }
@@ -197,6 +201,11 @@ impl Report {
         for c in self.checks() {
             let _ = writeln!(out, "| {} | {} | {} |", c.what, c.detail, if c.holds { "yes" } else { "**no**" });
         }
+        let _ = writeln!(
+            out,
+            "\nWhere the missed targets go, with profiles: [ANALYSIS.md](ANALYSIS.md). Figures move by up to \
+             30 % between runs on this machine class; compare within one run, never across runs."
+        );
         for scenario in &self.scenarios {
             let direct = scenario.cells.iter().find(|(t, _)| t == "direct").map(|(_, c)| c.figures());
             let _ = writeln!(out, "\n## {}\n", scenario.name);
@@ -213,7 +222,10 @@ impl Report {
             }
             for (target, cell) in &scenario.cells {
                 let f = cell.figures();
-                let cpu = f.cpu_per_1k.map_or("-".into(), |c| format!("{c:.4}"));
+                let cpu = match (f.cpu_per_1k, f.cpu_user_share) {
+                    (Some(c), Some(u)) => format!("{c:.4} ({:.0} % user)", 100.0 * u),
+                    _ => "-".into(),
+                };
                 if scenario.streaming {
                     let added = direct.map_or("-".into(), |d| signed_us(f.ttfb_p50 - d.ttfb_p50));
                     let _ = writeln!(
@@ -275,7 +287,7 @@ impl Report {
                             "target": target, "throughput": f.throughput, "p50_us": f.p50, "p99_us": f.p99,
                             "p999_us": f.p999, "ttfb_p50_us": f.ttfb_p50, "ttfb_p99_us": f.ttfb_p99,
                             "gap_p50_us": f.gap_p50, "gap_p99_us": f.gap_p99, "errors": f.errors,
-                            "complete_share": f.complete_share, "cpu_s_per_1k": f.cpu_per_1k,
+                            "complete_share": f.complete_share, "cpu_s_per_1k": f.cpu_per_1k, "cpu_user_share": f.cpu_user_share,
                         })
                     })
                     .collect();
