@@ -157,7 +157,7 @@ async fn a_backend_too_slow_to_answer_gets_504_after_its_first_byte_timeout() {
 }
 
 #[tokio::test]
-async fn a_stream_cut_mid_way_is_not_a_clean_end() {
+async fn a_stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
     let sim = sim(SimOptions {
         models: vec![LLAMA.into()],
         tokens: 10,
@@ -173,15 +173,19 @@ async fn a_stream_cut_mid_way_is_not_a_clean_end() {
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     let mut text = String::new();
-    let broken = loop {
+    loop {
         match tokio::time::timeout(Duration::from_secs(5), http_body_util::BodyExt::frame(&mut body)).await.unwrap() {
             Some(Ok(frame)) => text.push_str(&String::from_utf8_lossy(&frame.into_data().unwrap_or_default())),
-            Some(Err(_)) => break true,
-            None => break false,
+            Some(Err(e)) => panic!("the error travels as an event, not as a broken connection: {e}"),
+            None => break,
         }
-    };
-    assert!(broken, "the client must see the stream break, not a clean end: {text}");
-    assert!(!text.contains("[DONE]"));
+    }
+    assert!(!text.contains("[DONE]"), "a broken stream must not look complete: {text}");
+    let events = sse_data(&text);
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["type"], "server_error", "{text}");
+    assert_eq!(last["error"]["code"], "upstream_unavailable");
+    assert!(events[..events.len() - 1].iter().all(|e| e.contains("chat.completion.chunk")), "{text}");
 }
 
 #[tokio::test(start_paused = true)]

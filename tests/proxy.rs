@@ -315,18 +315,6 @@ async fn completions_and_embeddings_are_routed_by_model() {
 }
 
 #[tokio::test]
-async fn round_robin_spreads_requests_over_the_pool() {
-    let a = sim_serving(&[LLAMA]).await;
-    let b = sim_serving(&[LLAMA]).await;
-    let gw = gateway().sim_route(LLAMA, &[&a, &b]).key("team-a", &["*"]).start().await;
-    let client = gw.client("team-a");
-    for _ in 0..6 {
-        assert_eq!(client.chat(LLAMA).await.status, 200);
-    }
-    assert_eq!((a.stats().requests, b.stats().requests), (3, 3));
-}
-
-#[tokio::test]
 async fn an_unreachable_backend_is_skipped_for_the_next_in_the_pool_then_the_fallback() {
     let live = sim_serving(&[LLAMA]).await;
     let dead = closed_port_url().await;

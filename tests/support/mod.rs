@@ -16,6 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nim_sim::Sim;
 use nimgate::Gateway;
+use nimgate::admin::AdminHandle;
 use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawLimits, RawRoute};
 use nimgate::config::{EnvSource, validate};
 use nimgate::server::ServerHandle;
@@ -140,14 +141,24 @@ impl GatewayBuilder {
         let gateway = Gateway::new(snapshot);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
-        TestGateway { url: format!("http://{}", handle.addr()), handle, gateway }
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin = AdminHandle::spawn(Arc::clone(&gateway), admin_listener).expect("spawn admin");
+        TestGateway {
+            url: format!("http://{}", handle.addr()),
+            admin_url: format!("http://{}", admin.addr()),
+            handle,
+            admin,
+            gateway,
+        }
     }
 }
 
 /// A gateway serving on loopback.
 pub struct TestGateway {
     pub url: String,
+    pub admin_url: String,
     pub handle: ServerHandle,
+    pub admin: AdminHandle,
     pub gateway: Arc<Gateway>,
 }
 
@@ -155,6 +166,21 @@ impl TestGateway {
     /// A client presenting the key `name`.
     pub fn client(&self, name: &str) -> TestClient {
         TestClient::new(&self.url, Some(format!("Bearer {}", secret(name))))
+    }
+
+    /// A client of the admin listener.
+    pub fn admin_client(&self) -> TestClient {
+        TestClient::new(&self.admin_url, None)
+    }
+
+    /// `GET /admin/backends`, as JSON, the entry of backend `name`.
+    pub async fn admin_backend(&self, name: &str) -> Value {
+        let reply = self.admin_client().get("/admin/backends").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.json()["backends"]
+            .as_array()
+            .and_then(|all| all.iter().find(|b| b["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("no backend {name} in {}", reply.text()))
     }
 
     /// A client sending no `Authorization` at all.

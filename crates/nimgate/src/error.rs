@@ -41,6 +41,10 @@ pub enum GatewayError {
     UpstreamUnavailable { backend: BackendName, cause: String },
     #[error("backend `{backend}` did not answer within {}", humantime::format_duration(*.after))]
     UpstreamTimeout { backend: BackendName, after: Duration },
+    /// Every backend of the route and its fallback is out (ejected, failing its health
+    /// check) or full, and the wait for room ended.
+    #[error("no backend can take this request: {0}")]
+    NoHealthyBackend(String),
 }
 
 impl GatewayError {
@@ -62,6 +66,7 @@ impl GatewayError {
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
             Self::UpstreamUnavailable { .. } => (StatusCode::BAD_GATEWAY, "server_error", "upstream_unavailable"),
             Self::UpstreamTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "server_error", "upstream_timeout"),
+            Self::NoHealthyBackend(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "no_healthy_backend"),
         }
     }
 
@@ -90,6 +95,10 @@ impl GatewayError {
             Self::RateLimited { retry_after, quota, .. } => {
                 response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(*retry_after)));
                 quota.write_headers(response.headers_mut());
+            }
+            // SDKs retry a 503 after Retry-After: capacity frees in about a second.
+            Self::NoHealthyBackend(_) => {
+                response.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }
@@ -127,6 +136,7 @@ mod tests {
                 "server_error",
                 "upstream_timeout",
             ),
+            (GatewayError::NoHealthyBackend("all out".into()), 503, "server_error", "no_healthy_backend"),
         ];
         for (error, status, kind, code) in cases {
             let message = error.to_string();

@@ -5,7 +5,7 @@
 //! log line.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
@@ -20,7 +20,7 @@ use crate::error::GatewayError;
 use crate::limits::Quota;
 use crate::pool::BackendName;
 use crate::proxy::{body, forward};
-use crate::streaming::{Meter, ResponseBody};
+use crate::streaming::{Forwarding, Meter, ResponseBody};
 
 /// What the access log (and the rate-limit headers) say about a request, filled in as the
 /// request goes.
@@ -31,6 +31,8 @@ struct Record {
     backend: Option<BackendName>,
     /// The key's quota after admission.
     quota: Option<Quota>,
+    /// Backends tried.
+    attempts: u32,
 }
 
 /// Serves one request on the snapshot in force when it arrived.
@@ -41,7 +43,7 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
     let method = request.method().clone();
     let path = path_label(request.uri().path());
     let mut record = Record::default();
-    let (mut response, error) = match dispatch(&gateway, &snapshot, request, &request_id, &mut record).await {
+    let (mut response, error) = match dispatch(&gateway, &snapshot, request, &request_id, started, &mut record).await {
         Ok(response) => (response, None),
         Err(e) => (e.render(), Some(e)),
     };
@@ -84,6 +86,7 @@ fn log_access(
                 key = record.key.as_ref().map_or("-", |k| k.name.as_str()),
                 model = record.model.as_deref().unwrap_or("-"),
                 backend = record.backend.as_ref().map_or("-", BackendName::as_str),
+                attempts = record.attempts,
                 status,
                 ttfb_ms = started.elapsed().as_micros() as f64 / 1000.0,
                 $($extra)*
@@ -118,6 +121,7 @@ async fn dispatch(
     snapshot: &Arc<Snapshot>,
     request: Request<Incoming>,
     request_id: &HeaderValue,
+    started: Instant,
     record: &mut Record,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let path = request.uri().path();
@@ -134,7 +138,7 @@ async fn dispatch(
             Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, key, request_id).await))
         }
         (&Method::POST, _) => match Endpoint::inference(path) {
-            Some(endpoint) => infer(gateway, snapshot, request, endpoint, request_id, record).await,
+            Some(endpoint) => infer(gateway, snapshot, request, endpoint, request_id, started, record).await,
             None if is_get_path(path) => Err(method_not_allowed(&request, "GET")),
             None => Err(GatewayError::UnknownPath(path.to_owned())),
         },
@@ -151,6 +155,7 @@ async fn infer(
     request: Request<Incoming>,
     endpoint: Endpoint,
     request_id: &HeaderValue,
+    started: Instant,
     record: &mut Record,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let key = snapshot.keys.authenticate(request.headers())?;
@@ -188,25 +193,35 @@ async fn infer(
         // Usage is read from the answer's bytes, which must then not be compressed.
         headers.remove(ACCEPT_ENCODING);
     }
-    let answer = forward::send(&route.pool, endpoint, headers, &forward::UpstreamBody { plain, with_usage }).await?;
-    record.backend = Some(answer.backend.name.clone());
+    let upstream_body = forward::UpstreamBody { plain, with_usage };
+    let answer = forward::send(&route.pool, endpoint, headers, &upstream_body, started).await?;
+    let backend = answer.slot.backend();
+    record.backend = Some(backend.name.clone());
+    record.attempts = answer.attempts;
 
     let success = answer.response.status().is_success();
-    let mut response = answer.response.map(|upstream| match permit {
-        Some(permit) => ResponseBody::metered(
-            upstream,
-            Meter {
-                permit,
-                success,
-                stream: head.stream,
-                strip_usage_event: answer.usage_requested,
-                prompt_estimate: estimate.prompt,
-            },
-        ),
-        None => ResponseBody::upstream(upstream),
-    });
+    let sse = success && is_event_stream(answer.response.headers());
+    let forwarding = Forwarding {
+        meter: permit.map(|permit| Meter {
+            permit,
+            success,
+            stream: head.stream,
+            strip_usage_event: answer.usage_requested,
+            prompt_estimate: estimate.prompt,
+        }),
+        sse,
+        idle_timeout: backend.timeouts.idle,
+        deadline: answer.deadline,
+        request_id: request_id.clone(),
+        slot: Some(answer.slot),
+    };
+    let mut response = answer.response.map(|upstream| ResponseBody::upstream(upstream, forwarding));
     forward::strip_response_headers(response.headers_mut());
     Ok(response)
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 fn is_get_path(path: &str) -> bool {

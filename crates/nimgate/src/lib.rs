@@ -8,16 +8,19 @@
 //! - `routing`: model string → `Route` (exact, then globs by longest literal prefix).
 //! - `glob`: model-name patterns shared by routes and ACLs.
 //! - `limits`: request and token limits per key (admit, reserve, settle) and their store.
-//! - `pool`: backends and the order in which a route's backends are tried.
+//! - `pool`: backends, their run-time state (in flight, ejection, health, NIM load), the
+//!   balancer, the wait queue, the retry budget and the background probes.
 //! - `proxy`: request body read and peek, upstream request building and sending, clients.
 //! - `streaming`: the response body passed through frame by frame.
 //! - `models`: `GET /v1/models`.
 //! - `server`: listeners, TLS, connection tasks, graceful shutdown.
+//! - `admin`: the admin listener (`/admin/backends`).
 //! - `tls`: PEM certificate and key loading.
 //! - `demo`: `nimgate demo`, the gateway with two in-process simulated NIMs.
 //! - `error`: `GatewayError` and its one rendering as an OpenAI error body.
 //! - `api`: the forwarded endpoints and their paths.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -52,7 +55,10 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway serving `snapshot`. Starts its backends' health and load probes when
+    /// called on a tokio runtime.
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
+        pool::probe::start(&snapshot.backends);
         Arc::new(Self {
             config: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
@@ -73,6 +79,7 @@ impl Gateway {
         let names: std::collections::HashSet<&auth::KeyName> = snapshot.keys.names().collect();
         self.limiter.retain(&|name| names.contains(name));
         drop(names);
+        pool::probe::start(&snapshot.backends);
         self.config.store(Arc::new(snapshot));
     }
 

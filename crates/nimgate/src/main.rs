@@ -141,13 +141,18 @@ async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode
     if snapshot.server.allow_anonymous {
         tracing::warn!("server.allow_anonymous is on: requests without a known key are served");
     }
+    let admin_listen = snapshot.server.admin_listen;
     let listener = server::bind(listen).await?;
+    let admin_listener = server::bind(admin_listen).await?;
     tracing::info!(
-        config = %path.display(), %listen, tls = snapshot.server.tls.is_some(),
+        config = %path.display(), %listen, %admin_listen, tls = snapshot.server.tls.is_some(),
         backends = snapshot.backends.len(), routes = snapshot.routes.len(), keys = snapshot.keys.len(),
         "nimgate listening"
     );
-    server::serve(Gateway::new(snapshot), listener, shutdown_signal()).await;
+    let gateway = Gateway::new(snapshot);
+    // The admin listener answers until the process exits, drain included.
+    let _admin = nimgate::admin::AdminHandle::spawn(std::sync::Arc::clone(&gateway), admin_listener)?;
+    server::serve(gateway, listener, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -121,7 +121,7 @@ mod tests {
                 .map(|p| {
                     Arc::new(Route {
                         pattern: ModelPattern::parse(p).unwrap(),
-                        pool: Pool::default(),
+                        pool: Pool::new(Vec::new(), Vec::new(), &crate::pool::Balancing::default()),
                         upstream_model: None,
                     })
                 })

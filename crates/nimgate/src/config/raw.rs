@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub keys: Vec<RawKey>,
     #[serde(default)]
     pub rate_limits: RawRateLimits,
+    #[serde(default)]
+    pub balancing: RawBalancing,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -48,8 +50,8 @@ pub struct RawBackend {
     pub api_key_env: Option<String>,
     pub weight: Option<u32>,
     pub max_concurrency: Option<u32>,
-    pub health_check: Option<RawProbe>,
-    pub load_metrics: Option<RawProbe>,
+    pub health_check: Option<RawHealthCheck>,
+    pub load_metrics: Option<RawLoadMetrics>,
     pub stream_usage: Option<bool>,
     /// PEM file of extra CA certificates trusted for this https backend (self-hosted NIMs
     /// behind an internal CA). The webpki roots stay trusted as well.
@@ -57,11 +59,30 @@ pub struct RawBackend {
     pub timeouts: Option<RawTimeouts>,
 }
 
+/// `health_check:` of a backend: active probes, on only where configured.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawProbe {
+pub struct RawHealthCheck {
     pub path: Option<String>,
     pub interval: Option<String>,
+    /// How long one probe may take.
+    pub timeout: Option<String>,
+    /// Consecutive failed probes that make a healthy backend unhealthy.
+    pub unhealthy_after: Option<u32>,
+    /// Consecutive passed probes that make an unhealthy backend healthy again.
+    pub healthy_after: Option<u32>,
+}
+
+/// `load_metrics:` of a backend: NIM's own Prometheus figures, scraped.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLoadMetrics {
+    pub path: Option<String>,
+    pub interval: Option<String>,
+    /// The backend counts as full while NIM reports more requests waiting than this.
+    pub max_waiting: Option<u64>,
+    /// ... or a KV-cache use (0 to 1) at or above this.
+    pub max_kv_cache_usage: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -72,6 +93,10 @@ pub struct RawTimeouts {
     /// From sending the request to the first byte of the response head. A non-streaming
     /// completion only answers when generation is done, so this bounds whole generations.
     pub first_byte: Option<String>,
+    /// The longest gap between two body chunks (a stalled stream).
+    pub idle: Option<String>,
+    /// The whole exchange, from the request's arrival to the answer's last byte.
+    pub total: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -111,4 +136,26 @@ pub struct RawRateLimits {
     pub on_store_error: Option<String>,
     /// Completion tokens reserved for a request that sets no `max_tokens`.
     pub default_max_tokens: Option<u64>,
+}
+
+/// `balancing:`: how a route's pool is used when backends are busy or failing.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBalancing {
+    /// Requests of one route that may wait for a backend with room; beyond it, 503 at once.
+    pub queue_length: Option<usize>,
+    /// How long a request waits for room before 503.
+    pub queue_timeout: Option<String>,
+    /// Tries per request, each on a different backend (1: no retries).
+    pub max_attempts: Option<u32>,
+    /// Retries are capped at this share of a route's requests ...
+    pub retry_budget: Option<f64>,
+    /// ... plus this many per second, so that a quiet route can still retry.
+    pub min_retries_per_second: Option<u32>,
+    /// Consecutive failures (connect errors, resets, 5xx, timeouts) that eject a backend.
+    pub eject_after: Option<u32>,
+    /// The first ejection's length; it doubles while the backend keeps failing ...
+    pub ejection_base: Option<String>,
+    /// ... up to this.
+    pub ejection_max: Option<String>,
 }

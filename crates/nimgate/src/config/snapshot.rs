@@ -9,7 +9,7 @@ use std::time::Duration;
 use rustls::ServerConfig;
 
 use crate::auth::KeyTable;
-use crate::pool::Backend;
+use crate::pool::{Backend, Balancing};
 use crate::routing::RouteTable;
 
 /// One consistent set of rules.
@@ -21,6 +21,7 @@ pub struct Snapshot {
     pub routes: RouteTable,
     pub keys: KeyTable,
     pub rate_limits: RateLimitSettings,
+    pub balancing: Balancing,
 }
 
 /// `server:`.

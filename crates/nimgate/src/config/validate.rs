@@ -11,12 +11,17 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use super::load::EnvSource;
-use super::raw::{RawBackend, RawConfig, RawKey, RawProbe, RawRateLimits, RawRoute, RawServer};
+use super::raw::{
+    RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawRateLimits, RawRoute, RawServer,
+};
 use super::snapshot::{LimitStore, OnStoreError, RateLimitSettings, ServerSettings, Snapshot};
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
-use crate::pool::{Backend, BackendName, EndpointUris, Pool, Probe, Timeouts};
+use crate::pool::state::{BackendState, EjectionPolicy};
+use crate::pool::{
+    Backend, BackendName, Balancing, EndpointUris, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool, Timeouts,
+};
 use crate::proxy::client;
 use crate::routing::{Route, RouteTable, UpstreamModel};
 use crate::tls::{self, TlsFileError};
@@ -32,20 +37,27 @@ pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000_000;
 pub const DEFAULT_MAX_TOKENS: u64 = 512;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_HEALTH: (&str, Duration) = ("/v1/health/ready", Duration::from_secs(5));
+const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+const DEFAULT_HEALTHY_AFTER: u32 = 2;
 const DEFAULT_LOAD_METRICS: (&str, Duration) = ("/v1/metrics", Duration::from_secs(2));
+/// A NIM with more requests than this waiting is busy: the next one would wait behind them.
+const DEFAULT_MAX_WAITING: u64 = 8;
+const DEFAULT_MAX_KV_CACHE_USAGE: f64 = 0.95;
 
 /// Validates `raw`, reading credentials named by `api_key_env` / `key_env` from `env`.
 pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigError> {
     let mut v = Validator { problems: Vec::new(), env };
     let server = v.server(&raw.server);
-    let backends = v.backends(&raw.backends);
-    let routes = v.routes(&raw.routes, &raw.backends, &backends);
+    let balancing = v.balancing(&raw.balancing);
+    let backends = v.backends(&raw.backends, &balancing);
+    let routes = v.routes(&raw.routes, &raw.backends, &backends, &balancing);
     let keys = v.keys(&raw.keys, server.allow_anonymous);
     let rate_limits = v.rate_limits(&raw.rate_limits);
     if !v.problems.is_empty() {
         return Err(ConfigError::Invalid(v.problems));
     }
-    Ok(Snapshot { server, backends: backends.into_iter().flatten().collect(), routes, keys, rate_limits })
+    Ok(Snapshot { server, backends: backends.into_iter().flatten().collect(), routes, keys, rate_limits, balancing })
 }
 
 struct Validator<'a> {
@@ -87,7 +99,36 @@ impl Validator<'_> {
     }
 
     /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
-    fn backends(&mut self, raw: &[RawBackend]) -> Vec<Option<Arc<Backend>>> {
+    fn balancing(&mut self, raw: &RawBalancing) -> Balancing {
+        let d = Balancing::default();
+        let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
+        if max_attempts == 0 {
+            self.problem("balancing.max_attempts", "must be at least 1 (1: no retries)");
+        }
+        let retry_budget = raw.retry_budget.unwrap_or(d.retry_budget);
+        if !(0.0..=1.0).contains(&retry_budget) {
+            self.problem("balancing.retry_budget", format!("{retry_budget} is not a share between 0 and 1"));
+        }
+        let eject_after = raw.eject_after.unwrap_or(d.ejection.after);
+        if eject_after == 0 {
+            self.problem("balancing.eject_after", "must be at least 1");
+        }
+        let base = self.duration_or("balancing.ejection_base", raw.ejection_base.as_deref(), d.ejection.base);
+        let max = self.duration_or("balancing.ejection_max", raw.ejection_max.as_deref(), d.ejection.max);
+        if max < base {
+            self.problem("balancing.ejection_max", "must not be shorter than balancing.ejection_base");
+        }
+        Balancing {
+            queue_length: raw.queue_length.unwrap_or(d.queue_length),
+            queue_timeout: self.duration_or("balancing.queue_timeout", raw.queue_timeout.as_deref(), d.queue_timeout),
+            max_attempts,
+            retry_budget,
+            min_retries_per_second: raw.min_retries_per_second.unwrap_or(d.min_retries_per_second),
+            ejection: EjectionPolicy { after: eject_after, base, max },
+        }
+    }
+
+    fn backends(&mut self, raw: &[RawBackend], balancing: &Balancing) -> Vec<Option<Arc<Backend>>> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, b) in raw.iter().enumerate() {
@@ -99,12 +140,12 @@ impl Validator<'_> {
                     format!("duplicate backend name `{}` (first at backends[{first}])", b.name),
                 );
             }
-            out.push(self.backend(&at, b).map(Arc::new));
+            out.push(self.backend(&at, b, balancing).map(Arc::new));
         }
         out
     }
 
-    fn backend(&mut self, at: &str, b: &RawBackend) -> Option<Backend> {
+    fn backend(&mut self, at: &str, b: &RawBackend, balancing: &Balancing) -> Option<Backend> {
         let before = self.problems.len();
         let base = self.backend_url(&format!("{at}.url"), &b.url);
         let auth = b.api_key_env.as_deref().and_then(|var| {
@@ -130,20 +171,25 @@ impl Validator<'_> {
         if b.max_concurrency == Some(0) {
             self.problem(format!("{at}.max_concurrency"), "must be at least 1 (omit it for no cap)");
         }
-        let health_check = self.probe(&format!("{at}.health_check"), b.health_check.as_ref(), DEFAULT_HEALTH);
-        let load_metrics =
-            b.load_metrics.as_ref().map(|p| self.probe(&format!("{at}.load_metrics"), Some(p), DEFAULT_LOAD_METRICS));
+        let health_check = b.health_check.as_ref().map(|h| self.health_check(&format!("{at}.health_check"), h));
+        let load_metrics = b.load_metrics.as_ref().map(|l| self.load_metrics(&format!("{at}.load_metrics"), l));
+        let t = b.timeouts.clone().unwrap_or_default();
         let timeouts = Timeouts {
             connect: self.duration_or(
                 &format!("{at}.timeouts.connect"),
-                b.timeouts.as_ref().and_then(|t| t.connect.as_deref()),
+                t.connect.as_deref(),
                 Timeouts::DEFAULT_CONNECT,
             ),
             first_byte: self.duration_or(
                 &format!("{at}.timeouts.first_byte"),
-                b.timeouts.as_ref().and_then(|t| t.first_byte.as_deref()),
+                t.first_byte.as_deref(),
                 Timeouts::DEFAULT_FIRST_BYTE,
             ),
+            idle: self.duration_or(&format!("{at}.timeouts.idle"), t.idle.as_deref(), Timeouts::DEFAULT_IDLE),
+            total: t
+                .total
+                .as_deref()
+                .map(|text| self.duration_or(&format!("{at}.timeouts.total"), Some(text), Duration::MAX)),
         };
         let extra_ca = b.ca_file.as_deref().and_then(|file| {
             if base.as_ref().is_some_and(|u| u.scheme_str() != Some("https")) {
@@ -171,7 +217,9 @@ impl Validator<'_> {
             health_check,
             load_metrics,
             timeouts,
+            ejection: balancing.ejection,
             client: client?,
+            state: BackendState::default(),
         })
     }
 
@@ -209,13 +257,39 @@ impl Validator<'_> {
         }
     }
 
-    fn probe(&mut self, at: &str, raw: Option<&RawProbe>, default: (&str, Duration)) -> Probe {
-        let path = raw.and_then(|p| p.path.clone()).unwrap_or_else(|| default.0.to_owned());
+    fn probe_path(&mut self, at: &str, path: Option<&String>, default: &str) -> String {
+        let path = path.cloned().unwrap_or_else(|| default.to_owned());
         if !path.starts_with('/') {
             self.problem(format!("{at}.path"), format!("`{path}` must start with /"));
         }
-        let interval = self.duration_or(&format!("{at}.interval"), raw.and_then(|p| p.interval.as_deref()), default.1);
-        Probe { path, interval }
+        path
+    }
+
+    fn health_check(&mut self, at: &str, raw: &RawHealthCheck) -> HealthCheck {
+        let path = self.probe_path(at, raw.path.as_ref(), DEFAULT_HEALTH.0);
+        let interval = self.duration_or(&format!("{at}.interval"), raw.interval.as_deref(), DEFAULT_HEALTH.1);
+        let timeout = self.duration_or(&format!("{at}.timeout"), raw.timeout.as_deref(), DEFAULT_HEALTH_TIMEOUT);
+        let unhealthy_after = raw.unhealthy_after.unwrap_or(DEFAULT_UNHEALTHY_AFTER);
+        let healthy_after = raw.healthy_after.unwrap_or(DEFAULT_HEALTHY_AFTER);
+        for (field, value) in [("unhealthy_after", unhealthy_after), ("healthy_after", healthy_after)] {
+            if value == 0 {
+                self.problem(format!("{at}.{field}"), "must be at least 1");
+            }
+        }
+        HealthCheck { path, interval, timeout, unhealthy_after, healthy_after }
+    }
+
+    fn load_metrics(&mut self, at: &str, raw: &RawLoadMetrics) -> LoadMetrics {
+        let path = self.probe_path(at, raw.path.as_ref(), DEFAULT_LOAD_METRICS.0);
+        let interval = self.duration_or(&format!("{at}.interval"), raw.interval.as_deref(), DEFAULT_LOAD_METRICS.1);
+        let max_kv_cache_usage = raw.max_kv_cache_usage.unwrap_or(DEFAULT_MAX_KV_CACHE_USAGE);
+        if !(max_kv_cache_usage > 0.0 && max_kv_cache_usage <= 1.0) {
+            self.problem(
+                format!("{at}.max_kv_cache_usage"),
+                format!("{max_kv_cache_usage} is not a share above 0 and at most 1"),
+            );
+        }
+        LoadMetrics { path, interval, max_waiting: raw.max_waiting.unwrap_or(DEFAULT_MAX_WAITING), max_kv_cache_usage }
     }
 
     fn routes(
@@ -223,6 +297,7 @@ impl Validator<'_> {
         raw: &[RawRoute],
         raw_backends: &[RawBackend],
         backends: &[Option<Arc<Backend>>],
+        balancing: &Balancing,
     ) -> RouteTable {
         if raw.is_empty() {
             self.problem("routes", "no routes configured: every model would get 404; add at least one route");
@@ -249,6 +324,12 @@ impl Validator<'_> {
             }
             let primary = self.pool_members(&format!("{at}.backends"), &r.backends, &[], &by_name);
             let fallback = self.pool_members(&format!("{at}.fallback"), &r.fallback, &r.backends, &by_name);
+            if r.backends.len() + r.fallback.len() > MAX_POOL_MEMBERS {
+                self.problem(
+                    format!("{at}.backends"),
+                    format!("at most {MAX_POOL_MEMBERS} backends per route, fallback included"),
+                );
+            }
             let upstream_model = r.upstream_model.as_deref().map(|name| {
                 if name.is_empty() {
                     self.problem(
@@ -259,7 +340,7 @@ impl Validator<'_> {
                 UpstreamModel::new(name)
             });
             if let (Some(pattern), Some(primary), Some(fallback)) = (pattern, primary, fallback) {
-                routes.push(Arc::new(Route { pattern, pool: Pool::new(primary, fallback), upstream_model }));
+                routes.push(Arc::new(Route { pattern, pool: Pool::new(primary, fallback, balancing), upstream_model }));
             }
         }
         RouteTable::new(routes)
@@ -534,9 +615,52 @@ keys:
         assert_eq!(s.server.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
         let b = &s.backends[1];
         assert!(b.auth.as_ref().unwrap().is_sensitive());
-        assert_eq!(b.health_check.path, "/v1/health/ready");
-        assert_eq!(b.timeouts.first_byte, Timeouts::DEFAULT_FIRST_BYTE);
+        assert!(b.health_check.is_none(), "active health checks only where configured");
+        assert_eq!(b.timeouts, Timeouts::DEFAULT);
+        assert_eq!(s.balancing, Balancing::default());
         assert_eq!(b.uri(crate::api::Endpoint::ChatCompletions), "https://nim.example.com/v1/chat/completions");
+    }
+
+    #[test]
+    fn balancing_and_probe_settings_validate() {
+        let s = check(&format!(
+            "{GOOD}\nbalancing: {{ queue_length: 4, queue_timeout: 1s, max_attempts: 2, retry_budget: 0.5, eject_after: 1 }}"
+        ))
+        .unwrap();
+        assert_eq!((s.balancing.queue_length, s.balancing.max_attempts, s.balancing.ejection.after), (4, 2, 1));
+        let probes = with(
+            r#"url: "http://127.0.0.1:8000" }"#,
+            r#"url: "http://127.0.0.1:8000", health_check: { interval: 1s, unhealthy_after: 2 },
+                load_metrics: { max_waiting: 3 }, timeouts: { idle: 10s, total: 5m } }"#,
+        );
+        let s = check(&probes).unwrap();
+        let b = &s.backends[0];
+        let health = b.health_check.as_ref().unwrap();
+        assert_eq!(
+            (health.path.as_str(), health.interval, health.unhealthy_after),
+            ("/v1/health/ready", Duration::from_secs(1), 2)
+        );
+        assert_eq!(b.load_metrics.as_ref().unwrap().max_waiting, 3);
+        assert_eq!((b.timeouts.idle, b.timeouts.total), (Duration::from_secs(10), Some(Duration::from_secs(300))));
+    }
+
+    #[test]
+    fn bad_balancing_values_are_reported() {
+        for (bad, problem) in [
+            ("max_attempts: 0", "balancing.max_attempts: must be at least 1"),
+            ("retry_budget: 1.5", "balancing.retry_budget: 1.5 is not a share"),
+            ("eject_after: 0", "balancing.eject_after: must be at least 1"),
+            ("ejection_base: 1m, ejection_max: 1s", "balancing.ejection_max: must not be shorter"),
+        ] {
+            assert_problem(&format!("{GOOD}\nbalancing: {{ {bad} }}"), problem);
+        }
+        assert_problem(
+            &with(
+                r#"url: "http://127.0.0.1:8000" }"#,
+                r#"url: "http://127.0.0.1:8000", load_metrics: { max_kv_cache_usage: 0 } }"#,
+            ),
+            "backends[0].load_metrics.max_kv_cache_usage",
+        );
     }
 
     #[test]

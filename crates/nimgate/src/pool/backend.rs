@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use crate::api::Endpoint;
+use crate::pool::state::{BackendState, EjectionPolicy};
 use crate::proxy::client::UpstreamClient;
 
 /// A backend's configured name: unique, stable across reloads, safe for logs and metrics.
@@ -31,11 +32,23 @@ impl fmt::Display for BackendName {
     }
 }
 
-/// A periodic probe of a backend (`health_check`, `load_metrics`).
+/// Active health probes (`health_check`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Probe {
+pub struct HealthCheck {
     pub path: String,
     pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_after: u32,
+    pub healthy_after: u32,
+}
+
+/// Scraping NIM's own load figures (`load_metrics`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadMetrics {
+    pub path: String,
+    pub interval: Duration,
+    pub max_waiting: u64,
+    pub max_kv_cache_usage: f64,
 }
 
 /// How long nimgate waits on a backend.
@@ -43,6 +56,10 @@ pub struct Probe {
 pub struct Timeouts {
     pub connect: Duration,
     pub first_byte: Duration,
+    /// The longest gap between two chunks of an answer's body.
+    pub idle: Duration,
+    /// The whole exchange, when bounded.
+    pub total: Option<Duration>,
 }
 
 impl Timeouts {
@@ -50,6 +67,15 @@ impl Timeouts {
     /// Long, because a non-streaming completion sends its first byte only when the whole
     /// generation is done, which takes minutes for long answers on a busy GPU.
     pub const DEFAULT_FIRST_BYTE: Duration = Duration::from_secs(300);
+    /// A GPU sends tokens every few to a few hundred milliseconds; a minute of silence in
+    /// the middle of an answer is a stuck backend.
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+    pub const DEFAULT: Self = Self {
+        connect: Self::DEFAULT_CONNECT,
+        first_byte: Self::DEFAULT_FIRST_BYTE,
+        idle: Self::DEFAULT_IDLE,
+        total: None,
+    };
 }
 
 /// A backend ready to take requests.
@@ -64,10 +90,13 @@ pub struct Backend {
     pub weight: u32,
     pub max_concurrency: Option<u32>,
     pub stream_usage: bool,
-    pub health_check: Probe,
-    pub load_metrics: Option<Probe>,
+    pub health_check: Option<HealthCheck>,
+    pub load_metrics: Option<LoadMetrics>,
     pub timeouts: Timeouts,
+    pub ejection: EjectionPolicy,
     pub client: UpstreamClient,
+    /// What nimgate has learnt about it while running.
+    pub state: BackendState,
 }
 
 impl fmt::Debug for Backend {
@@ -77,6 +106,18 @@ impl fmt::Debug for Backend {
 }
 
 impl Backend {
+    /// Whether it can take one more request now: in rotation, under its `max_concurrency`,
+    /// not full by NIM's own figures.
+    pub fn has_room(&self) -> bool {
+        self.max_concurrency.is_none_or(|max| self.state.inflight() < max) && !self.state.is_full_by_load()
+    }
+
+    /// How loaded it is, for the balancer: requests in flight from here plus those NIM
+    /// reports waiting, per unit of weight (in thousandths).
+    pub fn load_score(&self) -> u64 {
+        (u64::from(self.state.inflight()) + self.state.nim_waiting()) * 1000 / u64::from(self.weight.max(1))
+    }
+
     /// The full upstream URI of `endpoint` on this backend.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
         &self.uris.0[endpoint.index()]
@@ -93,10 +134,12 @@ impl Backend {
             weight: 1,
             max_concurrency: None,
             stream_usage: true,
-            health_check: Probe { path: "/v1/health/ready".into(), interval: Duration::from_secs(5) },
+            health_check: None,
             load_metrics: None,
-            timeouts: Timeouts { connect: Timeouts::DEFAULT_CONNECT, first_byte: Timeouts::DEFAULT_FIRST_BYTE },
+            timeouts: Timeouts::DEFAULT,
+            ejection: EjectionPolicy::DEFAULT,
             client: crate::proxy::client::build(Timeouts::DEFAULT_CONNECT, None).expect("test client"),
+            state: BackendState::default(),
         }
     }
 }
@@ -114,7 +157,7 @@ impl EndpointUris {
 }
 
 /// `base` (scheme, authority, optional path prefix) + `path`.
-fn join(base: &Uri, path: &str) -> Result<Uri, String> {
+pub(crate) fn join(base: &Uri, path: &str) -> Result<Uri, String> {
     let prefix = base.path().trim_end_matches('/');
     let mut parts = base.clone().into_parts();
     let path_and_query = format!("{prefix}{path}");

@@ -1,34 +1,131 @@
-//! Backend pools: which backend of a route gets a request, and in what order the others are
-//! tried when one cannot be reached. For now a plain round robin over the route's backends,
-//! then its `fallback` backends in config order (the real balancer, health and retry budget
-//! come with #7).
+//! Backend pools: which backend of a route takes a request.
+//!
+//! - The route's own backends first, by the power of two choices: two backends drawn at random
+//!   in proportion to their `weight`, the less loaded one wins (load = requests in flight from
+//!   here plus those NIM reports waiting, per unit of weight). Two random draws instead of the
+//!   global minimum keep replicas that see the same figures from all piling onto one backend.
+//! - Backends out of rotation (ejected after failures, failing their health check) are
+//!   skipped, and so are full ones (at `max_concurrency`, or over NIM's load thresholds).
+//! - When none of them has room, the `fallback` backends in the order listed: put
+//!   self-hosted NIMs first and the hosted API last, and the hosted API serves only when
+//!   they are all down or busy.
+//! - When nothing has room but something is merely full, the request waits in the route's
+//!   bounded queue; when everything is out, or the queue is full or its wait is over: 503.
 
 mod backend;
+pub mod budget;
+pub mod probe;
+pub mod state;
 
-pub use backend::{Backend, BackendName, EndpointUris, Probe, Timeouts};
+pub use backend::{Backend, BackendName, EndpointUris, HealthCheck, LoadMetrics, Timeouts};
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use budget::RetryBudget;
+use state::capacity_freed;
+
+/// Backends per route (pool and fallback together) that a request can tell apart as tried.
+pub const MAX_POOL_MEMBERS: usize = 64;
+
+/// `balancing:`, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Balancing {
+    pub queue_length: usize,
+    pub queue_timeout: Duration,
+    pub max_attempts: u32,
+    pub retry_budget: f64,
+    pub min_retries_per_second: u32,
+    pub ejection: state::EjectionPolicy,
+}
+
+impl Default for Balancing {
+    fn default() -> Self {
+        Self {
+            queue_length: 128,
+            queue_timeout: Duration::from_secs(5),
+            max_attempts: 3,
+            retry_budget: 0.2,
+            min_retries_per_second: 5,
+            ejection: state::EjectionPolicy::DEFAULT,
+        }
+    }
+}
 
 /// The backends of one route.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pool {
     primary: Vec<Arc<Backend>>,
     fallback: Vec<Arc<Backend>>,
-    next: AtomicUsize,
+    queue_length: usize,
+    queue_timeout: Duration,
+    max_attempts: u32,
+    queued: AtomicUsize,
+    budget: RetryBudget,
+}
+
+/// An in-flight slot on a backend, held until the answer's last byte (or until the answer is
+/// dropped); releasing it wakes requests queued for room.
+#[derive(Debug)]
+pub struct Slot {
+    backend: Arc<Backend>,
+    member: usize,
+}
+
+impl Slot {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.backend.state.release_slot();
+    }
+}
+
+/// Members of a pool a request has already tried (bit i: primary then fallback order).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    pub fn add(&mut self, slot: &Slot) {
+        if slot.member < MAX_POOL_MEMBERS {
+            self.0 |= 1 << slot.member;
+        }
+    }
+
+    fn contains(self, member: usize) -> bool {
+        member < MAX_POOL_MEMBERS && self.0 & (1 << member) != 0
+    }
+}
+
+/// Why no backend was picked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Some backend is in rotation but every one is full.
+    Full,
+    /// Every backend not yet tried is out of rotation (or there is none left to try).
+    AllOut,
+    /// The route's queue is at its length.
+    QueueFull,
+    /// Waited the whole queue timeout without room.
+    Waited(Duration),
 }
 
 impl Pool {
-    pub fn new(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>) -> Self {
-        Self { primary, fallback, next: AtomicUsize::new(0) }
-    }
-
-    /// The order in which to try backends for one request: the primary pool starting at the
-    /// round-robin position (each request advances it by one), then the fallback pool.
-    pub fn candidates(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        let n = self.primary.len();
-        let start = if n > 1 { self.next.fetch_add(1, Ordering::Relaxed) % n } else { 0 };
-        (0..n).map(move |i| &self.primary[(start + i) % n]).chain(self.fallback.iter())
+    pub fn new(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>, balancing: &Balancing) -> Self {
+        Self {
+            primary,
+            fallback,
+            queue_length: balancing.queue_length,
+            queue_timeout: balancing.queue_timeout,
+            max_attempts: balancing.max_attempts.max(1),
+            queued: AtomicUsize::new(0),
+            budget: RetryBudget::new(balancing.retry_budget, balancing.min_retries_per_second),
+        }
     }
 
     pub fn primary(&self) -> &[Arc<Backend>] {
@@ -38,6 +135,177 @@ impl Pool {
     pub fn fallback(&self) -> &[Arc<Backend>] {
         &self.fallback
     }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    pub fn budget(&self) -> &RetryBudget {
+        &self.budget
+    }
+
+    /// Requests waiting in this route's queue now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// A backend for a request's first attempt, waiting in the queue while all are full.
+    pub async fn acquire(&self) -> Result<Slot, NoBackend> {
+        match self.try_acquire(Tried::default()) {
+            Err(NoBackend::Full) => {}
+            picked => return picked,
+        }
+        if self.queue_length == 0 {
+            return Err(NoBackend::QueueFull);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.queue_length {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(NoBackend::QueueFull);
+        }
+        let signal = capacity_freed();
+        signal.waiters.fetch_add(1, Ordering::AcqRel);
+        let _leave = Leave(self);
+        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        loop {
+            let notified = signal.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a release between the look and the wait wakes us.
+            notified.as_mut().enable();
+            match self.try_acquire(Tried::default()) {
+                Err(NoBackend::Full) => {}
+                picked => return picked,
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(NoBackend::Waited(self.queue_timeout));
+            }
+            // Ejections end by the clock, not by a release: look again at least every 100 ms.
+            let _ = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(100)), notified).await;
+        }
+    }
+
+    /// A backend not in `tried`, without waiting: the primary pool by two random choices,
+    /// then the fallback pool in order.
+    pub fn try_acquire(&self, tried: Tried) -> Result<Slot, NoBackend> {
+        let mut now = None;
+        let mut any_full = false;
+        // A slot can be taken by another request between the choice and the take: choose again.
+        for _ in 0..4 {
+            let choice = two_choices(&self.primary, tried, &mut now, &mut any_full);
+            let Some(member) = choice else { break };
+            let backend = &self.primary[member];
+            if backend.state.try_take_slot(backend.max_concurrency) {
+                return Ok(Slot { backend: Arc::clone(backend), member });
+            }
+        }
+        let offset = self.primary.len();
+        for (i, backend) in self.fallback.iter().enumerate() {
+            if tried.contains(offset + i) || backend.state.is_out(&mut now) {
+                continue;
+            }
+            if !backend.state.is_full_by_load() && backend.state.try_take_slot(backend.max_concurrency) {
+                return Ok(Slot { backend: Arc::clone(backend), member: offset + i });
+            }
+            any_full = true;
+        }
+        Err(if any_full { NoBackend::Full } else { NoBackend::AllOut })
+    }
+
+    /// Why nothing could be picked, for the 503's message: each backend's state.
+    pub fn describe(&self) -> String {
+        let mut now = None;
+        let states: Vec<String> = self
+            .primary
+            .iter()
+            .chain(&self.fallback)
+            .map(|b| {
+                let state = if !b.state.is_healthy() {
+                    "failing its health check".to_owned()
+                } else if b.state.is_out(&mut now) {
+                    format!("ejected for {} ms more", b.state.ejected_for_ms())
+                } else if b.state.is_full_by_load() {
+                    "full by its NIM load".to_owned()
+                } else if !b.has_room() {
+                    format!("at max_concurrency {}", b.max_concurrency.unwrap_or(0))
+                } else {
+                    "tried".to_owned()
+                };
+                format!("{} {state}", b.name)
+            })
+            .collect();
+        states.join(", ")
+    }
+}
+
+struct Leave<'a>(&'a Pool);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::AcqRel);
+        capacity_freed().waiters.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The power of two choices over `members` with room: two draws weighted by `weight`, the
+/// lower load score wins. Allocation-free: two passes over a short slice.
+fn two_choices(members: &[Arc<Backend>], tried: Tried, now: &mut Option<u64>, any_full: &mut bool) -> Option<usize> {
+    let mut total = 0u64;
+    let mut eligible = 0;
+    let mut last = 0;
+    for (i, b) in members.iter().enumerate() {
+        if tried.contains(i) || b.state.is_out(now) {
+            continue;
+        }
+        if !b.has_room() {
+            *any_full = true;
+            continue;
+        }
+        total += u64::from(b.weight);
+        eligible += 1;
+        last = i;
+    }
+    match eligible {
+        0 => return None,
+        1 => return Some(last),
+        _ => {}
+    }
+    let mut draw = |exclude: Option<usize>, total: u64| -> usize {
+        let mut point = random() % total;
+        for (i, b) in members.iter().enumerate() {
+            if Some(i) == exclude || tried.contains(i) || b.state.is_out(now) || !b.has_room() {
+                continue;
+            }
+            let w = u64::from(b.weight);
+            if point < w {
+                return i;
+            }
+            point -= w;
+        }
+        last
+    };
+    let a = draw(None, total);
+    let b = draw(Some(a), total - u64::from(members[a].weight));
+    Some(if members[b].load_score() < members[a].load_score() { b } else { a })
+}
+
+/// A fast thread-local xorshift generator: the balancer needs spread, not secrecy.
+pub(crate) fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_usize(&STATE as *const _ as usize);
+            h.finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    })
 }
 
 #[cfg(test)]
@@ -45,28 +313,107 @@ mod tests {
     use super::*;
     use crate::config::raw::RawBackend;
 
-    fn backend(name: &str) -> Arc<Backend> {
+    fn backend(name: &str, weight: u32, max: Option<u32>) -> Arc<Backend> {
         let raw = RawBackend { name: name.into(), url: "http://127.0.0.1:1".into(), ..Default::default() };
-        Arc::new(Backend::for_tests(&raw))
+        let mut b = Backend::for_tests(&raw);
+        b.weight = weight;
+        b.max_concurrency = max;
+        Arc::new(b)
     }
 
-    fn order(pool: &Pool) -> Vec<String> {
-        pool.candidates().map(|b| b.name.to_string()).collect()
+    fn pool(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>) -> Pool {
+        Pool::new(primary, fallback, &Balancing::default())
+    }
+
+    fn name(slot: &Slot) -> String {
+        slot.backend().name.to_string()
     }
 
     #[test]
-    fn round_robin_rotates_the_primary_then_falls_back() {
-        let pool = Pool::new(vec![backend("a"), backend("b"), backend("c")], vec![backend("h")]);
-        assert_eq!(order(&pool), ["a", "b", "c", "h"]);
-        assert_eq!(order(&pool), ["b", "c", "a", "h"]);
-        assert_eq!(order(&pool), ["c", "a", "b", "h"]);
-        assert_eq!(order(&pool), ["a", "b", "c", "h"]);
+    fn idle_backends_share_by_weight() {
+        let p = pool(vec![backend("a", 1, None), backend("b", 3, None)], vec![]);
+        let mut b = 0;
+        for _ in 0..4000 {
+            // Dropped at once: every pick sees both idle, so the draw alone decides.
+            if name(&p.try_acquire(Tried::default()).unwrap()) == "b" {
+                b += 1;
+            }
+        }
+        assert!((2700..3300).contains(&b), "b took {b} of 4000 at weight 3:1");
     }
 
     #[test]
-    fn a_single_backend_pool_always_starts_with_it() {
-        let pool = Pool::new(vec![backend("a")], vec![]);
-        assert_eq!(order(&pool), ["a"]);
-        assert_eq!(order(&pool), ["a"]);
+    fn the_less_loaded_of_two_wins() {
+        let p = pool(vec![backend("a", 1, None), backend("b", 1, None)], vec![]);
+        let held: Vec<Slot> = (0..10).map(|_| p.try_acquire(Tried::default()).unwrap()).collect();
+        let a = held.iter().filter(|s| name(s) == "a").count();
+        assert!((4..=6).contains(&a), "load stays even: a holds {a} of 10");
+    }
+
+    #[test]
+    fn full_backends_are_skipped_then_the_fallback_serves_in_order() {
+        let p = pool(vec![backend("a", 1, Some(1))], vec![backend("local", 1, Some(1)), backend("hosted", 1, None)]);
+        let first = p.try_acquire(Tried::default()).unwrap();
+        assert_eq!(name(&first), "a");
+        let second = p.try_acquire(Tried::default()).unwrap();
+        assert_eq!(name(&second), "local", "self-hosted fallback before the hosted API");
+        let third = p.try_acquire(Tried::default()).unwrap();
+        assert_eq!(name(&third), "hosted");
+        drop(first);
+        assert_eq!(name(&p.try_acquire(Tried::default()).unwrap()), "a", "back to the pool once it has room");
+    }
+
+    #[test]
+    fn tried_backends_are_not_picked_again() {
+        let p = pool(vec![backend("a", 1, None), backend("b", 1, None)], vec![]);
+        let first = p.try_acquire(Tried::default()).unwrap();
+        let mut tried = Tried::default();
+        tried.add(&first);
+        let second = p.try_acquire(tried).unwrap();
+        assert_ne!(name(&first), name(&second));
+        tried.add(&second);
+        assert_eq!(p.try_acquire(tried).unwrap_err(), NoBackend::AllOut);
+    }
+
+    #[test]
+    fn ejected_backends_are_out_and_full_is_not_out() {
+        let a = backend("a", 1, Some(1));
+        let p = pool(vec![Arc::clone(&a)], vec![]);
+        let held = p.try_acquire(Tried::default()).unwrap();
+        assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::Full);
+        drop(held);
+        a.state.eject_for(Duration::from_secs(60), state::FailureKind::Overloaded, "429");
+        assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::AllOut);
+        assert!(p.describe().contains("a ejected for"), "{}", p.describe());
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_gets_the_slot_freed_for_it() {
+        let p = Arc::new(pool(vec![backend("a", 1, Some(1))], vec![]));
+        let held = p.try_acquire(Tried::default()).unwrap();
+        let waiter = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move { p.acquire().await.map(|s| name(&s)) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(p.queued(), 1);
+        drop(held);
+        assert_eq!(waiter.await.unwrap().unwrap(), "a");
+        assert_eq!(p.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_length_and_time() {
+        let balancing =
+            Balancing { queue_length: 1, queue_timeout: Duration::from_millis(100), ..Balancing::default() };
+        let p = Arc::new(Pool::new(vec![backend("a", 1, Some(1))], vec![], &balancing));
+        let _held = p.try_acquire(Tried::default()).unwrap();
+        let waiter = tokio::spawn({
+            let p = Arc::clone(&p);
+            async move { p.acquire().await.map(|s| name(&s)) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(p.acquire().await.unwrap_err(), NoBackend::QueueFull);
+        assert_eq!(waiter.await.unwrap().unwrap_err(), NoBackend::Waited(Duration::from_millis(100)));
     }
 }

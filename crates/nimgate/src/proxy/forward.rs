@@ -1,19 +1,22 @@
 //! The upstream request: which client headers go upstream (never `Authorization`, never
 //! hop-by-hop ones), the backend's own credential, the request id, the model alias spliced
-//! into the original bytes, and sending it through the route's pool with the backend's
-//! first-byte timeout. A backend that cannot be connected to has received nothing, so the
-//! next candidate is tried; any other failure is final here (retries come with #7).
+//! into the original bytes, and sending it through the route's pool: a backend picked by the
+//! balancer, the first-byte timeout, and retries on another backend before any byte reached
+//! the client (connect errors, resets, first-byte timeouts, upstream 502/503, and 429 when
+//! another backend has room), bounded by `max_attempts` and the route's retry budget. Every
+//! outcome feeds the backend's passive health.
 
 use std::ops::Range;
-use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 // Hop-by-hop headers describe one connection, not the message (RFC 9110 §7.6.1), plus the
 // legacy `keep-alive`/`proxy-connection`; they never cross the proxy in either direction.
 use http::header::{
     AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHORIZATION, RETRY_AFTER, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response};
 use http_body_util::Full;
@@ -21,7 +24,8 @@ use hyper::body::Incoming;
 
 use crate::api::Endpoint;
 use crate::error::GatewayError;
-use crate::pool::{Backend, BackendName, Pool};
+use crate::pool::state::FailureKind;
+use crate::pool::{Backend, BackendName, NoBackend, Pool, Slot, Tried};
 use crate::proxy::body::StreamOptions;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -181,16 +185,21 @@ impl UpstreamBody {
 
 /// A response head from the backend that answered.
 pub struct Answer {
-    pub backend: Arc<Backend>,
+    /// The backend's in-flight slot, to hold until the answer's last byte.
+    pub slot: Slot,
     pub response: Response<Incoming>,
     /// The request asked for stream usage on the client's behalf.
     pub usage_requested: bool,
+    /// Backends tried, this one included.
+    pub attempts: u32,
+    /// When the answering backend's total timeout ends, if it has one.
+    pub deadline: Option<Instant>,
 }
 
-/// Why no upstream response head arrived.
+/// Why no upstream response head arrived from one backend.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
-    /// No connection could be made: the backend received nothing, so another may be tried.
+    /// No connection could be made: the backend received nothing.
     #[error("backend `{backend}` refused the connection: {cause}")]
     Connect { backend: BackendName, cause: String },
     /// The request was (maybe partly) sent and the connection failed before a response head.
@@ -201,9 +210,19 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether trying another backend cannot duplicate work: true only when nothing was sent.
-    pub fn retry_safe(&self) -> bool {
-        matches!(self, Self::Connect { .. })
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::Connect { .. } => FailureKind::Connect,
+            Self::Failed { .. } => FailureKind::Reset,
+            Self::Timeout { .. } => FailureKind::Timeout,
+        }
+    }
+
+    fn cause(&self) -> String {
+        match self {
+            Self::Connect { cause, .. } | Self::Failed { cause, .. } => cause.clone(),
+            Self::Timeout { after, .. } => format!("no response within {}", humantime::format_duration(*after)),
+        }
     }
 }
 
@@ -218,40 +237,146 @@ impl From<UpstreamError> for GatewayError {
     }
 }
 
-/// Sends the request to the pool's first reachable candidate and returns its response head;
-/// the body streams on from there.
+/// What one attempt came to, for the retry decision.
+enum Attempt {
+    /// An answer to pass on.
+    Final(Response<Incoming>),
+    /// An answer another backend may do better than (502, 503, 429); passed on if none can.
+    Retryable(Response<Incoming>),
+    /// No answer; another backend may be tried.
+    Failed(UpstreamError),
+}
+
+/// Sends the request through the pool and returns the response head to pass on; the body
+/// streams on from there. `started` is when the request arrived: a backend's total timeout
+/// counts from then.
 pub async fn send(
     pool: &Pool,
     endpoint: Endpoint,
     headers: HeaderMap,
     body: &UpstreamBody,
-) -> Result<Answer, UpstreamError> {
-    let mut last_error = None;
-    let mut candidates = pool.candidates().peekable();
+    started: Instant,
+) -> Result<Answer, GatewayError> {
+    pool.budget().deposit();
+    let mut slot = pool.acquire().await.map_err(|e| no_backend(pool, &e))?;
+    let mut tried = Tried::default();
     let mut headers = Some(headers);
-    while let Some(backend) = candidates.next() {
+    let retries_possible = pool.max_attempts() > 1 && pool.primary().len() + pool.fallback().len() > 1;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        tried.add(&slot);
+        let backend = slot.backend();
         let (bytes, usage_requested) = body.for_backend(backend);
         // Only a request that may be tried again needs its headers copied.
-        let headers = if candidates.peek().is_some() { headers.clone() } else { headers.take() };
-        let request = build(backend, endpoint, headers.unwrap_or_default(), bytes);
-        match send_one(backend, request).await {
-            Ok(response) => return Ok(Answer { backend: Arc::clone(backend), response, usage_requested }),
-            Err(e) if e.retry_safe() => {
-                tracing::warn!(backend = %backend.name, error = %e, "backend unreachable, trying the next one");
-                last_error = Some(e);
+        let last_chance = !retries_possible || attempts >= pool.max_attempts();
+        let request_headers = if last_chance { headers.take() } else { headers.clone() };
+        let request = build(backend, endpoint, request_headers.unwrap_or_default(), bytes);
+        let deadline = backend.timeouts.total.map(|total| started + total);
+        let outcome = judge(backend, send_one(backend, request, deadline).await);
+        let (retry_reason, outcome) = match outcome {
+            Attempt::Final(response) => return Ok(Answer { slot, response, usage_requested, attempts, deadline }),
+            Attempt::Retryable(response) => (format!("answered {}", response.status()), Ok(response)),
+            Attempt::Failed(e) => (e.cause(), Err(e)),
+        };
+        let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+        let next = if last_chance || out_of_time { None } else { pool.try_acquire(tried).ok() };
+        // The budget is spent only when there is somewhere to retry, and not on a connect
+        // error: a backend that was never reached did no work, so retrying it adds no load.
+        let free = matches!(outcome, Err(UpstreamError::Connect { .. }));
+        let next = next.filter(|_| free || pool.budget().withdraw());
+        match (next, outcome) {
+            (Some(next), _) => {
+                tracing::warn!(
+                    backend = %backend.name, next = %next.backend().name, attempt = attempts,
+                    reason = %retry_reason, "retrying on another backend"
+                );
+                slot = next;
             }
-            Err(e) => return Err(e),
+            (None, Ok(response)) => return Ok(Answer { slot, response, usage_requested, attempts, deadline }),
+            (None, Err(e)) => return Err(e.into()),
         }
     }
-    Err(last_error.unwrap_or_else(|| UpstreamError::Connect {
-        backend: BackendName::new("none"),
-        cause: "the route has no backends".into(),
-    }))
 }
 
-/// One request to one backend under its first-byte timeout.
-pub async fn send_one(backend: &Backend, request: Request<Full<Bytes>>) -> Result<Response<Incoming>, UpstreamError> {
-    let after = backend.timeouts.first_byte;
+/// Sorts an attempt's outcome and feeds it to the backend's passive health: connect errors,
+/// resets, timeouts and 5xx count toward ejection; a 429, or a 503 with `Retry-After`, takes
+/// the backend out for that long (a 429 without it for the ejection base).
+fn judge(backend: &Backend, outcome: Result<Response<Incoming>, UpstreamError>) -> Attempt {
+    let state = &backend.state;
+    let response = match outcome {
+        Ok(response) => response,
+        Err(e) => {
+            let cause = e.cause();
+            if let Some(ejected) = state.record_failure(e.kind(), &cause, &backend.ejection) {
+                warn_ejected(backend, ejected, &cause);
+            }
+            return Attempt::Failed(e);
+        }
+    };
+    let status = response.status();
+    let retry_after = retry_after(response.headers()).map(|d| d.min(backend.ejection.max));
+    match status.as_u16() {
+        429 => {
+            let out_for = retry_after.unwrap_or(backend.ejection.base);
+            state.eject_for(out_for, FailureKind::Overloaded, "answered 429 Too Many Requests");
+            tracing::info!(backend = %backend.name, ?out_for, "backend answered 429: out of rotation for a while");
+            Attempt::Retryable(response)
+        }
+        503 if retry_after.is_some() => {
+            let out_for = retry_after.unwrap_or_default();
+            state.eject_for(out_for, FailureKind::Status5xx, "answered 503 with Retry-After");
+            tracing::info!(backend = %backend.name, ?out_for, "backend answered 503: out of rotation for a while");
+            Attempt::Retryable(response)
+        }
+        500..=599 => {
+            let cause = format!("answered {status}");
+            if let Some(ejected) = state.record_failure(FailureKind::Status5xx, &cause, &backend.ejection) {
+                warn_ejected(backend, ejected, &cause);
+            }
+            if matches!(status.as_u16(), 502 | 503) { Attempt::Retryable(response) } else { Attempt::Final(response) }
+        }
+        _ => {
+            state.record_success();
+            Attempt::Final(response)
+        }
+    }
+}
+
+fn warn_ejected(backend: &Backend, ejected: Duration, cause: &str) {
+    tracing::warn!(
+        backend = %backend.name, ejected_for = ?ejected, failures = backend.state.consecutive_failures(),
+        cause, "backend ejected after consecutive failures"
+    );
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare from inference servers and ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs.max(1)))
+}
+
+fn no_backend(pool: &Pool, why: &NoBackend) -> GatewayError {
+    let states = pool.describe();
+    GatewayError::NoHealthyBackend(match why {
+        NoBackend::AllOut => format!("every backend is out of rotation ({states})"),
+        NoBackend::Full | NoBackend::QueueFull => format!("every backend is full and the wait queue too ({states})"),
+        NoBackend::Waited(waited) => {
+            format!("every backend stayed full for {} ({states})", humantime::format_duration(*waited))
+        }
+    })
+}
+
+/// One request to one backend under its first-byte timeout (and the request's deadline).
+pub async fn send_one(
+    backend: &Backend,
+    request: Request<Full<Bytes>>,
+    deadline: Option<Instant>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let mut after = backend.timeouts.first_byte;
+    if let Some(deadline) = deadline {
+        after = after.min(deadline.saturating_duration_since(Instant::now()));
+    }
     match tokio::time::timeout(after, backend.client.request(request)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) if e.is_connect() => {

@@ -1,21 +1,38 @@
 //! The response body the gateway sends: either one it wrote itself (errors, model lists,
-//! health), the upstream's body passed through frame by frame, or the same with metering: its
-//! usage read as it passes (and the usage event nimgate asked for removed) so that the key's
-//! token reservation is settled with the real count when the answer ends. Never collected,
-//! never re-chunked. Dropping it (the client left) drops the upstream body, which closes the
-//! upstream connection so the backend stops generating.
+//! health) or the upstream's body passed through frame by frame, never collected, never
+//! re-chunked. Around the upstream body:
+//! - metering (token-limited keys): usage read as it passes, the usage event nimgate asked
+//!   for removed, the key's reservation settled with the real count when the answer ends;
+//! - the backend's in-flight slot, held to the last byte;
+//! - the idle timeout (longest gap between chunks) and the total deadline;
+//! - a broken stream made detectable: once bytes went out the status cannot change, so when
+//!   an SSE answer's upstream resets, stalls or closes without `data: [DONE]`, the client gets
+//!   one final `data: {"error": ...}` event in OpenAI's shape and the stream ends without
+//!   `[DONE]`. A broken JSON answer ends with an error, which aborts the connection.
+//!
+//! Dropping the body (the client left) drops the upstream body, which closes the upstream
+//! connection so the backend stops generating.
 
 pub mod usage;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::limits::Permit;
+use crate::pool::Slot;
+use crate::pool::state::FailureKind;
 use usage::{ContentCounter, UsageEventStripper, UsageScanner};
+
+/// Why an answer's body ended early, as the client's connection sees it.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body of every gateway response.
 #[derive(Debug)]
@@ -26,9 +43,23 @@ pub struct ResponseBody {
 #[derive(Debug)]
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(Incoming),
-    /// Boxed: only token-limited keys pay for its size.
-    Metered(Box<Metered>),
+    /// Boxed and pinned: the timer inside must not move.
+    Upstream(Pin<Box<Forwarded>>),
+}
+
+/// How an upstream body is forwarded.
+#[derive(Debug)]
+pub struct Forwarding {
+    /// The backend's in-flight slot, released at the last byte.
+    pub slot: Option<Slot>,
+    /// Token metering, for keys with a token limit.
+    pub meter: Option<Meter>,
+    /// A 2xx `text/event-stream` answer: it must end with `data: [DONE]`.
+    pub sse: bool,
+    pub idle_timeout: Duration,
+    pub deadline: Option<Instant>,
+    /// For the log line of a broken answer.
+    pub request_id: HeaderValue,
 }
 
 impl ResponseBody {
@@ -38,33 +69,26 @@ impl ResponseBody {
     }
 
     /// An upstream body, forwarded as it arrives.
-    pub fn upstream(body: Incoming) -> Self {
-        Self { kind: Kind::Upstream(body) }
-    }
-
-    /// An upstream body forwarded as it arrives while its usage settles `meter`'s permit.
-    pub fn metered(body: Incoming, meter: Meter) -> Self {
-        Self { kind: Kind::Metered(Box::new(Metered::new(body, meter))) }
+    pub fn upstream(body: Incoming, forwarding: Forwarding) -> Self {
+        Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))) }
     }
 }
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match &mut self.kind {
             Kind::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Upstream(body) => Pin::new(body).poll_frame(cx),
-            Kind::Metered(metered) => metered.poll_frame(cx),
+            Kind::Upstream(forwarded) => forwarded.as_mut().poll_frame(cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full(bytes) => bytes.is_none(),
-            Kind::Upstream(body) => body.is_end_stream(),
-            Kind::Metered(metered) => metered.ended,
+            Kind::Upstream(forwarded) => forwarded.ended,
         }
     }
 
@@ -72,12 +96,187 @@ impl Body for ResponseBody {
         match &self.kind {
             Kind::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
-            Kind::Upstream(body) => body.size_hint(),
-            // Removing the usage event changes the length.
-            Kind::Metered(metered) if metered.stripper.is_some() => SizeHint::default(),
-            Kind::Metered(metered) => metered.inner.size_hint(),
+            // Removing the usage event, or adding an error event, changes the length.
+            Kind::Upstream(forwarded) if forwarded.sse || forwarded.metering.is_some() => SizeHint::default(),
+            Kind::Upstream(forwarded) => forwarded.inner.size_hint(),
         }
     }
+}
+
+pin_project_lite::pin_project! {
+    #[derive(Debug)]
+    struct Forwarded {
+        inner: Incoming,
+        metering: Option<Metering>,
+        slot: Option<Slot>,
+        sse: bool,
+        // The stream's last bytes: did it end with `data: [DONE]`?
+        tail: Tail,
+        ended: bool,
+        idle_timeout: Duration,
+        deadline: Option<Instant>,
+        last_frame: Instant,
+        // Armed for min(last_frame + idle, deadline); moved forward lazily, only when it fires.
+        #[pin]
+        timer: Sleep,
+        request_id: HeaderValue,
+    }
+}
+
+/// The last bytes of a stream, kept across frames: an event can be split anywhere.
+#[derive(Debug, Default)]
+struct Tail {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        let cap = self.bytes.len();
+        if data.len() >= cap {
+            self.bytes.copy_from_slice(&data[data.len() - cap..]);
+            self.len = cap;
+            return;
+        }
+        let keep = (cap - data.len()).min(self.len);
+        self.bytes.copy_within(self.len - keep..self.len, 0);
+        self.bytes[keep..keep + data.len()].copy_from_slice(data);
+        self.len = keep + data.len();
+    }
+
+    fn ends_with_done(&self) -> bool {
+        self.bytes[..self.len].trim_ascii_end().ends_with(b"data: [DONE]")
+    }
+}
+
+/// How an upstream answer broke.
+struct Broken {
+    kind: FailureKind,
+    code: &'static str,
+    message: String,
+}
+
+impl Forwarded {
+    fn new(inner: Incoming, f: Forwarding) -> Self {
+        let now = Instant::now();
+        let first = f.deadline.map_or(now + f.idle_timeout, |d| d.min(now + f.idle_timeout));
+        Self {
+            inner,
+            metering: f.meter.map(Metering::new),
+            slot: f.slot,
+            sse: f.sse,
+            tail: Tail::default(),
+            ended: false,
+            idle_timeout: f.idle_timeout,
+            deadline: f.deadline,
+            last_frame: now,
+            timer: tokio::time::sleep_until(first),
+            request_id: f.request_id,
+        }
+    }
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let mut this = self.project();
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let polled = Pin::new(&mut *this.inner).poll_frame(cx);
+            let broken = match polled {
+                Poll::Ready(Some(Ok(frame))) => {
+                    *this.last_frame = Instant::now();
+                    let data = match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    };
+                    if *this.sse {
+                        this.tail.push(&data);
+                    }
+                    let out = match this.metering {
+                        Some(metering) => metering.on_data(data),
+                        None => data,
+                    };
+                    // A frame that only began an event waits, whole, for its end.
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+                Poll::Ready(None) if !*this.sse || this.tail.ends_with_done() => {
+                    *this.ended = true;
+                    let rest = this.metering.as_mut().map(Metering::on_end).unwrap_or_default();
+                    this.slot.take();
+                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
+                }
+                Poll::Ready(None) => Broken {
+                    kind: FailureKind::StreamBroken,
+                    code: "upstream_unavailable",
+                    message: "the backend closed the stream before it was complete".into(),
+                },
+                Poll::Ready(Some(Err(e))) => Broken {
+                    kind: FailureKind::Reset,
+                    code: "upstream_unavailable",
+                    message: format!("the backend's stream broke: {}", root_cause(&e)),
+                },
+                Poll::Pending => {
+                    ready!(this.timer.as_mut().poll(cx));
+                    let now = Instant::now();
+                    let idle_end = *this.last_frame + *this.idle_timeout;
+                    let past_deadline = this.deadline.is_some_and(|d| now >= d);
+                    if now < idle_end && !past_deadline {
+                        let next = this.deadline.map_or(idle_end, |d| d.min(idle_end));
+                        this.timer.as_mut().reset(next);
+                        continue;
+                    }
+                    let message = if past_deadline {
+                        "the answer did not complete within the backend's total timeout".to_owned()
+                    } else {
+                        format!(
+                            "the backend sent nothing for {}",
+                            humantime::format_duration(Duration::from_secs(this.idle_timeout.as_secs().max(1)))
+                        )
+                    };
+                    Broken { kind: FailureKind::Timeout, code: "upstream_timeout", message }
+                }
+            };
+            *this.ended = true;
+            if let Some(metering) = this.metering.as_mut() {
+                metering.settle();
+            }
+            let backend = this.slot.take();
+            let backend_name = backend.as_ref().map_or("-", |s| s.backend().name.as_str());
+            tracing::warn!(
+                request_id = this.request_id.to_str().unwrap_or("-"),
+                backend = backend_name,
+                kind = broken.kind.as_str(),
+                error = %broken.message,
+                "answer broken after its head was sent"
+            );
+            if let Some(slot) = &backend {
+                slot.backend().state.record_failure(broken.kind, &broken.message, &slot.backend().ejection);
+            }
+            if *this.sse {
+                return Poll::Ready(Some(Ok(Frame::data(error_event(broken.code, &broken.message)))));
+            }
+            return Poll::Ready(Some(Err(broken.message.into())));
+        }
+    }
+}
+
+/// The final event of a broken stream, in the shape OpenAI's SDKs raise as an API error.
+fn error_event(code: &str, message: &str) -> Bytes {
+    let event = serde_json::json!({
+        "error": { "message": message, "type": "server_error", "code": code, "param": null }
+    });
+    Bytes::from(format!("data: {event}\n\n"))
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }
 
 /// How one answer is metered.
@@ -95,8 +294,7 @@ pub struct Meter {
 }
 
 #[derive(Debug)]
-struct Metered {
-    inner: Incoming,
+struct Metering {
     permit: Option<Permit>,
     success: bool,
     prompt_estimate: u64,
@@ -104,73 +302,50 @@ struct Metered {
     stripper: Option<UsageEventStripper>,
     /// Streams only: text events seen, for an estimate when no usage arrives.
     counter: Option<ContentCounter>,
-    ended: bool,
 }
 
-impl Metered {
-    fn new(inner: Incoming, meter: Meter) -> Self {
+impl Metering {
+    fn new(meter: Meter) -> Self {
         Self {
-            inner,
             permit: Some(meter.permit),
             success: meter.success,
             prompt_estimate: meter.prompt_estimate,
             scanner: UsageScanner::default(),
             stripper: meter.strip_usage_event.then(UsageEventStripper::default),
             counter: meter.stream.then(ContentCounter::default),
-            ended: false,
         }
     }
 
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        loop {
-            match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-                Some(Ok(frame)) => {
-                    let data = match frame.into_data() {
-                        Ok(data) => data,
-                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
-                    };
-                    if self.success {
-                        self.scanner.feed(&data);
-                        match &mut self.counter {
-                            Some(counter) => {
-                                counter.feed(&data);
-                                // `[DONE]` ends the stream for the client, which may send its
-                                // next request before the body formally ends.
-                                if memchr::memmem::find(&data, b"[DONE]").is_some() {
-                                    self.settle();
-                                }
-                            }
-                            // A JSON answer's usage is final: settle before its last bytes go
-                            // out, so a client that sends its next request the moment it has
-                            // read this one finds the refund already made.
-                            None if self.scanner.usage().is_some() => self.settle(),
-                            None => {}
-                        }
-                    }
-                    let out = match &mut self.stripper {
-                        Some(stripper) => stripper.process(data),
-                        None => data,
-                    };
-                    // A frame that only began an event waits, whole, for its end.
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(out))));
+    /// One frame's bytes in, the bytes to send out (empty while an event is held whole).
+    fn on_data(&mut self, data: Bytes) -> Bytes {
+        if self.success {
+            self.scanner.feed(&data);
+            match &mut self.counter {
+                Some(counter) => {
+                    counter.feed(&data);
+                    // `[DONE]` ends the stream for the client, which may send its next
+                    // request before the body formally ends.
+                    if memchr::memmem::find(&data, b"[DONE]").is_some() {
+                        self.settle();
                     }
                 }
-                Some(Err(e)) => {
-                    self.settle();
-                    return Poll::Ready(Some(Err(e)));
-                }
-                None => {
-                    self.ended = true;
-                    self.settle();
-                    let rest = self.stripper.as_mut().map(UsageEventStripper::finish).unwrap_or_default();
-                    return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
-                }
+                // A JSON answer's usage is final: settle before its last bytes go out, so a
+                // client that sends its next request the moment it has read this one finds
+                // the refund already made.
+                None if self.scanner.usage().is_some() => self.settle(),
+                None => {}
             }
         }
+        match &mut self.stripper {
+            Some(stripper) => stripper.process(data),
+            None => data,
+        }
+    }
+
+    /// The body ended: settle, and release what the stripper still holds.
+    fn on_end(&mut self) -> Bytes {
+        self.settle();
+        self.stripper.as_mut().map(UsageEventStripper::finish).unwrap_or_default()
     }
 
     /// Replaces the reservation with the best count there is: reported usage, else an estimate
@@ -188,9 +363,34 @@ impl Metered {
     }
 }
 
-impl Drop for Metered {
+impl Drop for Metering {
     fn drop(&mut self) {
         // The client left mid-answer: charge what the backend produced until then.
         self.settle();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_sees_done_however_the_frames_cut_it() {
+        let stream = b"data: {\"x\":1}\n\ndata: [DONE]\n\n";
+        for cut in 0..stream.len() {
+            for second in cut..stream.len() {
+                let mut tail = Tail::default();
+                tail.push(&stream[..cut]);
+                tail.push(&stream[cut..second]);
+                tail.push(&stream[second..]);
+                assert!(tail.ends_with_done(), "cut at {cut} and {second}");
+            }
+        }
+        let mut tail = Tail::default();
+        tail.push(b"data: [DONE]\n\ndata: {\"late\":1}\n\n");
+        assert!(!tail.ends_with_done());
+        let mut tail = Tail::default();
+        tail.push(b"data: {\"choices\":[]}\n\n");
+        assert!(!tail.ends_with_done());
     }
 }

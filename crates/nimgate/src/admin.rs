@@ -1,0 +1,135 @@
+//! The admin listener (`server.admin_listen`, loopback by default): operators' endpoints,
+//! kept off the gateway's port so that they are never exposed with it.
+//! - `GET /admin/backends`: per backend its health, in-flight count, ejection state, NIM load
+//!   and recent errors.
+//!
+//! It shows names and URLs, never credentials.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::Gateway;
+use crate::pool::Backend;
+use crate::streaming::ResponseBody;
+
+/// Serves the admin endpoints on `listener` in the background until the handle is dropped.
+pub struct AdminHandle {
+    addr: std::net::SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl AdminHandle {
+    pub fn spawn(gateway: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let gateway = Arc::clone(&gateway);
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        let gateway = Arc::clone(&gateway);
+                        async move { Ok::<_, Infallible>(handle(&gateway, &request)) }
+                    });
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                });
+            }
+        });
+        Ok(Self { addr, task })
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn handle(gateway: &Gateway, request: &Request<Incoming>) -> Response<ResponseBody> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/admin/backends") => json_response(StatusCode::OK, &backends(gateway)),
+        (_, "/admin/backends") => {
+            json_response(StatusCode::METHOD_NOT_ALLOWED, &error("method_not_allowed", "use GET on /admin/backends"))
+        }
+        (_, path) => json_response(
+            StatusCode::NOT_FOUND,
+            &error("not_found", &format!("no such admin endpoint: {path} (there is GET /admin/backends)")),
+        ),
+    }
+}
+
+fn backends(gateway: &Gateway) -> Value {
+    let snapshot = gateway.snapshot();
+    json!({ "backends": snapshot.backends.iter().map(|b| backend(b)).collect::<Vec<_>>() })
+}
+
+fn backend(b: &Backend) -> Value {
+    let state = &b.state;
+    let ejected_for_ms = state.ejected_for_ms();
+    let (requests, failures) = state.totals();
+    let load = state.nim_load().map(|(load, age_ms)| {
+        json!({
+            "running": load.running,
+            "waiting": load.waiting,
+            "kv_cache_usage": load.kv_cache_usage,
+            "age_ms": age_ms,
+            "full": state.is_full_by_load(),
+        })
+    });
+    let health = match (&b.health_check, state.is_healthy()) {
+        (None, _) => "unchecked",
+        (Some(_), true) => "healthy",
+        (Some(_), false) => "unhealthy",
+    };
+    json!({
+        "name": b.name.as_str(),
+        "url": b.url,
+        "health": health,
+        "in_rotation": state.is_healthy() && ejected_for_ms == 0,
+        "in_flight": state.inflight(),
+        "max_concurrency": b.max_concurrency,
+        "weight": b.weight,
+        "ejected": ejected_for_ms > 0,
+        "ejected_for_ms": ejected_for_ms,
+        "consecutive_failures": state.consecutive_failures(),
+        "consecutive_ejections": state.ejections(),
+        "requests": requests,
+        "failures": failures,
+        "load": load,
+        "recent_errors": state.recent_errors().iter().map(|e| json!({
+            "at": humantime::format_rfc3339_millis(e.at).to_string(),
+            "kind": e.kind.as_str(),
+            "message": e.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn error(code: &str, message: &str) -> Value {
+    json!({ "error": { "message": message, "type": "invalid_request_error", "code": code, "param": null } })
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::full(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

@@ -1,0 +1,218 @@
+//! Background probes of a backend, one task each, alive as long as the backend is: the
+//! active health check (`health_check`: unhealthy after N failed probes in a row, healthy
+//! again after M passed ones) and the scrape of NIM's own load figures (`load_metrics`).
+//! Intervals carry ±10 % jitter so that replicas and backends do not probe in lockstep.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+
+use super::backend::join;
+use super::state::{FailureKind, NimLoad};
+use super::{Backend, HealthCheck, LoadMetrics};
+
+/// A metrics page larger than this is not NIM's.
+const MAX_METRICS_BYTES: usize = 4 << 20;
+
+/// Starts the probes `backends` have configured, on the current tokio runtime (none outside
+/// one, as in `check-config`).
+pub fn start(backends: &[Arc<Backend>]) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    for backend in backends {
+        if let Some(check) = backend.health_check.clone() {
+            runtime.spawn(health_loop(Arc::downgrade(backend), check));
+        }
+        if let Some(metrics) = backend.load_metrics.clone() {
+            runtime.spawn(load_loop(Arc::downgrade(backend), metrics));
+        }
+    }
+}
+
+async fn health_loop(backend: Weak<Backend>, check: HealthCheck) {
+    let Some(uri) = probe_uri(&backend, &check.path) else { return };
+    let (mut passed, mut failed) = (0u32, 0u32);
+    // The first probe at a random point of the first interval: backends configured together
+    // do not all get probed in the same instant.
+    tokio::time::sleep(check.interval.mul_f64(super::random() as f64 / u64::MAX as f64)).await;
+    loop {
+        let Some(backend) = backend.upgrade() else { return };
+        match get(&backend, &uri, check.timeout).await {
+            Ok(_) => {
+                passed += 1;
+                failed = 0;
+                if !backend.state.is_healthy() && passed >= check.healthy_after {
+                    tracing::info!(backend = %backend.name, "health check passing again: backend back in rotation");
+                    backend.state.set_healthy(true);
+                }
+            }
+            Err(cause) => {
+                failed += 1;
+                passed = 0;
+                if backend.state.is_healthy() && failed >= check.unhealthy_after {
+                    tracing::warn!(
+                        backend = %backend.name, %cause, failures = failed,
+                        "health check failing: backend out of rotation"
+                    );
+                    backend.state.set_healthy(false);
+                }
+                backend.state.remember(FailureKind::HealthCheck, &cause);
+            }
+        }
+        drop(backend);
+        tokio::time::sleep(jitter(check.interval)).await;
+    }
+}
+
+async fn load_loop(backend: Weak<Backend>, metrics: LoadMetrics) {
+    let Some(uri) = probe_uri(&backend, &metrics.path) else { return };
+    let timeout = metrics.interval.min(Duration::from_secs(5));
+    loop {
+        let Some(backend) = backend.upgrade() else { return };
+        match get(&backend, &uri, timeout).await.and_then(|page| parse_nim_load(&page)) {
+            Ok(load) => {
+                let full = load.waiting > metrics.max_waiting || load.kv_cache_usage >= metrics.max_kv_cache_usage;
+                if full != backend.state.is_full_by_load() {
+                    tracing::info!(
+                        backend = %backend.name, waiting = load.waiting, running = load.running,
+                        kv_cache_usage = load.kv_cache_usage, full, "NIM load crossed its threshold"
+                    );
+                }
+                backend.state.set_nim_load(Some(load), full);
+            }
+            Err(cause) => {
+                // Unknown load is not a reason to refuse traffic; passive checks still apply.
+                tracing::debug!(backend = %backend.name, %cause, "cannot read NIM load metrics");
+                backend.state.set_nim_load(None, false);
+            }
+        }
+        drop(backend);
+        tokio::time::sleep(jitter(metrics.interval)).await;
+    }
+}
+
+fn probe_uri(backend: &Weak<Backend>, path: &str) -> Option<Uri> {
+    let backend = backend.upgrade()?;
+    let base: Uri = backend.url.parse().ok()?;
+    match join(&base, path) {
+        Ok(uri) => Some(uri),
+        Err(e) => {
+            tracing::error!(backend = %backend.name, path, error = %e, "cannot build the probe URL; probe disabled");
+            None
+        }
+    }
+}
+
+/// GET `uri` on the backend's own client (its credential included), expecting a 2xx.
+async fn get(backend: &Backend, uri: &Uri, timeout: Duration) -> Result<Bytes, String> {
+    let mut request = Request::new(Full::new(Bytes::new()));
+    *request.method_mut() = Method::GET;
+    *request.uri_mut() = uri.clone();
+    if let Some(auth) = &backend.auth {
+        request.headers_mut().insert(http::header::AUTHORIZATION, auth.clone());
+    }
+    let exchange = async {
+        let response = backend.client.request(request).await.map_err(|e| root_cause(&e))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_METRICS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        if status.is_success() { Ok(body) } else { Err(format!("{} answered {status}", uri.path())) }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| Err(format!("{} did not answer within {timeout:?}", uri.path())))
+}
+
+fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
+fn jitter(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * (super::random() as f64 / u64::MAX as f64))
+}
+
+/// NIM's load from its Prometheus page: requests running and waiting (summed over models),
+/// KV-cache use (the highest reported, as a fraction). Metric names may carry an engine
+/// prefix (`vllm:num_requests_waiting`). A page without the waiting count is not a NIM's.
+pub fn parse_nim_load(page: &[u8]) -> Result<NimLoad, String> {
+    let text = std::str::from_utf8(page).map_err(|_| "the metrics page is not UTF-8".to_owned())?;
+    let mut load = NimLoad::default();
+    let mut saw_waiting = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = &line[..name_end];
+        let name = name.rsplit(':').next().unwrap_or(name);
+        // `name{labels} value [timestamp]`: the value is the first field after the labels.
+        let rest = &line[name_end..];
+        let rest = if rest.starts_with('{') { rest.rsplit_once('}').map_or("", |(_, r)| r) } else { rest };
+        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) else { continue };
+        if !value.is_finite() || value < 0.0 {
+            continue;
+        }
+        match name {
+            "num_requests_running" => load.running += value as u64,
+            "num_requests_waiting" => {
+                load.waiting += value as u64;
+                saw_waiting = true;
+            }
+            "gpu_cache_usage_perc" => {
+                let fraction = if value > 1.0 { value / 100.0 } else { value };
+                load.kv_cache_usage = load.kv_cache_usage.max(fraction);
+            }
+            _ => {}
+        }
+    }
+    if saw_waiting { Ok(load) } else { Err("no num_requests_waiting on the metrics page".into()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_nim_and_vllm_style_pages() {
+        let page = b"# HELP num_requests_running Number of requests running.\n\
+            # TYPE num_requests_running gauge\n\
+            num_requests_running{model_name=\"a\"} 3\n\
+            num_requests_running{model_name=\"b\"} 1\n\
+            vllm:num_requests_waiting{model_name=\"a\"} 7 1700000000000\n\
+            gpu_cache_usage_perc{model_name=\"a\"} 0.42\n\
+            gpu_cache_usage_perc{model_name=\"b\"} 0.9\n";
+        let load = parse_nim_load(page).unwrap();
+        assert_eq!(load, NimLoad { running: 4, waiting: 7, kv_cache_usage: 0.9 });
+    }
+
+    #[test]
+    fn percentages_become_fractions_and_unlabelled_series_count() {
+        let load = parse_nim_load(b"num_requests_waiting 2\ngpu_cache_usage_perc 85\n").unwrap();
+        assert_eq!(load.waiting, 2);
+        assert!((load.kv_cache_usage - 0.85).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_page_without_the_queue_is_refused() {
+        assert!(parse_nim_load(b"process_cpu_seconds_total 3\n").is_err());
+        assert!(parse_nim_load(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(9) && d <= Duration::from_secs(11));
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! What nimgate learns about a backend while it runs: requests in flight, passive ejection
+//! after consecutive failures (with a backoff that doubles while it keeps failing, and
+//! probation when it comes back), the active health check's verdict, NIM's own load figures,
+//! and the last few errors for `/admin/backends`. All lock-free on the request path; the
+//! error ring takes a lock only when something failed.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::Notify;
+
+/// Errors kept per backend for the admin API.
+const RECENT_ERRORS: usize = 10;
+
+/// Milliseconds since the process's first use of this clock; 0 is never a deadline.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Wakes requests queued for a backend with room. One for the process: a waiter re-checks
+/// its own pool, so a wake-up meant for another pool costs it one look.
+pub fn capacity_freed() -> &'static CapacitySignal {
+    static SIGNAL: OnceLock<CapacitySignal> = OnceLock::new();
+    SIGNAL.get_or_init(CapacitySignal::default)
+}
+
+#[derive(Default)]
+pub struct CapacitySignal {
+    pub notify: Notify,
+    /// Requests waiting anywhere; releases only notify when there are some.
+    pub waiters: AtomicU32,
+}
+
+impl CapacitySignal {
+    pub fn signal(&self) {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// When consecutive failures take a backend out, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EjectionPolicy {
+    pub after: u32,
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl EjectionPolicy {
+    pub const DEFAULT: Self = Self { after: 5, base: Duration::from_secs(5), max: Duration::from_secs(300) };
+
+    /// The `n`th consecutive ejection's length (n from 0): base, doubling, capped.
+    pub fn backoff(&self, n: u32) -> Duration {
+        self.base.saturating_mul(1u32.checked_shl(n.min(20)).unwrap_or(u32::MAX)).min(self.max)
+    }
+}
+
+/// What kind of failure a backend had, for logs, the admin API and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    Connect,
+    Reset,
+    Timeout,
+    Status5xx,
+    Overloaded,
+    StreamBroken,
+    HealthCheck,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Reset => "reset",
+            Self::Timeout => "timeout",
+            Self::Status5xx => "5xx",
+            Self::Overloaded => "overloaded",
+            Self::StreamBroken => "stream_broken",
+            Self::HealthCheck => "health_check",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RecentError {
+    pub at: SystemTime,
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// NIM's own load, from its `/v1/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct NimLoad {
+    pub running: u64,
+    pub waiting: u64,
+    /// 0 to 1.
+    pub kv_cache_usage: f64,
+}
+
+/// A backend's run-time state.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    inflight: AtomicU32,
+    consecutive_failures: AtomicU32,
+    /// Ejections in a row without a success between them: the backoff's exponent.
+    ejections: AtomicU32,
+    /// `now_ms()` until which the backend is out; 0 when it is in.
+    ejected_until: AtomicU64,
+    /// The active health check's verdict (true without a health check).
+    unhealthy: AtomicBool,
+    /// NIM's load: waiting and running requests, KV-cache use in millionths, and when
+    /// it was read (`now_ms()`, 0 = never or stale).
+    nim_waiting: AtomicU64,
+    nim_running: AtomicU64,
+    nim_kv_millionths: AtomicU64,
+    nim_read_at: AtomicU64,
+    /// Set from the load figures by the scraper: over a configured threshold.
+    full_by_load: AtomicBool,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    recent: Mutex<VecDeque<RecentError>>,
+}
+
+impl BackendState {
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Takes an in-flight slot unless the backend is at `max`.
+    pub fn try_take_slot(&self, max: Option<u32>) -> bool {
+        let taken = match max {
+            None => {
+                self.inflight.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(max) => {
+                self.inflight.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then_some(n + 1)).is_ok()
+            }
+        };
+        if taken {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    pub fn release_slot(&self) {
+        self.inflight.fetch_sub(1, Ordering::Release);
+        capacity_freed().signal();
+    }
+
+    /// Out of rotation: ejected or failing its health check.
+    pub fn is_out(&self, now: &mut Option<u64>) -> bool {
+        if self.unhealthy.load(Ordering::Relaxed) {
+            return true;
+        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && until > *now.get_or_insert_with(now_ms)
+    }
+
+    /// Milliseconds of ejection left.
+    pub fn ejected_for_ms(&self) -> u64 {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until.saturating_sub(now_ms())
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        !self.unhealthy.load(Ordering::Relaxed)
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.unhealthy.store(!healthy, Ordering::Relaxed);
+        if healthy {
+            capacity_freed().signal();
+        }
+    }
+
+    pub fn is_full_by_load(&self) -> bool {
+        self.full_by_load.load(Ordering::Relaxed)
+    }
+
+    /// Requests NIM reports waiting, when its figures are fresh (else 0).
+    pub fn nim_waiting(&self) -> u64 {
+        if self.nim_read_at.load(Ordering::Relaxed) == 0 { 0 } else { self.nim_waiting.load(Ordering::Relaxed) }
+    }
+
+    pub fn nim_load(&self) -> Option<(NimLoad, u64)> {
+        let at = self.nim_read_at.load(Ordering::Relaxed);
+        (at != 0).then(|| {
+            (
+                NimLoad {
+                    running: self.nim_running.load(Ordering::Relaxed),
+                    waiting: self.nim_waiting.load(Ordering::Relaxed),
+                    kv_cache_usage: self.nim_kv_millionths.load(Ordering::Relaxed) as f64 / 1e6,
+                },
+                now_ms().saturating_sub(at),
+            )
+        })
+    }
+
+    /// Records NIM's figures (None: they could not be read, so they no longer count) and
+    /// whether they make the backend full.
+    pub fn set_nim_load(&self, load: Option<NimLoad>, full: bool) {
+        match load {
+            Some(load) => {
+                self.nim_running.store(load.running, Ordering::Relaxed);
+                self.nim_waiting.store(load.waiting, Ordering::Relaxed);
+                self.nim_kv_millionths.store((load.kv_cache_usage.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+                self.nim_read_at.store(now_ms(), Ordering::Relaxed);
+            }
+            None => self.nim_read_at.store(0, Ordering::Relaxed),
+        }
+        let was_full = self.full_by_load.swap(full, Ordering::Relaxed);
+        if was_full && !full {
+            capacity_freed().signal();
+        }
+    }
+
+    /// A request got a good answer: the backend is trusted again (probation passed).
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.ejections.load(Ordering::Relaxed) != 0 {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request failed on this backend. Returns the ejection it caused, if any. A backend
+    /// back from an ejection is on probation: its failure count still stands, so one more
+    /// failure ejects it again, for twice as long.
+    pub fn record_failure(&self, kind: FailureKind, message: &str, policy: &EjectionPolicy) -> Option<Duration> {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.remember(kind, message);
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures < policy.after || self.ejected_until.load(Ordering::Relaxed) > now_ms() {
+            return None;
+        }
+        let n = self.ejections.fetch_add(1, Ordering::Relaxed);
+        let backoff = policy.backoff(n);
+        self.ejected_until.store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        Some(backoff)
+    }
+
+    /// Takes the backend out for `duration` (an upstream's `Retry-After`), keeping a longer
+    /// ejection already in force.
+    pub fn eject_for(&self, duration: Duration, kind: FailureKind, message: &str) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.remember(kind, message);
+        self.ejected_until.fetch_max(now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn remember(&self, kind: FailureKind, message: &str) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() == RECENT_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentError { at: SystemTime::now(), kind, message: message.to_owned() });
+    }
+
+    pub fn recent_errors(&self) -> Vec<RecentError> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    pub fn totals(&self) -> (u64, u64) {
+        (self.requests.load(Ordering::Relaxed), self.failures.load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: EjectionPolicy =
+        EjectionPolicy { after: 2, base: Duration::from_millis(100), max: Duration::from_millis(350) };
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(POLICY.backoff(0), Duration::from_millis(100));
+        assert_eq!(POLICY.backoff(1), Duration::from_millis(200));
+        assert_eq!(POLICY.backoff(2), Duration::from_millis(350));
+        assert_eq!(POLICY.backoff(u32::MAX), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn consecutive_failures_eject_and_probation_re_ejects_at_once() {
+        let state = BackendState::default();
+        let mut now = None;
+        assert_eq!(state.record_failure(FailureKind::Connect, "refused", &POLICY), None);
+        assert!(!state.is_out(&mut now));
+        assert_eq!(state.record_failure(FailureKind::Connect, "refused", &POLICY), Some(Duration::from_millis(100)));
+        assert!(state.is_out(&mut None));
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(!state.is_out(&mut None), "back on probation");
+        assert_eq!(
+            state.record_failure(FailureKind::Reset, "reset", &POLICY),
+            Some(Duration::from_millis(200)),
+            "one failure on probation ejects again, for longer"
+        );
+        state.record_success();
+        assert_eq!((state.consecutive_failures(), state.ejections()), (0, 0));
+        assert_eq!(state.recent_errors().len(), 3);
+    }
+
+    #[test]
+    fn slots_respect_max_concurrency() {
+        let state = BackendState::default();
+        assert!(state.try_take_slot(Some(2)));
+        assert!(state.try_take_slot(Some(2)));
+        assert!(!state.try_take_slot(Some(2)));
+        state.release_slot();
+        assert!(state.try_take_slot(Some(2)));
+        assert_eq!(state.inflight(), 2);
+    }
+
+    #[test]
+    fn the_error_ring_keeps_the_last_ten() {
+        let state = BackendState::default();
+        for i in 0..15 {
+            state.remember(FailureKind::Status5xx, &format!("e{i}"));
+        }
+        let recent = state.recent_errors();
+        assert_eq!(recent.len(), RECENT_ERRORS);
+        assert_eq!(recent[0].message, "e5");
+    }
+}
