@@ -81,7 +81,7 @@ pub struct RawLoadMetrics {
     pub interval: Option<String>,
     /// The backend counts as full while NIM reports more requests waiting than this.
     pub max_waiting: Option<u64>,
-    /// ... or a KV-cache use (0 to 1) at or above this.
+    /// ... or a KV-cache use (0 to 1) above this (1: never full by KV cache).
     pub max_kv_cache_usage: Option<f64>,
 }
 

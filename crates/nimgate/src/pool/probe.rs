@@ -73,7 +73,7 @@ async fn load_loop(backend: Weak<Backend>, metrics: LoadMetrics) {
         let Some(backend) = backend.upgrade() else { return };
         match get(&backend, &uri, timeout).await.and_then(|page| parse_nim_load(&page)) {
             Ok(load) => {
-                let full = load.waiting > metrics.max_waiting || load.kv_cache_usage >= metrics.max_kv_cache_usage;
+                let full = load.waiting > metrics.max_waiting || load.kv_cache_usage > metrics.max_kv_cache_usage;
                 if full != backend.state.is_full_by_load() {
                     tracing::info!(
                         backend = %backend.name, waiting = load.waiting, running = load.running,
