@@ -42,6 +42,10 @@ struct Args {
     /// separate nimgate's own cost from its HTTP stack's.
     #[arg(long)]
     floor: bool,
+    /// Also run this other nimgate binary (e.g. a build of the commit before a change) with the
+    /// same config, as the target `baseline`: before/after figures from one interleaved run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Run only the scenarios whose name contains this (e.g. `closed`, `streams`, `none`).
     #[arg(long)]
     only: Option<String>,
@@ -158,6 +162,22 @@ async fn run(args: Args) -> Result<(), String> {
         (true, _) => None,
     };
 
+    // A baseline nimgate build on core 0, when asked for.
+    let baseline_addr = procs::free_addr();
+    let baseline = match &args.baseline {
+        Some(binary) => {
+            let config = work.join("baseline.yaml");
+            std::fs::write(&config, nimgate_config(baseline_addr, fast_addr, stream_addr, idle_addr))
+                .map_err(|e| e.to_string())?;
+            let log = work.join("baseline.log");
+            let argv = ["--config".to_owned(), config.display().to_string()];
+            let mut proc = Proc::spawn("baseline", Some(0), binary, &argv, &[("NIMGATE_LOG", "warn")], &log)?;
+            proc.wait_listening(baseline_addr, &log)?;
+            Some(proc)
+        }
+        None => None,
+    };
+
     // hyper-floor on core 0, when asked for.
     let (floor_fast, floor_stream) = (procs::free_addr(), procs::free_addr());
     let floor = if args.floor {
@@ -177,6 +197,14 @@ async fn run(args: Args) -> Result<(), String> {
     ];
     if let Some(nginx) = &nginx {
         targets.push(Target { name: "nginx", fast: chat(nginx_fast), stream: chat(nginx_stream), proxy: Some(nginx) });
+    }
+    if let Some(baseline) = &baseline {
+        targets.push(Target {
+            name: "baseline",
+            fast: chat(baseline_addr),
+            stream: chat(baseline_addr),
+            proxy: Some(baseline),
+        });
     }
     if let Some(floor) = &floor {
         targets.push(Target {
@@ -266,6 +294,7 @@ async fn run(args: Args) -> Result<(), String> {
     drop(targets);
     drop(nginx);
     drop(floor);
+    drop(baseline);
     drop(gateway);
     drop(sims);
     let _ = std::fs::remove_dir_all(&work);

@@ -47,6 +47,16 @@ pub enum GatewayError {
     NoHealthyBackend(String),
 }
 
+/// The innermost cause of an error: "Connection refused (os error 111)" rather than
+/// "client error (Connect)".
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
+}
+
 impl GatewayError {
     /// The contract's table in one match: a new variant does not compile until it is placed.
     fn status_type_code(&self) -> (StatusCode, &'static str, &'static str) {

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use super::backend::join;
 use super::state::{FailureKind, NimLoad};
 use super::{Backend, HealthCheck, LoadMetrics};
+use crate::error::root_cause;
 
 /// A metrics page larger than this is not NIM's.
 const MAX_METRICS_BYTES: usize = 4 << 20;
@@ -126,14 +127,6 @@ async fn get(backend: &Backend, uri: &Uri, timeout: Duration) -> Result<Bytes, S
     tokio::time::timeout(timeout, exchange)
         .await
         .unwrap_or_else(|_| Err(format!("{} did not answer within {timeout:?}", uri.path())))
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 fn jitter(interval: Duration) -> Duration {

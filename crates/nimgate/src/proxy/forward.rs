@@ -24,6 +24,7 @@ use hyper::body::Incoming;
 
 use crate::api::Endpoint;
 use crate::error::GatewayError;
+use crate::error::root_cause;
 use crate::pool::state::FailureKind;
 use crate::pool::{Backend, BackendName, NoBackend, Pool, Slot, Tried};
 use crate::proxy::body::StreamOptions;
@@ -401,16 +402,6 @@ pub fn build(backend: &Backend, endpoint: Endpoint, mut headers: HeaderMap, body
     *request.uri_mut() = backend.uri(endpoint).clone();
     *request.headers_mut() = headers;
     request
-}
-
-/// The innermost cause of an error: "Connection refused (os error 111)" rather than
-/// "client error (Connect)".
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::error::root_cause;
 use crate::limits::Permit;
 use crate::pool::Slot;
 use crate::pool::state::FailureKind;
@@ -269,14 +270,6 @@ fn error_event(code: &str, message: &str) -> Bytes {
         "error": { "message": message, "type": "server_error", "code": code, "param": null }
     });
     Bytes::from(format!("data: {event}\n\n"))
-}
-
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 /// How one answer is metered.
