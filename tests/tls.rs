@@ -1,8 +1,10 @@
 //! TLS on both sides with a test CA generated here (rcgen): an https backend trusted through
-//! its `ca_file` (and refused without it), and the gateway's own TLS listener negotiating h2.
+//! its `ca_file` (and refused without it), the gateway's own TLS listener negotiating h2, and
+//! its certificate rotated without a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
@@ -141,4 +143,64 @@ async fn the_gateway_serves_tls_with_h2_by_alpn() {
     assert_eq!(response.status(), 200);
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
+}
+
+/// A client that trusts only `ca_pem`, for one fresh connection per request.
+fn https_client_trusting(
+    ca_pem: &str,
+) -> hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build::<_, Full<Bytes>>(connector)
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_is_served_from_the_next_connection_without_a_restart() {
+    let (old, new) = (pki(), pki());
+    // The served files live in their own directory, as a mounted Secret does.
+    let secret_dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (secret_dir.path().join("tls.crt"), secret_dir.path().join("tls.key"));
+    std::fs::copy(&old.cert_file, &cert).unwrap();
+    std::fs::copy(&old.key_file, &key).unwrap();
+    let backend = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&backend])
+        .key("team-a", &["*"])
+        .with(|raw| raw.server.tls = Some(RawTls { cert: cert.display().to_string(), key: key.display().to_string() }))
+        .start_from_file()
+        .await;
+    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
+    let chat = || {
+        TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
+            Method::POST,
+            "/v1/chat/completions",
+            chat_body(LLAMA, false).to_string(),
+            &[],
+        )
+    };
+    let (trusts_old, trusts_new) = (https_client_trusting(&old.ca_pem), https_client_trusting(&new.ca_pem));
+    assert_eq!(trusts_old.request(chat()).await.unwrap().status(), 200);
+    assert!(trusts_new.request(chat()).await.is_err());
+
+    // Rotation: new key first, then the certificate, as a renewal writes them.
+    std::fs::copy(&new.key_file, &key).unwrap();
+    std::fs::copy(&new.cert_file, &cert).unwrap();
+    eventually("the new certificate is served", Duration::from_secs(3), || async {
+        trusts_new.request(chat()).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(trusts_old.request(chat()).await.is_err(), "the old certificate is no longer served");
 }

@@ -19,6 +19,7 @@ use nimgate::Gateway;
 use nimgate::admin::AdminHandle;
 use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawLimits, RawRoute};
 use nimgate::config::{EnvSource, validate};
+use nimgate::reload::Reloader;
 use nimgate::server::ServerHandle;
 use serde_json::{Value, json};
 
@@ -135,6 +136,42 @@ impl GatewayBuilder {
         validate(&self.raw, &EnvSource::Map(self.env.clone())).expect("test config must be valid")
     }
 
+    /// The config as written so far (to change and write for a reload).
+    pub fn raw(&self) -> RawConfig {
+        self.raw.clone()
+    }
+
+    /// Writes the config to a JSON file in a fresh directory and serves it from there, with
+    /// hot reload on: the file watch, and `POST /admin/reload` on the admin listener.
+    pub async fn start_from_file(self) -> FileGateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nimgate.json");
+        write_config(&path, &self.raw);
+        let env = EnvSource::Map(self.env.clone());
+        self.serve_file(dir, path, env).await
+    }
+
+    /// Serves the config file at `path` (already written) with hot reload on.
+    pub async fn serve_file(self, dir: tempfile::TempDir, path: std::path::PathBuf, env: EnvSource) -> FileGateway {
+        let snapshot = nimgate::reload::load_initial(&path, &env).expect("test config must be valid");
+        let gateway = Gateway::new(snapshot);
+        let reloader = Reloader::new(Arc::clone(&gateway), path.clone(), env);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let admin =
+            AdminHandle::spawn(Arc::clone(&gateway), admin_listener, Some(Arc::clone(&reloader))).expect("spawn admin");
+        let watch = nimgate::reload::watch(Arc::clone(&reloader)).expect("watch the config file");
+        let gw = TestGateway {
+            url: format!("http://{}", handle.addr()),
+            admin_url: format!("http://{}", admin.addr()),
+            handle,
+            admin,
+            gateway,
+        };
+        FileGateway { gw, path, reloader, _watch: watch, _dir: dir }
+    }
+
     /// Validates the config and serves it on an ephemeral loopback port.
     pub async fn start(self) -> TestGateway {
         let snapshot = self.snapshot();
@@ -142,7 +179,7 @@ impl GatewayBuilder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
         let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
         let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = AdminHandle::spawn(Arc::clone(&gateway), admin_listener).expect("spawn admin");
+        let admin = AdminHandle::spawn(Arc::clone(&gateway), admin_listener, None).expect("spawn admin");
         TestGateway {
             url: format!("http://{}", handle.addr()),
             admin_url: format!("http://{}", admin.addr()),
@@ -150,6 +187,42 @@ impl GatewayBuilder {
             admin,
             gateway,
         }
+    }
+}
+
+/// Writes `raw` as the JSON config file at `path`, in place.
+pub fn write_config(path: &std::path::Path, raw: &RawConfig) {
+    std::fs::write(path, serde_json::to_vec_pretty(raw).expect("config serializes")).expect("write config");
+}
+
+/// A gateway serving a config file, with hot reload on.
+pub struct FileGateway {
+    pub gw: TestGateway,
+    pub path: std::path::PathBuf,
+    pub reloader: Arc<Reloader>,
+    _watch: nimgate::reload::FileWatch,
+    _dir: tempfile::TempDir,
+}
+
+impl FileGateway {
+    /// Writes a new config over the file (the watch reloads it).
+    pub fn write(&self, raw: &RawConfig) {
+        write_config(&self.path, raw);
+    }
+
+    /// `POST /admin/reload`.
+    pub async fn admin_reload(&self) -> Reply {
+        self.gw.admin_client().post("/admin/reload", "").await
+    }
+
+    /// The value of `nimgate_config_reloads_total{result="RESULT"}` on `/metrics`.
+    pub async fn reloads(&self, result: &str) -> u64 {
+        let text = self.gw.admin_client().get("/metrics").await.text();
+        let series = format!("nimgate_config_reloads_total{{result=\"{result}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {text}"))
     }
 }
 

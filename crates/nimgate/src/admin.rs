@@ -1,7 +1,12 @@
 //! The admin listener (`server.admin_listen`, loopback by default): operators' endpoints,
 //! kept off the gateway's port so that they are never exposed with it.
+//! - `GET /metrics`: Prometheus text.
 //! - `GET /admin/backends`: per backend its health, in-flight count, ejection state, NIM load
 //!   and recent errors.
+//! - `GET /admin/config`: the configuration in force, credentials redacted, with its version
+//!   and hash.
+//! - `POST /admin/reload`: reload the config file; 200 with the new version, or 422 with every
+//!   problem (the configuration in force stays).
 //!
 //! It shows names and URLs, never credentials.
 
@@ -21,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::Gateway;
 use crate::pool::Backend;
+use crate::reload::{self, Reloader, Trigger};
 use crate::streaming::ResponseBody;
 
 /// Serves the admin endpoints on `listener` in the background until the handle is dropped.
@@ -30,7 +36,12 @@ pub struct AdminHandle {
 }
 
 impl AdminHandle {
-    pub fn spawn(gateway: Arc<Gateway>, listener: TcpListener) -> std::io::Result<Self> {
+    /// `reloader` is the gateway's, when it was started from a file.
+    pub fn spawn(
+        gateway: Arc<Gateway>,
+        listener: TcpListener,
+        reloader: Option<Arc<Reloader>>,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             loop {
@@ -38,11 +49,11 @@ impl AdminHandle {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let gateway = Arc::clone(&gateway);
+                let (gateway, reloader) = (Arc::clone(&gateway), reloader.clone());
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
-                        let gateway = Arc::clone(&gateway);
-                        async move { Ok::<_, Infallible>(handle(&gateway, &request)) }
+                        let (gateway, reloader) = (Arc::clone(&gateway), reloader.clone());
+                        async move { Ok::<_, Infallible>(handle(&gateway, reloader.as_deref(), &request).await) }
                     });
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -64,16 +75,63 @@ impl Drop for AdminHandle {
     }
 }
 
-fn handle(gateway: &Gateway, request: &Request<Incoming>) -> Response<ResponseBody> {
-    match (request.method(), request.uri().path()) {
-        (&Method::GET, "/admin/backends") => json_response(StatusCode::OK, &backends(gateway)),
-        (_, "/admin/backends") => {
-            json_response(StatusCode::METHOD_NOT_ALLOWED, &error("method_not_allowed", "use GET on /admin/backends"))
+async fn handle(gateway: &Gateway, reloader: Option<&Reloader>, request: &Request<Incoming>) -> Response<ResponseBody> {
+    let path = request.uri().path();
+    let allowed = match path {
+        "/metrics" | "/admin/backends" | "/admin/config" => Method::GET,
+        "/admin/reload" => Method::POST,
+        _ => {
+            let message = format!(
+                "no such admin endpoint: {path} (there are GET /metrics, GET /admin/backends, GET /admin/config, POST /admin/reload)"
+            );
+            return json_response(StatusCode::NOT_FOUND, &error("not_found", &message));
         }
-        (_, path) => json_response(
-            StatusCode::NOT_FOUND,
-            &error("not_found", &format!("no such admin endpoint: {path} (there is GET /admin/backends)")),
-        ),
+    };
+    if request.method() != allowed {
+        let message = format!("use {allowed} on {path}");
+        return json_response(StatusCode::METHOD_NOT_ALLOWED, &error("method_not_allowed", &message));
+    }
+    match path {
+        "/metrics" => {
+            let mut response = Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render())));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
+        "/admin/backends" => json_response(StatusCode::OK, &backends(gateway)),
+        "/admin/config" => {
+            let snapshot = gateway.snapshot();
+            let restart_needed = reloader.map(|r| r.restart_needed(&snapshot)).unwrap_or_default();
+            json_response(
+                StatusCode::OK,
+                &json!({
+                    "version": snapshot.meta.version,
+                    "hash": snapshot.meta.hash,
+                    "path": reloader.map(|r| r.path().display().to_string()),
+                    "restart_needed": restart_needed,
+                    "config": reload::redacted(&snapshot),
+                }),
+            )
+        }
+        _ => match reloader {
+            None => json_response(
+                StatusCode::CONFLICT,
+                &error("reload_unavailable", "this gateway was not started from a config file"),
+            ),
+            Some(reloader) => match reloader.reload(Trigger::AdminApi).await {
+                Ok(applied) => json_response(
+                    StatusCode::OK,
+                    &json!({ "status": "reloaded", "version": applied.version, "hash": applied.hash, "restart_needed": applied.restart_needed }),
+                ),
+                Err(e) => {
+                    let problems: Vec<Value> =
+                        e.problems().iter().map(|p| json!({ "path": p.path, "message": p.message })).collect();
+                    let mut body =
+                        error("invalid_config", &format!("config not reloaded, the one in force stays: {e}"));
+                    body["problems"] = Value::from(problems);
+                    json_response(StatusCode::UNPROCESSABLE_ENTITY, &body)
+                }
+            },
+        },
     }
 }
 

@@ -14,7 +14,10 @@
 //! - `streaming`: the response body passed through frame by frame.
 //! - `models`: `GET /v1/models`.
 //! - `server`: listeners, TLS, connection tasks, graceful shutdown.
-//! - `admin`: the admin listener (`/admin/backends`).
+//! - `admin`: the admin listener (`/metrics`, `/admin/backends`, `/admin/config`,
+//!   `/admin/reload`).
+//! - `reload`: hot reload from a file watch, SIGHUP or the admin API.
+//! - `metrics`: the Prometheus registry.
 //! - `tls`: PEM certificate and key loading.
 //! - `demo`: `nimgate demo`, the gateway with two in-process simulated NIMs.
 //! - `error`: `GatewayError` and its one rendering as an OpenAI error body.
@@ -29,9 +32,11 @@ pub mod error;
 pub mod glob;
 pub mod handler;
 pub mod limits;
+pub mod metrics;
 pub mod models;
 pub mod pool;
 pub mod proxy;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod streaming;
@@ -52,6 +57,7 @@ pub struct Gateway {
     draining: AtomicBool,
     catalog: models::Catalog,
     limiter: Arc<limits::Limiter>,
+    metrics: metrics::Metrics,
 }
 
 impl Gateway {
@@ -64,6 +70,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             catalog: models::Catalog::default(),
             limiter: Arc::new(limits::Limiter::default()),
+            metrics: metrics::Metrics::new(),
         })
     }
 
@@ -94,6 +101,10 @@ impl Gateway {
 
     pub(crate) fn catalog(&self) -> &models::Catalog {
         &self.catalog
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.metrics
     }
 
     /// The key limiter; its state outlives snapshots.

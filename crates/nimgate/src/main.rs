@@ -5,10 +5,12 @@ use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nimgate::config::{self, EnvSource, Snapshot};
+use nimgate::reload::{self, Reloader, Trigger};
 use nimgate::{Gateway, auth, demo, server};
 
 /// mimalloc: measurably cheaper than glibc's malloc for the many small, short-lived
@@ -73,8 +75,7 @@ fn config_path(flag: Option<PathBuf>) -> PathBuf {
 }
 
 fn load(path: &Path) -> anyhow::Result<Snapshot> {
-    let raw = config::load_file(path, &EnvSource::Process)?;
-    config::validate(&raw, &EnvSource::Process).with_context(|| format!("{} is not valid", path.display()))
+    reload::load_initial(path, &EnvSource::Process).with_context(|| format!("{} is not valid", path.display()))
 }
 
 fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
@@ -150,8 +151,17 @@ async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode
         "nimgate listening"
     );
     let gateway = Gateway::new(snapshot);
+    let reloader = Reloader::new(Arc::clone(&gateway), path.to_path_buf(), EnvSource::Process);
     // The admin listener answers until the process exits, drain included.
-    let _admin = nimgate::admin::AdminHandle::spawn(std::sync::Arc::clone(&gateway), admin_listener)?;
+    let _admin = nimgate::admin::AdminHandle::spawn(Arc::clone(&gateway), admin_listener, Some(Arc::clone(&reloader)))?;
+    let _watch = match reload::watch(Arc::clone(&reloader)) {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            tracing::warn!(error = %e, config = %path.display(), "cannot watch the config file; reload with SIGHUP or POST /admin/reload");
+            None
+        }
+    };
+    let _sighup = tokio::spawn(reload_on_sighup(reloader));
     server::serve(gateway, listener, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -159,6 +169,23 @@ async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode
 async fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     demo::run(listen, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn reload_on_sighup(reloader: Arc<Reloader>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            // Problems are logged and counted by `reload`.
+            let _ = reloader.reload(Trigger::Signal).await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = reloader;
 }
 
 /// Completes on SIGINT or SIGTERM.

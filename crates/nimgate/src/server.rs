@@ -33,7 +33,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
 
 /// Serves `listener` until `shutdown` completes, then drains.
 pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let tls = gateway.snapshot().server.tls.clone().map(TlsAcceptor::from);
     let builder = Arc::new(connection_builder());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -43,7 +42,8 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl 
                 Ok((stream, peer)) => {
                     let connection = Connection { gateway: Arc::clone(&gateway), builder: Arc::clone(&builder), peer };
                     let watcher = graceful.watcher();
-                    let tls = tls.clone();
+                    // Read per connection, so that a reloaded certificate serves the next one.
+                    let tls = gateway.snapshot().server.tls.clone().map(TlsAcceptor::from);
                     tokio::spawn(async move { connection.run(stream, tls, watcher).await });
                 }
                 Err(e) => {

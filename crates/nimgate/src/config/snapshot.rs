@@ -22,6 +22,19 @@ pub struct Snapshot {
     pub keys: KeyTable,
     pub rate_limits: RateLimitSettings,
     pub balancing: Balancing,
+    /// Where this snapshot came from, for `/admin/config`.
+    pub meta: ConfigMeta,
+}
+
+/// The version and origin of a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigMeta {
+    /// 1 for the configuration the gateway started with, one more for each reload applied.
+    pub version: u64,
+    /// sha256 of the file's bytes (hex).
+    pub hash: String,
+    /// The configuration as loaded (environment overrides applied).
+    pub source: Option<Arc<crate::config::RawConfig>>,
 }
 
 /// `server:`.

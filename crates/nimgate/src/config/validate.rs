@@ -14,7 +14,7 @@ use super::load::EnvSource;
 use super::raw::{
     RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawRateLimits, RawRoute, RawServer,
 };
-use super::snapshot::{LimitStore, OnStoreError, RateLimitSettings, ServerSettings, Snapshot};
+use super::snapshot::{ConfigMeta, LimitStore, OnStoreError, RateLimitSettings, ServerSettings, Snapshot};
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
@@ -47,7 +47,13 @@ const DEFAULT_MAX_KV_CACHE_USAGE: f64 = 0.95;
 
 /// Validates `raw`, reading credentials named by `api_key_env` / `key_env` from `env`.
 pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigError> {
-    let mut v = Validator { problems: Vec::new(), env };
+    validate_after(raw, env, None)
+}
+
+/// Validates `raw` to replace `previous`: a backend whose configuration is unchanged is the
+/// same backend, kept with its connection pool, health, ejection state and in-flight count.
+pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
+    let mut v = Validator { problems: Vec::new(), env, previous };
     let server = v.server(&raw.server);
     let balancing = v.balancing(&raw.balancing);
     let backends = v.backends(&raw.backends, &balancing);
@@ -57,12 +63,21 @@ pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigErro
     if !v.problems.is_empty() {
         return Err(ConfigError::Invalid(v.problems));
     }
-    Ok(Snapshot { server, backends: backends.into_iter().flatten().collect(), routes, keys, rate_limits, balancing })
+    Ok(Snapshot {
+        server,
+        backends: backends.into_iter().flatten().collect(),
+        routes,
+        keys,
+        rate_limits,
+        balancing,
+        meta: ConfigMeta::default(),
+    })
 }
 
 struct Validator<'a> {
     problems: Vec<Problem>,
     env: &'a EnvSource,
+    previous: Option<&'a Snapshot>,
 }
 
 impl Validator<'_> {
@@ -140,12 +155,12 @@ impl Validator<'_> {
                     format!("duplicate backend name `{}` (first at backends[{first}])", b.name),
                 );
             }
-            out.push(self.backend(&at, b, balancing).map(Arc::new));
+            out.push(self.backend(&at, b, balancing));
         }
         out
     }
 
-    fn backend(&mut self, at: &str, b: &RawBackend, balancing: &Balancing) -> Option<Backend> {
+    fn backend(&mut self, at: &str, b: &RawBackend, balancing: &Balancing) -> Option<Arc<Backend>> {
         let before = self.problems.len();
         let base = self.backend_url(&format!("{at}.url"), &b.url);
         let auth = b.api_key_env.as_deref().and_then(|var| {
@@ -197,16 +212,23 @@ impl Validator<'_> {
             }
             tls::certificates(Path::new(file)).map_err(|e| self.problem(format!("{at}.ca_file"), e.to_string())).ok()
         });
-        let client = client::build(timeouts.connect, extra_ca.as_deref())
-            .map_err(|e| self.problem(format!("{at}.ca_file"), e))
-            .ok();
         if self.problems.len() > before {
             return None;
         }
+        let fingerprint = fingerprint(b, auth.as_ref(), extra_ca.as_deref(), &balancing.ejection);
+        if let Some(same) = self.previous.and_then(|p| p.backends.iter().find(|old| old.name.as_str() == b.name)) {
+            if same.fingerprint == fingerprint {
+                return Some(Arc::clone(same));
+            }
+        }
+        let client = client::build(timeouts.connect, extra_ca.as_deref())
+            .map_err(|e| self.problem(format!("{at}.ca_file"), e))
+            .ok();
         let uris = EndpointUris::new(&base?)
             .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
             .ok()?;
-        Some(Backend {
+        Some(Arc::new(Backend {
+            fingerprint,
             name: BackendName::new(&b.name),
             url: b.url.clone(),
             uris,
@@ -220,7 +242,7 @@ impl Validator<'_> {
             ejection: balancing.ejection,
             client: client?,
             state: BackendState::default(),
-        })
+        }))
     }
 
     fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {
@@ -542,6 +564,25 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// What makes a backend the same backend across reloads: its settings as written, the
+/// credential and CA certificates they resolved to, and the ejection policy it applies.
+fn fingerprint(
+    raw: &RawBackend,
+    auth: Option<&HeaderValue>,
+    extra_ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    ejection: &EjectionPolicy,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(serde_json::to_vec(raw).unwrap_or_default());
+    hash.update(auth.map_or(&[][..], HeaderValue::as_bytes));
+    for cert in extra_ca.unwrap_or_default() {
+        hash.update(cert.as_ref());
+    }
+    hash.update(format!("{ejection:?}"));
+    hash.finalize().into()
 }
 
 /// A humane duration (`250ms`, `5s`, `2m`, `1h 30m`) that is not zero.

@@ -80,6 +80,8 @@ impl Timeouts {
 
 /// A backend ready to take requests.
 pub struct Backend {
+    /// Its configuration's digest: a reload that leaves it unchanged keeps this backend.
+    pub fingerprint: [u8; 32],
     pub name: BackendName,
     /// The configured URL, for logs and errors (it carries no credential).
     pub url: String,
@@ -127,6 +129,7 @@ impl Backend {
     pub(crate) fn for_tests(raw: &crate::config::raw::RawBackend) -> Self {
         let base: Uri = raw.url.parse().expect("test URL");
         Self {
+            fingerprint: [0; 32],
             name: BackendName::new(&raw.name),
             url: raw.url.clone(),
             uris: EndpointUris::new(&base).expect("test URIs"),

@@ -19,10 +19,13 @@ use crate::error::root_cause;
 const MAX_METRICS_BYTES: usize = 4 << 20;
 
 /// Starts the probes `backends` have configured, on the current tokio runtime (none outside
-/// one, as in `check-config`).
+/// one, as in `check-config`). A backend kept from an earlier snapshot keeps its running ones.
 pub fn start(backends: &[Arc<Backend>]) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     for backend in backends {
+        if !backend.state.claim_probes() {
+            continue;
+        }
         if let Some(check) = backend.health_check.clone() {
             runtime.spawn(health_loop(Arc::downgrade(backend), check));
         }

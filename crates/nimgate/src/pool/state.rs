@@ -124,9 +124,16 @@ pub struct BackendState {
     requests: AtomicU64,
     failures: AtomicU64,
     recent: Mutex<VecDeque<RecentError>>,
+    /// Its probe tasks run (a backend kept across reloads keeps its tasks).
+    probing: AtomicBool,
 }
 
 impl BackendState {
+    /// True the first time only: whoever gets it starts the backend's probes.
+    pub fn claim_probes(&self) -> bool {
+        !self.probing.swap(true, Ordering::AcqRel)
+    }
+
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
     }

@@ -1,0 +1,216 @@
+//! The real binary's signals: SIGTERM during a stream lets the stream finish, refuses new
+//! connections at once, and exits 0; SIGHUP reloads the config file, and a changed listen
+//! address is reported as needing a restart.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nim_sim::{Sim, SimOptions};
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[test]
+fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // 40 chunks 25 ms apart: a stream of about a second.
+    let sim = runtime
+        .block_on(Sim::start(SimOptions {
+            tokens: 40,
+            chunk_delay: Duration::from_millis(25),
+            ..SimOptions::default()
+        }))
+        .unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nimgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\", allow_anonymous: true, drain_timeout: 10s }}\n\
+             backends: [{{ name: sim, url: \"{}\" }}]\n\
+             routes: [{{ model: \"*\", backends: [sim] }}]\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_nimgate"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("NIMGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut gateway = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut stream = loop {
+        match TcpStream::connect(listen) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("nimgate did not listen on {listen}: {e}"),
+        }
+    };
+
+    let body = r#"{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[{"role":"user","content":"Hi"}]}"#;
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(n > 0, "the stream ended before its first event");
+        seen.extend_from_slice(&buffer[..n]);
+    }
+
+    let pid = gateway.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(TcpStream::connect(listen).is_err(), "new connections are refused during the drain");
+
+    // The stream goes on to its end. The server closes the drained connection after it.
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                seen.extend_from_slice(&buffer[..n]);
+                if String::from_utf8_lossy(&seen).contains("0\r\n\r\n") {
+                    break;
+                }
+            }
+            Err(e) => panic!("the stream broke during the drain: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("data: [DONE]"), "the stream completed: {text}");
+    assert_eq!(text.matches("chat.completion.chunk").count(), 42, "role, 40 tokens, finish: {text}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = gateway.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "nimgate did not exit after the drain");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    runtime.block_on(sim.stop());
+}
+
+/// One request with `Connection: close`; the whole answer as text.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sim = runtime
+        .block_on(Sim::start(SimOptions { models: vec!["a/one".into(), "b/two".into()], ..SimOptions::default() }))
+        .unwrap();
+    let (listen, admin, elsewhere) = (free_port(), free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nimgate.yaml");
+    let write = |listen: SocketAddr, models: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\", allow_anonymous: true }}\n\
+                 backends: [{{ name: sim, url: \"{}\" }}]\n\
+                 routes: [{models}]\n",
+                sim.url()
+            ),
+        )
+        .unwrap();
+    };
+    write(listen, "{ model: a/one, backends: [sim] }");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nimgate"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("NIMGATE_LOG", "info")
+        .env("NIMGATE_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log, read as it comes, to tell which trigger reloaded.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let reader = {
+        let log = std::sync::Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+                log.lock().unwrap().push_str(&(line + "\n"));
+            }
+        })
+    };
+    let gateway = Running(child);
+    wait_listening(listen);
+    wait_listening(admin);
+    let chat =
+        |model: &str| http(listen, "POST", "/v1/chat/completions", &format!(r#"{{"model":"{model}","messages":[]}}"#));
+    assert!(chat("b/two").starts_with("HTTP/1.1 404"));
+
+    // A new route, and a new listen address that cannot change without a restart. The file
+    // watch may pick the change up before the signal does; either way one reload applies it.
+    write(elsewhere, "{ model: a/one, backends: [sim] }, { model: b/two, backends: [sim] }");
+    assert!(Command::new("kill").args(["-HUP", &gateway.0.id().to_string()]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !chat("b/two").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the reload did not apply");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let answer = http(admin, "GET", "/admin/config", "");
+    let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(body["version"].as_u64().unwrap() >= 2, "{body}");
+    assert_eq!(body["restart_needed"], serde_json::json!(["server.listen"]), "{body}");
+    assert!(TcpStream::connect(elsewhere).is_err(), "the old listener stays until a restart");
+    let metrics = http(admin, "GET", "/metrics", "");
+    assert!(!metrics.contains("nimgate_config_reloads_total{result=\"ok\"} 0"), "{metrics}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reloaded_by_signal = || {
+        log.lock()
+            .unwrap()
+            .lines()
+            .any(|line| line.contains("config reloaded") && line.contains(r#""trigger":"SIGHUP""#))
+    };
+    while !reloaded_by_signal() {
+        assert!(Instant::now() < deadline, "no reload by SIGHUP in the log: {}", log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gateway);
+    let _ = reader.join();
+    runtime.block_on(sim.stop());
+}

@@ -1,0 +1,298 @@
+//! Hot reload without dropping a request (#8): file edits, a ConfigMap-style symlink swap and
+//! the admin API put a new config in force within seconds; an invalid file changes nothing;
+//! requests in flight finish on their snapshot; state of unchanged keys and backends survives.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use http::Method;
+use nimgate::config::raw::{RawBackend, RawConfig, RawLimits, RawRoute};
+use nimgate_tests::*;
+
+const LLAMA: &str = "meta/llama-3.1-8b-instruct";
+const MISTRAL: &str = "mistralai/mistral-7b-instruct";
+
+fn route(model: &str, backend: &str) -> RawRoute {
+    RawRoute { model: model.into(), backends: vec![backend.into()], ..RawRoute::default() }
+}
+
+/// One sim serving both models, a route for LLAMA, keys team-a (limited) and team-b.
+async fn setup() -> (nim_sim::Sim, FileGateway) {
+    let sim = sim_serving(&[LLAMA, MISTRAL]).await;
+    let gw = gateway()
+        .backend("gpu", &sim.url())
+        .route_with(route(LLAMA, "gpu"))
+        .key_limited("team-a", &["*"], Some(600), None)
+        .key("team-b", &["*"])
+        .start_from_file()
+        .await;
+    (sim, gw)
+}
+
+fn base(gw: &FileGateway) -> RawConfig {
+    let text = std::fs::read(&gw.path).unwrap();
+    serde_json::from_slice(&text).unwrap()
+}
+
+fn changed(mut raw: RawConfig) -> RawConfig {
+    raw.routes.push(route(MISTRAL, "gpu"));
+    raw.keys.retain(|k| k.name != "team-b");
+    raw.keys[0].limits = Some(RawLimits { requests_per_minute: Some(1200), tokens_per_minute: None });
+    raw
+}
+
+async fn assert_changes_visible(gw: &FileGateway, within: Duration) {
+    let (a, b) = (gw.gw.client("team-a"), gw.gw.client("team-b"));
+    let started = Instant::now();
+    eventually("the new route, the revoked key and the new limit are in force", within, || async {
+        a.chat(MISTRAL).await.status == 200
+            && b.chat(LLAMA).await.status == 401
+            && a.chat(LLAMA).await.header("x-ratelimit-limit-requests") == Some("1200")
+    })
+    .await;
+    assert!(started.elapsed() < within);
+}
+
+#[tokio::test]
+async fn a_file_edit_adds_a_route_revokes_a_key_and_changes_a_limit_within_two_seconds() {
+    let (_sim, gw) = setup().await;
+    let (a, b) = (gw.gw.client("team-a"), gw.gw.client("team-b"));
+    a.chat(MISTRAL).await.assert_error(404, "model_not_found");
+    assert_eq!(b.chat(LLAMA).await.status, 200);
+    assert_eq!(a.chat(LLAMA).await.header("x-ratelimit-limit-requests"), Some("600"));
+
+    gw.write(&changed(base(&gw)));
+    assert_changes_visible(&gw, Duration::from_secs(2)).await;
+    assert_eq!(gw.reloads("ok").await, 1);
+    let config = gw.gw.admin_client().get("/admin/config").await.json();
+    assert_eq!(config["version"], 2);
+}
+
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_picked_up() {
+    let sim = sim_serving(&[LLAMA, MISTRAL]).await;
+    let builder = gateway()
+        .backend("gpu", &sim.url())
+        .route_with(route(LLAMA, "gpu"))
+        .key_limited("team-a", &["*"], Some(600), None)
+        .key("team-b", &["*"]);
+    let first = builder.raw();
+    // The kubelet's layout: the file is a symlink through `..data` to a timestamped directory.
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().to_path_buf();
+    let mount = mount.as_path();
+    std::fs::create_dir(mount.join("..2026_11_25_1")).unwrap();
+    write_config(&mount.join("..2026_11_25_1/nimgate.json"), &first);
+    std::os::unix::fs::symlink("..2026_11_25_1", mount.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/nimgate.json", mount.join("nimgate.json")).unwrap();
+    let path = mount.join("nimgate.json");
+    let gw = builder.serve_file(dir, path, nimgate::config::EnvSource::Map(Default::default())).await;
+
+    // An update: a new directory, a new `..data` link renamed over the old one.
+    std::fs::create_dir(mount.join("..2026_11_25_2")).unwrap();
+    write_config(&mount.join("..2026_11_25_2/nimgate.json"), &changed(first));
+    std::os::unix::fs::symlink("..2026_11_25_2", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    std::fs::remove_dir_all(mount.join("..2026_11_25_1")).unwrap();
+    assert_changes_visible(&gw, Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn the_admin_api_reloads_and_reports_an_invalid_file_with_its_problems() {
+    let (_sim, gw) = setup().await;
+    let admin = gw.gw.admin_client();
+    // The watch would reload too; the admin call is what this test checks, so it comes first.
+    let mut raw = changed(base(&gw));
+    raw.keys[0].models = vec!["*".into()];
+    write_config(&gw.path, &raw);
+    let reply = gw.admin_reload().await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert!(reply.json()["version"].as_u64().unwrap() >= 2);
+    assert_changes_visible(&gw, Duration::from_secs(1)).await;
+
+    let mut broken = raw.clone();
+    broken.routes.push(RawRoute { model: "x/*".into(), backends: vec!["nowhere".into()], ..RawRoute::default() });
+    broken.backends.push(RawBackend { name: "bad".into(), url: "ftp://x".into(), ..RawBackend::default() });
+    write_config(&gw.path, &broken);
+    let version = admin.get("/admin/config").await.json()["version"].clone();
+    let reply = admin.post("/admin/reload", "").await;
+    assert_eq!(reply.status, 422, "{}", reply.text());
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "invalid_config");
+    let paths: Vec<&str> = body["problems"].as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap()).collect();
+    assert!(
+        paths.contains(&"backends[1].url") && paths.iter().any(|p| p.starts_with("routes[2].backends")),
+        "{paths:?}"
+    );
+    // Still serving the last good config.
+    assert_eq!(gw.gw.client("team-a").chat(MISTRAL).await.status, 200);
+    assert_eq!(admin.get("/admin/config").await.json()["version"], version);
+    assert!(gw.reloads("error").await >= 1);
+}
+
+#[tokio::test]
+async fn an_invalid_file_keeps_the_old_config_serving_and_counts_the_error() {
+    let (_sim, gw) = setup().await;
+    std::fs::write(&gw.path, b"{ this is not json").unwrap();
+    eventually("the failed reload is counted", Duration::from_secs(3), || async { gw.reloads("error").await == 1 })
+        .await;
+    assert_eq!(gw.reloads("ok").await, 0);
+    assert_eq!(gw.gw.client("team-b").chat(LLAMA).await.status, 200);
+    let config = gw.gw.admin_client().get("/admin/config").await.json();
+    assert_eq!(config["version"], 1);
+}
+
+#[tokio::test]
+async fn admin_config_shows_the_config_in_force_without_secrets() {
+    let (_sim, gw) = setup().await;
+    let config = gw.gw.admin_client().get("/admin/config").await;
+    assert_eq!(config.status, 200);
+    let body = config.json();
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["hash"].as_str().unwrap().len(), 64);
+    assert_eq!(body["config"]["keys"][0]["name"], "team-a");
+    assert_eq!(body["config"]["keys"][0]["key_sha256"], "<redacted>");
+    assert!(!config.text().contains(&nimgate::auth::digest_hex(&secret("team-a"))));
+}
+
+#[tokio::test]
+async fn a_stream_begun_before_a_reload_that_removes_its_route_completes() {
+    let sim = sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 30,
+        chunk_delay: Duration::from_millis(20),
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway()
+        .backend("gpu", &sim.url())
+        .route_with(route(LLAMA, "gpu"))
+        .route_with(route("other/*", "gpu"))
+        .key("team-a", &["*"])
+        .start_from_file()
+        .await;
+    let client = gw.gw.client("team-a");
+    let response = client
+        .send(client.request(Method::POST, "/v1/chat/completions", chat_body(LLAMA, true).to_string(), &[]))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = next_frame(&mut body, Duration::from_secs(5)).await.expect("the stream started");
+
+    let mut raw = base(&gw);
+    raw.routes.retain(|r| r.model != LLAMA);
+    raw.backends[0].weight = Some(2); // the backend changes too: a fresh one serves new requests
+    write_config(&gw.path, &raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+    client.chat(LLAMA).await.assert_error(404, "model_not_found");
+
+    let rest = all_frames(&mut body).await;
+    let text: String = std::iter::once(first).chain(rest).map(|f| String::from_utf8_lossy(&f).into_owned()).collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(sse_data(&text).len(), 1 + 30 + 1 + 1, "role, 30 tokens, finish, [DONE]");
+}
+
+#[tokio::test]
+async fn limiter_and_backend_state_survive_an_unrelated_reload() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let gw = gateway()
+        .backend("gpu", &sim.url())
+        .backend("down", &closed)
+        .route_with(RawRoute {
+            model: LLAMA.into(),
+            backends: vec!["down".into(), "gpu".into()],
+            ..RawRoute::default()
+        })
+        .key_limited("team-a", &["*"], Some(6), None) // a burst of 1, then one every 10 s
+        .key("team-b", &["*"])
+        .with(|raw| raw.balancing.eject_after = Some(1))
+        .start_from_file()
+        .await;
+    let (a, b) = (gw.gw.client("team-a"), gw.gw.client("team-b"));
+    assert_eq!(a.chat(LLAMA).await.status, 200);
+    a.chat(LLAMA).await.assert_error(429, "rate_limit_exceeded");
+    for _ in 0..5 {
+        assert_eq!(b.chat(LLAMA).await.status, 200);
+    }
+    let before = gw.gw.admin_backend("down").await;
+    assert_eq!(before["ejected"], true, "{before}");
+    let gpu_requests = gw.gw.admin_backend("gpu").await["requests"].clone();
+
+    let mut raw = base(&gw);
+    raw.routes.push(route(MISTRAL, "gpu"));
+    write_config(&gw.path, &raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+
+    a.chat(LLAMA).await.assert_error(429, "rate_limit_exceeded");
+    let after = gw.gw.admin_backend("down").await;
+    assert_eq!((after["ejected"].as_bool(), after["failures"].clone()), (Some(true), before["failures"].clone()));
+    assert_eq!(gw.gw.admin_backend("gpu").await["requests"], gpu_requests, "the same backend, its counters kept");
+
+    // A changed URL is a new backend: fresh state.
+    let mut raw = base(&gw);
+    raw.backends[1].url = sim.url();
+    write_config(&gw.path, &raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+    let fresh = gw.gw.admin_backend("down").await;
+    assert_eq!((fresh["ejected"].as_bool(), fresh["failures"].as_u64()), (Some(false), Some(0)), "{fresh}");
+}
+
+#[tokio::test]
+async fn fifty_reloads_under_steady_traffic_fail_no_request() {
+    let (sim, gw) = setup().await;
+    let failed = Arc::new(AtomicU64::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let client = gw.gw.client("team-b");
+            let (failed, served, stop) = (Arc::clone(&failed), Arc::clone(&served), Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let status = if i % 2 == 0 {
+                        client.chat(LLAMA).await.status
+                    } else {
+                        let response = client.chat_stream(LLAMA).await;
+                        let status = response.status();
+                        let mut body = response.into_body();
+                        let text: String = all_frames(&mut body)
+                            .await
+                            .iter()
+                            .map(|f| String::from_utf8_lossy(f).into_owned())
+                            .collect();
+                        // A stream that lost its end is a failed request too.
+                        if text.contains("[DONE]") { status } else { http::StatusCode::BAD_GATEWAY }
+                    };
+                    if status == 200 { &served } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let original = base(&gw);
+    for i in 0..50 {
+        let mut raw = original.clone();
+        // Alternate between configs that differ in an unrelated route and in the backend's
+        // weight (a changed backend: the new requests get a fresh one while old ones finish).
+        raw.routes.push(route(&format!("filler/model-{i}"), "gpu"));
+        if i % 2 == 1 {
+            raw.backends[0].weight = Some(2);
+        }
+        write_config(&gw.path, &raw);
+        let reply = gw.admin_reload().await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(served.load(Ordering::Relaxed) > 200, "traffic was steady: {}", served.load(Ordering::Relaxed));
+    assert!(gw.reloads("ok").await >= 50);
+    assert!(sim.stats().requests > 200);
+}
