@@ -93,7 +93,8 @@ async fn handle(gateway: &Gateway, reloader: Option<&Reloader>, request: &Reques
     }
     match path {
         "/metrics" => {
-            let mut response = Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render())));
+            let mut response =
+                Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render(&gateway.snapshot()))));
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             response
         }

@@ -18,9 +18,11 @@ use crate::auth::Key;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::limits::Quota;
+use crate::metrics::NONE;
 use crate::pool::BackendName;
 use crate::proxy::{body, forward};
-use crate::streaming::{Forwarding, Meter, ResponseBody};
+use crate::routing::Route;
+use crate::streaming::{Forwarding, Meter, Observe, ResponseBody};
 
 /// What the access log (and the rate-limit headers) say about a request, filled in as the
 /// request goes.
@@ -33,6 +35,8 @@ struct Record {
     quota: Option<Quota>,
     /// Backends tried.
     attempts: u32,
+    /// The route that served it: the `model` label of its metrics.
+    route: Option<Arc<Route>>,
 }
 
 /// Serves one request on the snapshot in force when it arrived.
@@ -59,9 +63,30 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
         }
     }
     let status = response.status().as_u16();
+    record_metrics(&gateway, &record, status, error.as_ref());
     log_access(&record, &request_id, &method, path, status, started, error.as_ref());
     response.headers_mut().insert(forward::X_REQUEST_ID, request_id);
     response
+}
+
+/// `requests_total` and, for refusals, `rate_limited_total`. Labels come from the config only:
+/// a model without a route is counted under `-`, never under the name the client sent.
+fn record_metrics(gateway: &Gateway, record: &Record, status: u16, error: Option<&GatewayError>) {
+    let metrics = gateway.metrics();
+    let model = record.route.as_ref().map_or(NONE, |r| r.pattern.as_str());
+    let key = record.key.as_ref().map_or(NONE, |k| k.name.as_str());
+    let backend = match (&record.backend, error) {
+        (Some(backend), _) => backend.as_str(),
+        (
+            None,
+            Some(GatewayError::UpstreamUnavailable { backend, .. } | GatewayError::UpstreamTimeout { backend, .. }),
+        ) => backend.as_str(),
+        (None, _) => NONE,
+    };
+    metrics.request(model, backend, key, status);
+    if let Some(GatewayError::RateLimited { limit, .. }) = error {
+        metrics.rate_limited(key, limit.as_str());
+    }
 }
 
 /// The access-log line. Written when the head is ready: for a stream that is its time to
@@ -168,6 +193,7 @@ async fn infer(
     record.model = Some(head.model.as_ref().into());
 
     let route = snapshot.routes.find(&head.model).ok_or_else(|| GatewayError::ModelNotFound(head.model.to_string()))?;
+    record.route = Some(Arc::clone(route));
     if !key.allows(&head.model) {
         return Err(GatewayError::ModelNotAllowed(head.model.to_string()));
     }
@@ -183,27 +209,31 @@ async fn infer(
         edits.push(forward::Edit { span: head.model_span.clone(), bytes: alias.json.clone() });
     }
     let plain = forward::splice(&body, &mut edits.clone());
-    // A token-limited stream is settled from its usage chunk: ask for it if the client did not.
-    let with_usage = (permit.is_some() && head.stream && !head.wants_usage()).then(|| {
+    // Streams are counted (and token-limited ones settled) from their usage chunk: ask for it
+    // if the client did not (it is removed from what the client sees).
+    let with_usage = (head.stream && !head.wants_usage()).then(|| {
         edits.push(forward::request_usage(&body, &head.stream_options));
         forward::splice(&body, &mut edits)
     });
     let mut headers = forward::upstream_headers(&parts.headers, request_id);
-    if permit.is_some() {
-        // Usage is read from the answer's bytes, which must then not be compressed.
-        headers.remove(ACCEPT_ENCODING);
-    }
+    // Usage is read from the answer's bytes, which must then not be compressed.
+    headers.remove(ACCEPT_ENCODING);
     let upstream_body = forward::UpstreamBody { plain, with_usage };
-    let answer = forward::send(&route.pool, endpoint, headers, &upstream_body, started).await?;
+    let metrics = gateway.metrics();
+    let model = route.pattern.as_str();
+    let answer = forward::send(&route.pool, endpoint, headers, &upstream_body, started, metrics, model).await?;
     let backend = answer.slot.backend();
     record.backend = Some(backend.name.clone());
     record.attempts = answer.attempts;
+    let backend_label = backend.name.as_str();
+    metrics.ttfb(model, backend_label).observe(started.elapsed().as_secs_f64());
 
     let success = answer.response.status().is_success();
     let sse = success && is_event_stream(answer.response.headers());
     let forwarding = Forwarding {
-        meter: permit.map(|permit| Meter {
+        meter: (permit.is_some() || success).then(|| Meter {
             permit,
+            tokens: success.then(|| metrics.token_counters(model, key.name.as_str())),
             success,
             stream: head.stream,
             strip_usage_event: answer.usage_requested,
@@ -213,6 +243,12 @@ async fn infer(
         idle_timeout: backend.timeouts.idle,
         deadline: answer.deadline,
         request_id: request_id.clone(),
+        observe: Observe {
+            metrics: Arc::clone(metrics),
+            started,
+            duration: Some(metrics.duration(model, backend_label)),
+            chunk_gap: sse.then(|| metrics.chunk_gap(model, backend_label)),
+        },
         slot: Some(answer.slot),
     };
     let mut response = answer.response.map(|upstream| ResponseBody::upstream(upstream, forwarding));

@@ -57,7 +57,7 @@ pub struct Gateway {
     draining: AtomicBool,
     catalog: models::Catalog,
     limiter: Arc<limits::Limiter>,
-    metrics: metrics::Metrics,
+    metrics: Arc<metrics::Metrics>,
 }
 
 impl Gateway {
@@ -70,7 +70,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             catalog: models::Catalog::default(),
             limiter: Arc::new(limits::Limiter::default()),
-            metrics: metrics::Metrics::new(),
+            metrics: Arc::new(metrics::Metrics::new()),
         })
     }
 
@@ -103,7 +103,7 @@ impl Gateway {
         &self.catalog
     }
 
-    pub fn metrics(&self) -> &metrics::Metrics {
+    pub fn metrics(&self) -> &Arc<metrics::Metrics> {
         &self.metrics
     }
 

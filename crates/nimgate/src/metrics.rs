@@ -1,14 +1,56 @@
 //! The Prometheus registry behind the admin listener's `/metrics`, with the contract's names
-//! (all prefixed `nimgate_`). Families are created once at start; label values come only from
-//! the configuration, never from client input.
+//! (all prefixed `nimgate_`) and a few more operators need. Label values come only from the
+//! configuration (route models, backend names, key names) or from a fixed vocabulary (status
+//! codes, error kinds), never from client input, so the series count is bounded by the config.
+//!
+//! Recording takes no shared lock: each thread keeps the series it has used (`Series`), so the
+//! family's own lock is taken once per series and thread, not per request. Gauges of backend
+//! state (in flight, healthy) are read from the backends when scraped, costing the request
+//! path nothing.
 
-use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use std::any::Any;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::config::Snapshot;
+
+/// Label value for "none" (no route, no backend, no key yet).
+pub const NONE: &str = "-";
+
+/// Time to first byte: from 10 ms (a cached prefix on an idle GPU) to a minute (a long
+/// prompt on a busy one).
+const TTFB_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Whole requests: up to ten minutes of generation.
+const DURATION_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+/// Gaps between stream chunks (inter-token latency): 1 ms to 10 s.
+const GAP_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Waiting for a backend with room: up to the longest sensible queue timeout.
+const QUEUE_BUCKETS: &[f64] = &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// `config_reloads_total{result}`: result is `ok` or `error`.
+    /// Tells this registry's series apart in the per-thread memo.
+    id: usize,
     pub config_reloads: IntCounterVec,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    ttfb: HistogramVec,
+    chunk_gap: HistogramVec,
+    queue_wait: HistogramVec,
+    upstream_errors: IntCounterVec,
+    retries: IntCounterVec,
+    rate_limited: IntCounterVec,
+    tokens: IntCounterVec,
+    pub connections: IntGauge,
 }
 
 impl Default for Metrics {
@@ -17,42 +59,276 @@ impl Default for Metrics {
     }
 }
 
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let family = IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric family");
+    registry.register(Box::new(family.clone())).expect("registered once");
+    family
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let family =
+        HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("a valid histogram");
+    registry.register(Box::new(family.clone())).expect("registered once");
+    family
+}
+
 impl Metrics {
     pub fn new() -> Self {
+        static IDS: AtomicUsize = AtomicUsize::new(0);
         let registry = Registry::new_custom(Some("nimgate".into()), None).expect("a valid metric prefix");
-        let config_reloads = IntCounterVec::new(
-            Opts::new("config_reloads_total", "Configuration reloads, by result (ok, error)."),
-            &["result"],
-        )
-        .expect("a valid metric family");
-        registry.register(Box::new(config_reloads.clone())).expect("registered once");
+        let r = &registry;
+        let config_reloads =
+            counter(r, "config_reloads_total", "Configuration reloads, by result (ok, error).", &["result"]);
         // Both series exist from the start, so that a rate() over them never starts empty.
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
-        Self { registry, config_reloads }
+        let connections = IntGauge::new("active_connections", "Client connections open now.").expect("valid");
+        r.register(Box::new(connections.clone())).expect("registered once");
+        let build =
+            IntGaugeVec::new(Opts::new("build_info", "The running build (always 1)."), &["version"]).expect("valid");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        r.register(Box::new(build)).expect("registered once");
+        Self {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            config_reloads,
+            requests: counter(
+                r,
+                "requests_total",
+                "Requests answered, by route model, backend, key and HTTP status.",
+                &["model", "backend", "key", "code"],
+            ),
+            duration: histogram(
+                r,
+                "request_duration_seconds",
+                "From the request's arrival to the answer's last byte.",
+                &["model", "backend"],
+                DURATION_BUCKETS,
+            ),
+            ttfb: histogram(
+                r,
+                "time_to_first_byte_seconds",
+                "From the request's arrival to the upstream answer's head (a stream's first token follows at once).",
+                &["model", "backend"],
+                TTFB_BUCKETS,
+            ),
+            chunk_gap: histogram(
+                r,
+                "stream_chunk_gap_seconds",
+                "Gaps between the chunks of streamed answers (inter-token latency).",
+                &["model", "backend"],
+                GAP_BUCKETS,
+            ),
+            queue_wait: histogram(
+                r,
+                "queue_wait_seconds",
+                "Time requests waited for a backend with room.",
+                &["model"],
+                QUEUE_BUCKETS,
+            ),
+            upstream_errors: counter(
+                r,
+                "upstream_errors_total",
+                "Failed upstream attempts and broken answers, by backend and kind.",
+                &["backend", "kind"],
+            ),
+            retries: counter(r, "retries_total", "Attempts made again on another backend.", &["model", "backend"]),
+            rate_limited: counter(
+                r,
+                "rate_limited_total",
+                "Requests refused by a key's limit (requests or tokens).",
+                &["key", "limit"],
+            ),
+            tokens: counter(
+                r,
+                "tokens_total",
+                "Tokens by route model, key and kind (prompt, completion): reported by the backend or estimated.",
+                &["model", "key", "kind"],
+            ),
+            connections,
+            registry,
+        }
     }
 
-    /// The exposition in Prometheus' text format.
-    pub fn render(&self) -> String {
+    pub fn request(&self, model: &str, backend: &str, key: &str, code: u16) {
+        let mut text = itoa::Buffer::new();
+        let code = text.format(code);
+        series(self.id, 0, &self.requests, &[model, backend, key, code]).inc();
+    }
+
+    pub fn ttfb(&self, model: &str, backend: &str) -> Histogram {
+        series(self.id, 1, &self.ttfb, &[model, backend])
+    }
+
+    pub fn duration(&self, model: &str, backend: &str) -> Histogram {
+        series(self.id, 2, &self.duration, &[model, backend])
+    }
+
+    pub fn chunk_gap(&self, model: &str, backend: &str) -> Histogram {
+        series(self.id, 3, &self.chunk_gap, &[model, backend])
+    }
+
+    pub fn queue_wait(&self, model: &str) -> Histogram {
+        series(self.id, 4, &self.queue_wait, &[model])
+    }
+
+    /// The prompt and completion token counters of a route model and key.
+    pub fn token_counters(&self, model: &str, key: &str) -> (IntCounter, IntCounter) {
+        (
+            series(self.id, 5, &self.tokens, &[model, key, "prompt"]),
+            series(self.id, 5, &self.tokens, &[model, key, "completion"]),
+        )
+    }
+
+    /// Tokens of one answer.
+    pub fn tokens(&self, model: &str, key: &str, prompt: u64, completion: u64) {
+        let (p, c) = self.token_counters(model, key);
+        p.inc_by(prompt);
+        c.inc_by(completion);
+    }
+
+    // Error paths: rare, so the family's own lookup is fine.
+
+    pub fn upstream_error(&self, backend: &str, kind: &str) {
+        self.upstream_errors.with_label_values(&[backend, kind]).inc();
+    }
+
+    pub fn retry(&self, model: &str, backend: &str) {
+        self.retries.with_label_values(&[model, backend]).inc();
+    }
+
+    pub fn rate_limited(&self, key: &str, limit: &str) {
+        self.rate_limited.with_label_values(&[key, limit]).inc();
+    }
+
+    /// The exposition in Prometheus' text format, with the backends of `snapshot` read now.
+    pub fn render(&self, snapshot: &Snapshot) -> String {
+        let mut families = self.registry.gather();
+        let inflight = IntGaugeVec::new(
+            Opts::new("nimgate_inflight_requests", "Requests in flight to a backend now, answers streaming included."),
+            &["backend"],
+        )
+        .expect("valid");
+        let healthy = IntGaugeVec::new(
+            Opts::new(
+                "nimgate_backend_healthy",
+                "1 when the backend is in rotation (not ejected, passing its health check).",
+            ),
+            &["backend"],
+        )
+        .expect("valid");
+        let mut now = None;
+        for backend in &snapshot.backends {
+            let name = backend.name.as_str();
+            inflight.with_label_values(&[name]).set(i64::from(backend.state.inflight()));
+            let in_rotation = !backend.state.is_out(&mut now);
+            healthy.with_label_values(&[name]).set(i64::from(in_rotation));
+        }
+        families.extend(inflight.collect());
+        families.extend(healthy.collect());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        let _ = TextEncoder::new().encode(&families, &mut out);
         String::from_utf8(out).unwrap_or_default()
     }
+}
+
+/// FNV-1a: label values are short and come from the config, so a simple fast hash will do.
+#[derive(Default)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for byte in bytes {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
+type Memo = HashMap<(usize, u64), Vec<(Box<[Box<str>]>, Box<dyn Any>)>, BuildHasherDefault<Fnv>>;
+
+thread_local! {
+    static SERIES: RefCell<Memo> = RefCell::new(Memo::default());
+}
+
+/// The series of `family` with `labels`, from this thread's memo (the family's lock is taken
+/// only the first time this thread uses the series).
+fn series<T, B>(registry: usize, family: usize, vec: &prometheus::core::MetricVec<B>, labels: &[&str]) -> T
+where
+    T: Clone + 'static,
+    B: prometheus::core::MetricVecBuilder<M = T>,
+{
+    let mut hasher = Fnv::default();
+    for label in labels {
+        hasher.write(label.as_bytes());
+        hasher.write(&[0xff]);
+    }
+    let key = (registry << 8 | family, hasher.finish());
+    SERIES.with(|memo| {
+        let mut memo = memo.borrow_mut();
+        let bucket = memo.entry(key).or_default();
+        let found = bucket.iter().find(|(values, _)| values.iter().map(|v| &**v).eq(labels.iter().copied()));
+        if let Some(series) = found.and_then(|(_, series)| series.downcast_ref::<T>()) {
+            return series.clone();
+        }
+        let series = vec.with_label_values(labels);
+        bucket.push((labels.iter().map(|l| Box::from(*l)).collect(), Box::new(series.clone())));
+        series
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn snapshot() -> Snapshot {
+        let raw: crate::config::RawConfig = serde_json::from_value(serde_json::json!({
+            "server": { "allow_anonymous": true },
+            "backends": [{ "name": "gpu", "url": "http://127.0.0.1:1" }],
+            "routes": [{ "model": "m", "backends": ["gpu"] }],
+        }))
+        .unwrap();
+        crate::config::validate(&raw, &crate::config::EnvSource::Map(Default::default())).unwrap()
+    }
+
     #[test]
-    fn the_reload_counter_is_exposed_with_both_results() {
+    fn families_are_exposed_with_their_labels() {
         let metrics = Metrics::new();
         metrics.config_reloads.with_label_values(&["ok"]).inc();
-        let text = metrics.render();
-        assert!(text.contains("nimgate_config_reloads_total{result=\"ok\"} 1"), "{text}");
-        assert!(text.contains("nimgate_config_reloads_total{result=\"error\"} 0"), "{text}");
-        assert!(text.contains("# TYPE nimgate_config_reloads_total counter"), "{text}");
+        metrics.request("m", "gpu", "team-a", 200);
+        metrics.request("m", "gpu", "team-a", 200);
+        metrics.ttfb("m", "gpu").observe(0.02);
+        metrics.tokens("m", "team-a", 10, 5);
+        let text = metrics.render(&snapshot());
+        for line in [
+            "nimgate_config_reloads_total{result=\"ok\"} 1",
+            "nimgate_config_reloads_total{result=\"error\"} 0",
+            "nimgate_requests_total{backend=\"gpu\",code=\"200\",key=\"team-a\",model=\"m\"} 2",
+            "nimgate_time_to_first_byte_seconds_bucket{backend=\"gpu\",model=\"m\",le=\"0.025\"} 1",
+            "nimgate_tokens_total{key=\"team-a\",kind=\"completion\",model=\"m\"} 5",
+            "nimgate_inflight_requests{backend=\"gpu\"} 0",
+            "nimgate_backend_healthy{backend=\"gpu\"} 1",
+            "nimgate_build_info{version=",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn two_registries_do_not_share_memoized_series() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.request("m", "gpu", "k", 200);
+        b.request("m", "gpu", "k", 200);
+        b.request("m", "gpu", "k", 200);
+        assert!(a.render(&snapshot()).contains("code=\"200\",key=\"k\",model=\"m\"} 1"));
+        assert!(b.render(&snapshot()).contains("code=\"200\",key=\"k\",model=\"m\"} 2"));
     }
 }

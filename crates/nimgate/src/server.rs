@@ -88,6 +88,9 @@ impl Connection {
             tracing::debug!(peer = %self.peer, error = %e, "cannot set TCP_NODELAY");
         }
         let gateway = self.gateway;
+        let connections = gateway.metrics().connections.clone();
+        connections.inc();
+        let _open = scopeguard(move || connections.dec());
         let service = service_fn(move |request| {
             let gateway = Arc::clone(&gateway);
             async move { Ok::<_, Infallible>(handler::serve(gateway, request).await) }
@@ -110,6 +113,19 @@ impl Connection {
             tracing::debug!(peer = %self.peer, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Runs `f` when dropped (the connection task ends however it ends).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// A gateway server running in the background (tests, `nimgate demo`).

@@ -149,8 +149,9 @@ impl Pool {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// A backend for a request's first attempt, waiting in the queue while all are full.
-    pub async fn acquire(&self) -> Result<Slot, NoBackend> {
+    /// A backend for a request's first attempt, waiting in the queue while all are full
+    /// (`waited` tells how long, when it did).
+    pub async fn acquire(&self, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
         match self.try_acquire(Tried::default()) {
             Err(NoBackend::Full) => {}
             picked => return picked,
@@ -165,7 +166,9 @@ impl Pool {
         let signal = capacity_freed();
         signal.waiters.fetch_add(1, Ordering::AcqRel);
         let _leave = Leave(self);
-        let deadline = tokio::time::Instant::now() + self.queue_timeout;
+        let queued_at = tokio::time::Instant::now();
+        let deadline = queued_at + self.queue_timeout;
+        let _measure = Measure(queued_at, waited);
         loop {
             let notified = signal.notify.notified();
             tokio::pin!(notified);
@@ -234,6 +237,15 @@ impl Pool {
             })
             .collect();
         states.join(", ")
+    }
+}
+
+/// Writes the time spent in the queue, however the wait ends.
+struct Measure<'a>(tokio::time::Instant, &'a mut Option<Duration>);
+
+impl Drop for Measure<'_> {
+    fn drop(&mut self) {
+        *self.1 = Some(self.0.elapsed());
     }
 }
 
@@ -393,7 +405,7 @@ mod tests {
         let held = p.try_acquire(Tried::default()).unwrap();
         let waiter = tokio::spawn({
             let p = Arc::clone(&p);
-            async move { p.acquire().await.map(|s| name(&s)) }
+            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(p.queued(), 1);
@@ -410,10 +422,10 @@ mod tests {
         let _held = p.try_acquire(Tried::default()).unwrap();
         let waiter = tokio::spawn({
             let p = Arc::clone(&p);
-            async move { p.acquire().await.map(|s| name(&s)) }
+            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(p.acquire().await.unwrap_err(), NoBackend::QueueFull);
+        assert_eq!(p.acquire(&mut None).await.unwrap_err(), NoBackend::QueueFull);
         assert_eq!(waiter.await.unwrap().unwrap_err(), NoBackend::Waited(Duration::from_millis(100)));
     }
 }

@@ -25,6 +25,7 @@ use hyper::body::Incoming;
 use crate::api::Endpoint;
 use crate::error::GatewayError;
 use crate::error::root_cause;
+use crate::metrics::Metrics;
 use crate::pool::state::FailureKind;
 use crate::pool::{Backend, BackendName, NoBackend, Pool, Slot, Tried};
 use crate::proxy::body::StreamOptions;
@@ -257,9 +258,16 @@ pub async fn send(
     headers: HeaderMap,
     body: &UpstreamBody,
     started: Instant,
+    metrics: &Metrics,
+    model: &str,
 ) -> Result<Answer, GatewayError> {
     pool.budget().deposit();
-    let mut slot = pool.acquire().await.map_err(|e| no_backend(pool, &e))?;
+    let mut waited = None;
+    let acquired = pool.acquire(&mut waited).await;
+    if let Some(waited) = waited {
+        metrics.queue_wait(model).observe(waited.as_secs_f64());
+    }
+    let mut slot = acquired.map_err(|e| no_backend(pool, &e))?;
     let mut tried = Tried::default();
     let mut headers = Some(headers);
     let retries_possible = pool.max_attempts() > 1 && pool.primary().len() + pool.fallback().len() > 1;
@@ -274,7 +282,7 @@ pub async fn send(
         let request_headers = if last_chance { headers.take() } else { headers.clone() };
         let request = build(backend, endpoint, request_headers.unwrap_or_default(), bytes);
         let deadline = backend.timeouts.total.map(|total| started + total);
-        let outcome = judge(backend, send_one(backend, request, deadline).await);
+        let outcome = judge(backend, send_one(backend, request, deadline).await, metrics);
         let (retry_reason, outcome) = match outcome {
             Attempt::Final(response) => return Ok(Answer { slot, response, usage_requested, attempts, deadline }),
             Attempt::Retryable(response) => (format!("answered {}", response.status()), Ok(response)),
@@ -288,6 +296,7 @@ pub async fn send(
         let next = next.filter(|_| free || pool.budget().withdraw());
         match (next, outcome) {
             (Some(next), _) => {
+                metrics.retry(model, backend.name.as_str());
                 tracing::warn!(
                     backend = %backend.name, next = %next.backend().name, attempt = attempts,
                     reason = %retry_reason, "retrying on another backend"
@@ -303,11 +312,12 @@ pub async fn send(
 /// Sorts an attempt's outcome and feeds it to the backend's passive health: connect errors,
 /// resets, timeouts and 5xx count toward ejection; a 429, or a 503 with `Retry-After`, takes
 /// the backend out for that long (a 429 without it for the ejection base).
-fn judge(backend: &Backend, outcome: Result<Response<Incoming>, UpstreamError>) -> Attempt {
+fn judge(backend: &Backend, outcome: Result<Response<Incoming>, UpstreamError>, metrics: &Metrics) -> Attempt {
     let state = &backend.state;
     let response = match outcome {
         Ok(response) => response,
         Err(e) => {
+            metrics.upstream_error(backend.name.as_str(), e.kind().as_str());
             let cause = e.cause();
             if let Some(ejected) = state.record_failure(e.kind(), &cause, &backend.ejection) {
                 warn_ejected(backend, ejected, &cause);
@@ -316,6 +326,10 @@ fn judge(backend: &Backend, outcome: Result<Response<Incoming>, UpstreamError>) 
         }
     };
     let status = response.status();
+    if status.is_server_error() || status == 429 {
+        let kind = if status == 429 { FailureKind::Overloaded } else { FailureKind::Status5xx };
+        metrics.upstream_error(backend.name.as_str(), kind.as_str());
+    }
     let retry_after = retry_after(response.headers()).map(|d| d.min(backend.ejection.max));
     match status.as_u16() {
         429 => {

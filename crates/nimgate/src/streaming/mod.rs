@@ -17,6 +17,7 @@ pub mod usage;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -24,10 +25,12 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus::{Histogram, IntCounter};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::root_cause;
 use crate::limits::Permit;
+use crate::metrics::Metrics;
 use crate::pool::Slot;
 use crate::pool::state::FailureKind;
 use usage::{ContentCounter, UsageEventStripper, UsageScanner};
@@ -61,6 +64,35 @@ pub struct Forwarding {
     pub deadline: Option<Instant>,
     /// For the log line of a broken answer.
     pub request_id: HeaderValue,
+    /// Where the answer's duration, chunk gaps and failures are recorded.
+    pub observe: Observe,
+}
+
+/// The metric series one answer records into, resolved once when its head arrives.
+#[derive(Debug)]
+pub struct Observe {
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    /// Taken when recorded.
+    pub duration: Option<Histogram>,
+    /// SSE answers only: gaps between chunks.
+    pub chunk_gap: Option<Histogram>,
+}
+
+impl Observe {
+    /// Records the answer's duration, once: at its end, or when it is dropped (hyper drops a
+    /// body it knows to be complete without polling its end; a client may leave).
+    fn finish(&mut self) {
+        if let Some(duration) = self.duration.take() {
+            duration.observe(self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for Observe {
+    fn drop(&mut self) {
+        self.finish();
+    }
 }
 
 impl ResponseBody {
@@ -117,6 +149,7 @@ pin_project_lite::pin_project! {
         idle_timeout: Duration,
         deadline: Option<Instant>,
         last_frame: Instant,
+        observe: Observe,
         // Armed for min(last_frame + idle, deadline); moved forward lazily, only when it fires.
         #[pin]
         timer: Sleep,
@@ -171,6 +204,7 @@ impl Forwarded {
             idle_timeout: f.idle_timeout,
             deadline: f.deadline,
             last_frame: now,
+            observe: f.observe,
             timer: tokio::time::sleep_until(first),
             request_id: f.request_id,
         }
@@ -185,7 +219,11 @@ impl Forwarded {
             let polled = Pin::new(&mut *this.inner).poll_frame(cx);
             let broken = match polled {
                 Poll::Ready(Some(Ok(frame))) => {
-                    *this.last_frame = Instant::now();
+                    let now = Instant::now();
+                    if let Some(gap) = &this.observe.chunk_gap {
+                        gap.observe(now.duration_since(*this.last_frame).as_secs_f64());
+                    }
+                    *this.last_frame = now;
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
@@ -205,6 +243,7 @@ impl Forwarded {
                 }
                 Poll::Ready(None) if !*this.sse || this.tail.ends_with_done() => {
                     *this.ended = true;
+                    this.observe.finish();
                     let rest = this.metering.as_mut().map(Metering::on_end).unwrap_or_default();
                     this.slot.take();
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
@@ -241,11 +280,13 @@ impl Forwarded {
                 }
             };
             *this.ended = true;
+            this.observe.finish();
             if let Some(metering) = this.metering.as_mut() {
                 metering.settle();
             }
             let backend = this.slot.take();
             let backend_name = backend.as_ref().map_or("-", |s| s.backend().name.as_str());
+            this.observe.metrics.upstream_error(backend_name, broken.kind.as_str());
             tracing::warn!(
                 request_id = this.request_id.to_str().unwrap_or("-"),
                 backend = backend_name,
@@ -275,7 +316,10 @@ fn error_event(code: &str, message: &str) -> Bytes {
 /// How one answer is metered.
 #[derive(Debug)]
 pub struct Meter {
-    pub permit: Permit,
+    /// The key's token reservation, when it has a token limit.
+    pub permit: Option<Permit>,
+    /// `tokens_total` of the route model and key: prompt, completion.
+    pub tokens: Option<(IntCounter, IntCounter)>,
     /// The upstream answered 2xx (an error answer costs no tokens).
     pub success: bool,
     /// The answer is an SSE stream.
@@ -289,6 +333,8 @@ pub struct Meter {
 #[derive(Debug)]
 struct Metering {
     permit: Option<Permit>,
+    tokens: Option<(IntCounter, IntCounter)>,
+    settled: bool,
     success: bool,
     prompt_estimate: u64,
     scanner: UsageScanner,
@@ -300,7 +346,9 @@ struct Metering {
 impl Metering {
     fn new(meter: Meter) -> Self {
         Self {
-            permit: Some(meter.permit),
+            permit: meter.permit,
+            tokens: meter.tokens,
+            settled: false,
             success: meter.success,
             prompt_estimate: meter.prompt_estimate,
             scanner: UsageScanner::default(),
@@ -344,8 +392,23 @@ impl Metering {
     /// Replaces the reservation with the best count there is: reported usage, else an estimate
     /// from the stream, else (a whole JSON answer cut short) the reservation itself.
     fn settle(&mut self) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let usage = self.scanner.usage();
+        // For metrics: the split the backend reported, else the estimate.
+        let (prompt, completion) = match (self.success, usage, &self.counter) {
+            (false, _, _) => (0, 0),
+            (true, Some(usage), _) => (usage.prompt_tokens, usage.completion_tokens),
+            (true, None, Some(counter)) => (self.prompt_estimate, counter.events()),
+            (true, None, None) => (self.prompt_estimate, 0),
+        };
+        if let Some((prompt_tokens, completion_tokens)) = &self.tokens {
+            prompt_tokens.inc_by(prompt);
+            completion_tokens.inc_by(completion);
+        }
         let Some(permit) = self.permit.take() else { return };
-        let (used, source) = match (self.success, self.scanner.usage(), &self.counter) {
+        let (used, source) = match (self.success, usage, &self.counter) {
             (false, _, _) => (0, "error answer"),
             (true, Some(usage), _) => (usage.total(), "reported"),
             (true, None, Some(counter)) => (self.prompt_estimate + counter.events(), "estimated"),

@@ -1,0 +1,174 @@
+//! `/metrics` after known traffic (#9): exact counter values and labels for answers, errors,
+//! rate limits, retries and tokens (streamed and not), TTFB observations, bounded series under
+//! a flood of unknown model names, and the exposition checked by `promtool check metrics`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use nimgate::config::raw::{RawBackend, RawRoute};
+use nimgate_tests::*;
+
+const LLAMA: &str = "meta/llama-3.1-8b-instruct";
+
+/// Every sample of the exposition: `name{labels}` → value.
+async fn scrape(gw: &TestGateway) -> (String, HashMap<String, f64>) {
+    let reply = gw.admin_client().get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.header("content-type").unwrap().starts_with("text/plain"));
+    let text = reply.text();
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, value)| (series.to_owned(), value.parse().unwrap())))
+        .collect();
+    (text, samples)
+}
+
+fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| {
+        let mut known: Vec<&String> =
+            samples.keys().filter(|k| k.starts_with(series.split('{').next().unwrap())).collect();
+        known.sort();
+        panic!("no sample {series}; the family has {known:#?}")
+    })
+}
+
+#[tokio::test]
+async fn counters_after_known_traffic_have_exact_values_and_labels() {
+    let sim = sim(SimOptions { tokens: 7, ..SimOptions::default() }).await;
+    let failing = nim_sim::Sim::start(SimOptions {
+        failures: Failures { error_rate: 1.0, error_status: 502, ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let gw = gateway()
+        .backend("gpu", &sim.url())
+        .backend("flaky", &failing.url())
+        .route_with(RawRoute {
+            model: "meta/*".into(),
+            backends: vec!["flaky".into()],
+            fallback: vec!["gpu".into()],
+            ..RawRoute::default()
+        })
+        .key("team-a", &["*"])
+        .key_limited("team-b", &["*"], Some(6), None) // a burst of one request
+        .with(|raw| raw.balancing.eject_after = Some(1000))
+        .start()
+        .await;
+    let (a, b) = (gw.client("team-a"), gw.client("team-b"));
+
+    // 3 JSON answers and 2 streams for team-a, each first tried on `flaky` (502) and retried.
+    for _ in 0..3 {
+        assert_eq!(a.chat(LLAMA).await.status, 200);
+    }
+    for _ in 0..2 {
+        let response = a.chat_stream(LLAMA).await;
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let text: String =
+            all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+        assert!(text.contains("[DONE]") && !text.contains("\"usage\":{"), "the usage chunk nimgate asked for is hidden: {text}");
+    }
+    // team-b: one answer, then a 429.
+    assert_eq!(b.chat(LLAMA).await.status, 200);
+    b.chat(LLAMA).await.assert_error(429, "rate_limit_exceeded");
+    // Refusals before routing.
+    a.chat("no/such-model").await.assert_error(404, "model_not_found");
+    gw.anonymous().chat(LLAMA).await.assert_error(401, "invalid_api_key");
+
+    let (_, s) = scrape(&gw).await;
+    let requests = |backend: &str, key: &str, code: &str, model: &str| {
+        value(
+            &s,
+            &format!("nimgate_requests_total{{backend=\"{backend}\",code=\"{code}\",key=\"{key}\",model=\"{model}\"}}"),
+        )
+    };
+    assert_eq!(requests("gpu", "team-a", "200", "meta/*"), 5.0);
+    assert_eq!(requests("gpu", "team-b", "200", "meta/*"), 1.0);
+    assert_eq!(requests("-", "team-b", "429", "meta/*"), 1.0);
+    assert_eq!(requests("-", "team-a", "404", "-"), 1.0, "an unrouted model is labelled -, not by its name");
+    assert_eq!(requests("-", "-", "401", "-"), 1.0);
+    assert_eq!(value(&s, "nimgate_rate_limited_total{key=\"team-b\",limit=\"requests\"}"), 1.0);
+    assert_eq!(value(&s, "nimgate_retries_total{backend=\"flaky\",model=\"meta/*\"}"), 6.0);
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"flaky\",kind=\"5xx\"}"), 6.0);
+    assert_eq!(value(&s, "nimgate_time_to_first_byte_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 6.0);
+    assert_eq!(value(&s, "nimgate_request_duration_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 6.0);
+    // Each stream's frames after its head: role, 7 tokens, finish, usage, [DONE].
+    assert_eq!(value(&s, "nimgate_stream_chunk_gap_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 2.0 * 11.0);
+    // Tokens: 7 completion tokens per answer as the sim reports them, streams included.
+    assert_eq!(value(&s, "nimgate_tokens_total{key=\"team-a\",kind=\"completion\",model=\"meta/*\"}"), 5.0 * 7.0);
+    assert_eq!(value(&s, "nimgate_tokens_total{key=\"team-b\",kind=\"completion\",model=\"meta/*\"}"), 7.0);
+    let prompt =
+        |key: &str| value(&s, &format!("nimgate_tokens_total{{key=\"{key}\",kind=\"prompt\",model=\"meta/*\"}}"));
+    assert_eq!((prompt("team-a") + prompt("team-b")) as u64, sim.stats().prompt_tokens, "as the backend reported them");
+    assert_eq!(value(&s, "nimgate_inflight_requests{backend=\"gpu\"}"), 0.0);
+    assert_eq!(value(&s, "nimgate_backend_healthy{backend=\"flaky\"}"), 1.0);
+    // The test clients keep their connections alive.
+    assert!(value(&s, "nimgate_active_connections") >= 1.0);
+}
+
+#[tokio::test]
+async fn a_flood_of_unknown_models_creates_no_series() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key("team-a", &["*"]).start().await;
+    let client = gw.client("team-a");
+    client.chat("no/such-model-0").await.assert_error(404, "model_not_found");
+    let (_, before) = scrape(&gw).await;
+    for i in 1..500 {
+        client.chat(&format!("no/such-model-{i}")).await.assert_error(404, "model_not_found");
+    }
+    let (text, after) = scrape(&gw).await;
+    assert_eq!(before.len(), after.len(), "500 distinct unknown models, no new series");
+    assert!(!text.contains("such-model"));
+    assert_eq!(value(&after, "nimgate_requests_total{backend=\"-\",code=\"404\",key=\"team-a\",model=\"-\"}"), 500.0);
+}
+
+#[tokio::test]
+async fn the_exposition_passes_promtool() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let down = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let gw = gateway()
+        .backend_with(RawBackend { name: "down".into(), url: down, ..RawBackend::default() })
+        .backend("gpu", &sim.url())
+        .route_with(RawRoute {
+            model: LLAMA.into(),
+            backends: vec!["down".into(), "gpu".into()],
+            ..RawRoute::default()
+        })
+        .key_limited("team-a", &["*"], Some(6), None)
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    client.chat(LLAMA).await;
+    client.chat(LLAMA).await;
+    client.chat("nothing").await;
+    let (text, _) = scrape(&gw).await;
+    let promtool = which_promtool();
+    let mut check = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics:\n{}{}\n---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// promtool (Debian's `prometheus` package; `scripts/test` installs it).
+fn which_promtool() -> &'static str {
+    let found = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(found, "promtool not found: install Debian's prometheus package (scripts/test does)");
+    "promtool"
+}
