@@ -160,5 +160,29 @@ fn usage_scanning(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, caller_checks, route_lookup, model_extraction, usage_scanning);
+/// What one request records: its count, TTFB and duration, and its tokens, through the
+/// per-thread memo; beside it the family's own lookup (a read lock and a hash), for scale.
+fn metrics_recording(c: &mut Criterion) {
+    let metrics = nimgate::metrics::Metrics::new();
+    let mut group = c.benchmark_group("metrics");
+    group.bench_function("one request's series", |b| {
+        b.iter(|| {
+            metrics.request("meta/llama-3.1-8b-instruct", "llama-a", "team-search", 200);
+            metrics.ttfb("meta/llama-3.1-8b-instruct", "llama-a").observe(0.12);
+            metrics.duration("meta/llama-3.1-8b-instruct", "llama-a").observe(1.5);
+            metrics.tokens("meta/llama-3.1-8b-instruct", "team-search", 250, 120);
+        })
+    });
+    let family = prometheus::IntCounterVec::new(prometheus::Opts::new("x", "x"), &["model", "backend", "key", "code"])
+        .expect("valid family");
+    group.bench_function("counter by the family's lookup", |b| {
+        b.iter(|| family.with_label_values(&["meta/llama-3.1-8b-instruct", "llama-a", "team-search", "200"]).inc())
+    });
+    group.bench_function("counter by the memo", |b| {
+        b.iter(|| metrics.request("meta/llama-3.1-8b-instruct", "llama-a", "team-search", 200))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, caller_checks, route_lookup, model_extraction, usage_scanning, metrics_recording);
 criterion_main!(benches);

@@ -8,7 +8,6 @@
 //! state (in flight, healthy) are read from the backends when scraped, costing the request
 //! path nothing.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -153,7 +152,7 @@ impl Metrics {
     pub fn request(&self, model: &str, backend: &str, key: &str, code: u16) {
         let mut text = itoa::Buffer::new();
         let code = text.format(code);
-        series(self.id, 0, &self.requests, &[model, backend, key, code]).inc();
+        with_series(self.id, 0, &self.requests, &[model, backend, key, code], IntCounter::inc);
     }
 
     pub fn ttfb(&self, model: &str, backend: &str) -> Histogram {
@@ -182,9 +181,8 @@ impl Metrics {
 
     /// Tokens of one answer.
     pub fn tokens(&self, model: &str, key: &str, prompt: u64, completion: u64) {
-        let (p, c) = self.token_counters(model, key);
-        p.inc_by(prompt);
-        c.inc_by(completion);
+        with_series(self.id, 5, &self.tokens, &[model, key, "prompt"], |c: &IntCounter| c.inc_by(prompt));
+        with_series(self.id, 5, &self.tokens, &[model, key, "completion"], |c: &IntCounter| c.inc_by(completion));
     }
 
     // Error paths: rare, so the family's own lookup is fine.
@@ -234,54 +232,114 @@ impl Metrics {
     }
 }
 
-/// FNV-1a: label values are short and come from the config, so a simple fast hash will do.
+/// A word-at-a-time multiplicative hash (the Fx hash's scheme): label values are short,
+/// come from the config, and are hashed on every request, so speed matters more than
+/// resistance to crafted input.
 #[derive(Default)]
-struct Fnv(u64);
+struct WordHash(u64);
 
-impl Hasher for Fnv {
+impl WordHash {
+    const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::SEED);
+    }
+
+    fn add_str(&mut self, text: &str) {
+        let mut chunks = text.as_bytes().chunks_exact(8);
+        for chunk in &mut chunks {
+            self.add(u64::from_le_bytes(chunk.try_into().unwrap_or_default()));
+        }
+        let mut last = [0u8; 8];
+        let rest = chunks.remainder();
+        last[..rest.len()].copy_from_slice(rest);
+        // The length keeps "ab" + "c" apart from "a" + "bc".
+        self.add(u64::from_le_bytes(last) ^ ((text.len() as u64) << 56));
+    }
+}
+
+/// The key is a hash already: use it as is.
+#[derive(Default)]
+struct Identity(u64);
+
+impl Hasher for Identity {
     fn finish(&self) -> u64 {
         self.0
     }
 
-    fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
-        for byte in bytes {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        self.0 = hash;
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
-type Memo = HashMap<(usize, u64), Vec<(Box<[Box<str>]>, Box<dyn Any>)>, BuildHasherDefault<Fnv>>;
+/// Series already resolved on this thread: by hash, then by family and label values.
+type Table<T> = HashMap<u64, Vec<(usize, Box<[Box<str>]>, T)>, BuildHasherDefault<Identity>>;
+
+/// A series type with its own per-thread table.
+trait Memoized: Clone + 'static {
+    fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R;
+}
 
 thread_local! {
-    static SERIES: RefCell<Memo> = RefCell::new(Memo::default());
+    static COUNTERS: RefCell<Table<IntCounter>> = RefCell::new(Table::default());
+    static HISTOGRAMS: RefCell<Table<Histogram>> = RefCell::new(Table::default());
+}
+
+impl Memoized for IntCounter {
+    fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R {
+        COUNTERS.with(|table| f(&mut table.borrow_mut()))
+    }
+}
+
+impl Memoized for Histogram {
+    fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R {
+        HISTOGRAMS.with(|table| f(&mut table.borrow_mut()))
+    }
 }
 
 /// The series of `family` with `labels`, from this thread's memo (the family's lock is taken
 /// only the first time this thread uses the series).
 fn series<T, B>(registry: usize, family: usize, vec: &prometheus::core::MetricVec<B>, labels: &[&str]) -> T
 where
-    T: Clone + 'static,
+    T: Memoized,
     B: prometheus::core::MetricVecBuilder<M = T>,
 {
-    let mut hasher = Fnv::default();
+    with_series(registry, family, vec, labels, T::clone)
+}
+
+/// `f` applied to the series of `family` with `labels` (no clone of the series' handle).
+fn with_series<T, B, R>(
+    registry: usize,
+    family: usize,
+    vec: &prometheus::core::MetricVec<B>,
+    labels: &[&str],
+    f: impl FnOnce(&T) -> R,
+) -> R
+where
+    T: Memoized,
+    B: prometheus::core::MetricVecBuilder<M = T>,
+{
+    let family = registry << 8 | family;
+    let mut hash = WordHash(family as u64);
     for label in labels {
-        hasher.write(label.as_bytes());
-        hasher.write(&[0xff]);
+        hash.add_str(label);
     }
-    let key = (registry << 8 | family, hasher.finish());
-    SERIES.with(|memo| {
-        let mut memo = memo.borrow_mut();
-        let bucket = memo.entry(key).or_default();
-        let found = bucket.iter().find(|(values, _)| values.iter().map(|v| &**v).eq(labels.iter().copied()));
-        if let Some(series) = found.and_then(|(_, series)| series.downcast_ref::<T>()) {
-            return series.clone();
+    T::with_table(|table| {
+        let bucket = table.entry(hash.0).or_default();
+        let same = |(f, values, _): &&(usize, Box<[Box<str>]>, T)| {
+            *f == family && values.len() == labels.len() && values.iter().zip(labels).all(|(v, l)| **v == **l)
+        };
+        if let Some((_, _, series)) = bucket.iter().find(same) {
+            return f(series);
         }
         let series = vec.with_label_values(labels);
-        bucket.push((labels.iter().map(|l| Box::from(*l)).collect(), Box::new(series.clone())));
-        series
+        let out = f(&series);
+        bucket.push((family, labels.iter().map(|l| Box::from(*l)).collect(), series));
+        out
     })
 }
 
