@@ -69,7 +69,10 @@ async fn counters_after_known_traffic_have_exact_values_and_labels() {
         let mut body = response.into_body();
         let text: String =
             all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
-        assert!(text.contains("[DONE]") && !text.contains("\"usage\":{"), "the usage chunk nimgate asked for is hidden: {text}");
+        assert!(
+            text.contains("[DONE]") && !text.contains("\"usage\":{"),
+            "the usage chunk nimgate asked for is hidden: {text}"
+        );
     }
     // team-b: one answer, then a 429.
     assert_eq!(b.chat(LLAMA).await.status, 200);
@@ -171,4 +174,102 @@ fn which_promtool() -> &'static str {
     let found = Command::new("promtool").arg("--version").output().is_ok_and(|o| o.status.success());
     assert!(found, "promtool not found: install Debian's prometheus package (scripts/test does)");
     "promtool"
+}
+
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+#[test]
+fn the_shipped_scrape_config_and_alerting_rules_pass_promtool() {
+    let promtool = which_promtool();
+    let out = Command::new(promtool)
+        .args(["check", "config"])
+        .arg(repo("deploy/prometheus/prometheus.yml"))
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("SUCCESS: 5 rules found"), "the rules file is loaded and checked: {said}");
+}
+
+#[tokio::test]
+async fn the_dashboard_and_rules_use_only_metrics_nimgate_exports() {
+    // Traffic that makes every family exist: a stream, a retry off a failing backend, a wait
+    // in the queue of a one-slot backend, a rate-limited request.
+    let slow = sim(SimOptions {
+        models: vec![LLAMA.into(), "queued/model".into()],
+        tokens: 3,
+        chunk_delay: std::time::Duration::from_millis(30),
+        ..SimOptions::default()
+    })
+    .await;
+    let failing = sim(SimOptions {
+        failures: Failures { error_rate: 1.0, error_status: 502, ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway()
+        .backend_with(RawBackend {
+            name: "slot".into(),
+            url: slow.url(),
+            max_concurrency: Some(1),
+            ..RawBackend::default()
+        })
+        .backend("failing", &failing.url())
+        .route_with(RawRoute {
+            model: LLAMA.into(),
+            backends: vec!["failing".into()],
+            fallback: vec!["slot".into()],
+            ..RawRoute::default()
+        })
+        .route("queued/*", &["slot"])
+        .key("team-a", &["*"])
+        .key_limited("team-b", &["*"], Some(6), None)
+        .with(|raw| raw.balancing.eject_after = Some(1000))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    assert_eq!(client.chat(LLAMA).await.status, 200, "retried from the failing backend to its fallback");
+    // Two streams on a one-slot backend: the second waits for the first.
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let response = client.chat_stream("queued/model").await;
+                assert_eq!(response.status(), 200);
+                let mut body = response.into_body();
+                let frames = all_frames(&mut body).await;
+                let text: String = frames.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+                assert!(text.contains("[DONE]"), "{text}");
+            })
+        })
+        .collect();
+    for stream in streams {
+        stream.await.unwrap();
+    }
+    let limited = gw.client("team-b");
+    limited.chat(LLAMA).await;
+    limited.chat(LLAMA).await.assert_error(429, "rate_limit_exceeded");
+    let (text, _) = scrape(&gw).await;
+    let exported: Vec<&str> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
+    let dashboard = std::fs::read_to_string(repo("deploy/grafana/nimgate-dashboard.json")).unwrap();
+    let rules = std::fs::read_to_string(repo("deploy/prometheus/nimgate-rules.yml")).unwrap();
+    let dashboard_json: serde_json::Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    assert!(dashboard_json["panels"].as_array().unwrap().len() >= 10);
+    for (file, text) in [("dashboard", &dashboard), ("rules", &rules)] {
+        let mut used: Vec<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|word| word.starts_with("nimgate_"))
+            .collect();
+        used.sort_unstable();
+        used.dedup();
+        assert!(!used.is_empty());
+        for name in used {
+            let family =
+                ["_bucket", "_count", "_sum"].iter().fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+            assert!(exported.contains(&family), "the {file} uses {name}, which nimgate does not export");
+        }
+    }
 }
