@@ -13,30 +13,21 @@ use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::Gateway;
+use crate::access::{AccessRecord, Ending};
 use crate::api::Endpoint;
-use crate::auth::Key;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::limits::Quota;
 use crate::metrics::NONE;
-use crate::pool::BackendName;
 use crate::proxy::{body, forward};
-use crate::routing::Route;
 use crate::streaming::{Forwarding, Meter, Observe, ResponseBody};
 
-/// What the access log (and the rate-limit headers) say about a request, filled in as the
-/// request goes.
-#[derive(Default)]
+/// What is learnt about a request as it goes: its access-log record, and the key's quota for
+/// the rate-limit headers.
 struct Record {
-    key: Option<Arc<Key>>,
-    model: Option<Box<str>>,
-    backend: Option<BackendName>,
+    access: AccessRecord,
     /// The key's quota after admission.
     quota: Option<Quota>,
-    /// Backends tried.
-    attempts: u32,
-    /// The route that served it: the `model` label of its metrics.
-    route: Option<Arc<Route>>,
 }
 
 /// Serves one request on the snapshot in force when it arrived.
@@ -44,16 +35,16 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
     let started = Instant::now();
     let request_id = forward::request_id(request.headers());
     let snapshot = gateway.snapshot();
-    let method = request.method().clone();
-    let path = path_label(request.uri().path());
-    let mut record = Record::default();
+    let access =
+        AccessRecord::new(request_id.clone(), request.method().clone(), path_label(request.uri().path()), started);
+    let mut record = Record { access, quota: None };
     let (mut response, error) = match dispatch(&gateway, &snapshot, request, &request_id, started, &mut record).await {
         Ok(response) => (response, None),
         Err(e) => (e.render(), Some(e)),
     };
     // Every answer to a limited key says where its limits stand; a 429 has written its own.
     if !matches!(error, Some(GatewayError::RateLimited { .. })) {
-        let quota = match (record.quota, &record.key) {
+        let quota = match (record.quota, &record.access.key) {
             (Some(quota), _) => Some(quota),
             (None, Some(key)) => gateway.limiter().peek(key).await,
             (None, None) => None,
@@ -62,16 +53,21 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
             quota.write_headers(response.headers_mut());
         }
     }
-    let status = response.status().as_u16();
-    record_metrics(&gateway, &record, status, error.as_ref());
-    log_access(&record, &request_id, &method, path, status, started, error.as_ref());
+    record.access.status = response.status().as_u16();
+    record.access.ttfb = Some(started.elapsed());
+    record_metrics(&gateway, &record.access, error.as_ref());
     response.headers_mut().insert(forward::X_REQUEST_ID, request_id);
+    // An upstream answer is logged at its end, with its duration and tokens; the rest now.
+    if let Some(access) = response.body_mut().attach_access(record.access) {
+        access.write(&Ending { outcome: "complete", error: error.as_ref(), ..Ending::default() });
+    }
     response
 }
 
 /// `requests_total` and, for refusals, `rate_limited_total`. Labels come from the config only:
 /// a model without a route is counted under `-`, never under the name the client sent.
-fn record_metrics(gateway: &Gateway, record: &Record, status: u16, error: Option<&GatewayError>) {
+fn record_metrics(gateway: &Gateway, record: &AccessRecord, error: Option<&GatewayError>) {
+    let status = record.status;
     let metrics = gateway.metrics();
     let model = record.route.as_ref().map_or(NONE, |r| r.pattern.as_str());
     let key = record.key.as_ref().map_or(NONE, |k| k.name.as_str());
@@ -86,42 +82,6 @@ fn record_metrics(gateway: &Gateway, record: &Record, status: u16, error: Option
     metrics.request(model, backend, key, status);
     if let Some(GatewayError::RateLimited { limit, .. }) = error {
         metrics.rate_limited(key, limit.as_str());
-    }
-}
-
-/// The access-log line. Written when the head is ready: for a stream that is its time to
-/// first byte, not its duration (the end-of-stream record arrives with the metrics work, #9).
-/// Field values are computed inside the macros, so a filtered-out line costs nothing.
-fn log_access(
-    record: &Record,
-    request_id: &HeaderValue,
-    method: &Method,
-    path: &'static str,
-    status: u16,
-    started: Instant,
-    error: Option<&GatewayError>,
-) {
-    macro_rules! access {
-        ($level:ident, $($extra:tt)*) => {
-            tracing::$level!(
-                target: "nimgate::access",
-                request_id = request_id.to_str().unwrap_or("-"),
-                %method,
-                path,
-                key = record.key.as_ref().map_or("-", |k| k.name.as_str()),
-                model = record.model.as_deref().unwrap_or("-"),
-                backend = record.backend.as_ref().map_or("-", BackendName::as_str),
-                attempts = record.attempts,
-                status,
-                ttfb_ms = started.elapsed().as_micros() as f64 / 1000.0,
-                $($extra)*
-            )
-        };
-    }
-    match error {
-        Some(e) if e.status().is_server_error() => access!(warn, code = e.code(), error = %e, "request failed"),
-        Some(e) => access!(info, code = e.code(), error = %e, "request refused"),
-        None => access!(info, "request"),
     }
 }
 
@@ -159,7 +119,7 @@ async fn dispatch(
         }),
         (&Method::GET, "/v1/models") => {
             let key = snapshot.keys.authenticate(request.headers())?;
-            record.key = Some(Arc::clone(key));
+            record.access.key = Some(Arc::clone(key));
             Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, key, request_id).await))
         }
         (&Method::POST, _) => match Endpoint::inference(path) {
@@ -184,16 +144,16 @@ async fn infer(
     record: &mut Record,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let key = snapshot.keys.authenticate(request.headers())?;
-    record.key = Some(Arc::clone(key));
+    record.access.key = Some(Arc::clone(key));
 
     let (parts, incoming) = request.into_parts();
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
     let body = body::read_capped(incoming, declared, snapshot.server.max_body_bytes).await?;
     let head = body::peek(&body)?;
-    record.model = Some(head.model.as_ref().into());
+    record.access.model = Some(head.model.as_ref().into());
 
     let route = snapshot.routes.find(&head.model).ok_or_else(|| GatewayError::ModelNotFound(head.model.to_string()))?;
-    record.route = Some(Arc::clone(route));
+    record.access.route = Some(Arc::clone(route));
     if !key.allows(&head.model) {
         return Err(GatewayError::ModelNotAllowed(head.model.to_string()));
     }
@@ -223,8 +183,8 @@ async fn infer(
     let model = route.pattern.as_str();
     let answer = forward::send(&route.pool, endpoint, headers, &upstream_body, started, metrics, model).await?;
     let backend = answer.slot.backend();
-    record.backend = Some(backend.name.clone());
-    record.attempts = answer.attempts;
+    record.access.backend = Some(backend.name.clone());
+    record.access.attempts = answer.attempts;
     let backend_label = backend.name.as_str();
     metrics.ttfb(model, backend_label).observe(started.elapsed().as_secs_f64());
 

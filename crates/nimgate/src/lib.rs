@@ -4,6 +4,7 @@
 //! - `config`: the file as written (`raw`), loading with env overrides (`load`), validation
 //!   into an immutable `Snapshot` (`validate`, `snapshot`).
 //! - `handler`: the request path, top to bottom.
+//! - `access`: the access log, one line per request at its end.
 //! - `auth`: bearer key → `Key` by sha256 digest; ACL globs.
 //! - `routing`: model string → `Route` (exact, then globs by longest literal prefix).
 //! - `glob`: model-name patterns shared by routes and ACLs.
@@ -23,6 +24,7 @@
 //! - `error`: `GatewayError` and its one rendering as an OpenAI error body.
 //! - `api`: the forwarded endpoints and their paths.
 
+pub mod access;
 pub mod admin;
 pub mod api;
 pub mod auth;

@@ -214,3 +214,87 @@ fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
     let _ = reader.join();
     runtime.block_on(sim.stop());
 }
+
+#[test]
+fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let sim = runtime.block_on(Sim::start(SimOptions { tokens: 5, ..SimOptions::default() })).unwrap();
+    let (listen, admin) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nimgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\" }}\n\
+             backends: [{{ name: gpu, url: \"{}\" }}]\n\
+             routes: [{{ model: \"meta/*\", backends: [gpu] }}]\n\
+             keys: [{{ name: team-a, key_env: TEAM_A_KEY, models: [\"*\"] }}]\n",
+            sim.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nimgate"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("NIMGATE_LOG", "warn,nimgate::access=info")
+        .env("NIMGATE_LOG_FORMAT", "json")
+        .env("TEAM_A_KEY", "sk-very-secret-key")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let gateway = Running(child);
+    wait_listening(listen);
+    let send = |body: &str, key: &str| {
+        let mut stream = TcpStream::connect(listen).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let prompt = r#""messages":[{"role":"user","content":"my confidential prompt"}]"#;
+    let model = "meta/llama-3.1-8b-instruct";
+    let answer = send(&format!(r#"{{"model":"{model}",{prompt}}}"#), "sk-very-secret-key");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let streamed = send(&format!(r#"{{"model":"{model}","stream":true,{prompt}}}"#), "sk-very-secret-key");
+    assert!(streamed.contains("[DONE]"), "{streamed}");
+    assert!(send(&format!(r#"{{"model":"{model}",{prompt}}}"#), "sk-wrong-key").starts_with("HTTP/1.1 401"));
+    assert!(Command::new("kill").args(["-TERM", &gateway.0.id().to_string()]).status().unwrap().success());
+    let mut log = String::new();
+    std::io::BufReader::new(stderr).read_to_string(&mut log).unwrap();
+    drop(gateway);
+
+    assert!(!log.contains("sk-very-secret-key") && !log.contains("sk-wrong-key"), "{log}");
+    assert!(!log.contains("confidential"), "{log}");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "nimgate::access")
+        .collect();
+    assert_eq!(lines.len(), 3, "one line per request: {log}");
+    // Flattened JSON: the fields sit beside `target` and `message`.
+    let fields: Vec<&serde_json::Value> = lines.iter().collect();
+    // The JSON answer, then the stream: both complete, with their tokens.
+    for line in &fields[..2] {
+        assert_eq!(line["key"], "team-a", "{line}");
+        assert_eq!(
+            (line["model"].as_str(), line["route"].as_str()),
+            (Some("meta/llama-3.1-8b-instruct"), Some("meta/*"))
+        );
+        assert_eq!((line["backend"].as_str(), line["attempts"].as_u64()), (Some("gpu"), Some(1)));
+        assert_eq!((line["status"].as_u64(), line["outcome"].as_str()), (Some(200), Some("complete")), "{line}");
+        assert_eq!(line["completion_tokens"], 5, "{line}");
+        assert!(line["prompt_tokens"].as_u64().unwrap() > 0);
+        assert!(line["bytes"].as_u64().unwrap() > 100);
+        assert!(line["duration_ms"].as_f64().unwrap() >= line["ttfb_ms"].as_f64().unwrap());
+        assert!(line["request_id"].as_str().unwrap().len() >= 16);
+    }
+    assert_eq!((fields[2]["status"].as_u64(), fields[2]["code"].as_str()), (Some(401), Some("invalid_api_key")));
+    assert_eq!(fields[2]["key"], "-");
+    runtime.block_on(sim.stop());
+}

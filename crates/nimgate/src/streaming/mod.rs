@@ -28,6 +28,7 @@ use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
 use tokio::time::{Instant, Sleep};
 
+use crate::access::{AccessRecord, Ending};
 use crate::error::root_cause;
 use crate::limits::Permit;
 use crate::metrics::Metrics;
@@ -105,6 +106,18 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, forwarding: Forwarding) -> Self {
         Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))) }
     }
+
+    /// Hands the request's access record to an upstream body, which writes it at its end;
+    /// gives it back for any other body (whose request is over now).
+    pub fn attach_access(&mut self, access: AccessRecord) -> Option<AccessRecord> {
+        match &mut self.kind {
+            Kind::Upstream(forwarded) => {
+                *forwarded.as_mut().project().access = Some(access);
+                None
+            }
+            Kind::Full(_) => Some(access),
+        }
+    }
 }
 
 impl Body for ResponseBody {
@@ -150,10 +163,33 @@ pin_project_lite::pin_project! {
         deadline: Option<Instant>,
         last_frame: Instant,
         observe: Observe,
+        access: Option<AccessRecord>,
+        // Body bytes sent to the client.
+        bytes: u64,
+        // How the answer ended, for the access log.
+        outcome: &'static str,
         // Armed for min(last_frame + idle, deadline); moved forward lazily, only when it fires.
         #[pin]
         timer: Sleep,
         request_id: HeaderValue,
+    }
+
+    impl PinnedDrop for Forwarded {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // hyper stops polling a body whose declared length it has sent: that is an end.
+            if !*this.ended && this.inner.is_end_stream() {
+                *this.outcome = "complete";
+            }
+            this.observe.finish();
+            let tokens = this.metering.as_mut().and_then(|metering| {
+                metering.settle();
+                metering.counted
+            });
+            if let Some(access) = this.access.take() {
+                access.write(&Ending { tokens, bytes: *this.bytes, outcome: this.outcome, error: None });
+            }
+        }
     }
 }
 
@@ -205,6 +241,9 @@ impl Forwarded {
             deadline: f.deadline,
             last_frame: now,
             observe: f.observe,
+            access: None,
+            bytes: 0,
+            outcome: "client left",
             timer: tokio::time::sleep_until(first),
             request_id: f.request_id,
         }
@@ -239,12 +278,15 @@ impl Forwarded {
                     if out.is_empty() {
                         continue;
                     }
+                    *this.bytes += out.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
                 Poll::Ready(None) if !*this.sse || this.tail.ends_with_done() => {
                     *this.ended = true;
+                    *this.outcome = "complete";
                     this.observe.finish();
                     let rest = this.metering.as_mut().map(Metering::on_end).unwrap_or_default();
+                    *this.bytes += rest.len() as u64;
                     this.slot.take();
                     return Poll::Ready((!rest.is_empty()).then(|| Ok(Frame::data(rest))));
                 }
@@ -280,6 +322,7 @@ impl Forwarded {
                 }
             };
             *this.ended = true;
+            *this.outcome = broken.kind.as_str();
             this.observe.finish();
             if let Some(metering) = this.metering.as_mut() {
                 metering.settle();
@@ -298,7 +341,9 @@ impl Forwarded {
                 slot.backend().state.record_failure(broken.kind, &broken.message, &slot.backend().ejection);
             }
             if *this.sse {
-                return Poll::Ready(Some(Ok(Frame::data(error_event(broken.code, &broken.message)))));
+                let event = error_event(broken.code, &broken.message);
+                *this.bytes += event.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(event))));
             }
             return Poll::Ready(Some(Err(broken.message.into())));
         }
@@ -335,6 +380,8 @@ struct Metering {
     permit: Option<Permit>,
     tokens: Option<(IntCounter, IntCounter)>,
     settled: bool,
+    /// Prompt and completion tokens, once settled (successful answers).
+    counted: Option<(u64, u64)>,
     success: bool,
     prompt_estimate: u64,
     scanner: UsageScanner,
@@ -349,6 +396,7 @@ impl Metering {
             permit: meter.permit,
             tokens: meter.tokens,
             settled: false,
+            counted: None,
             success: meter.success,
             prompt_estimate: meter.prompt_estimate,
             scanner: UsageScanner::default(),
@@ -406,6 +454,9 @@ impl Metering {
         if let Some((prompt_tokens, completion_tokens)) = &self.tokens {
             prompt_tokens.inc_by(prompt);
             completion_tokens.inc_by(completion);
+        }
+        if self.success {
+            self.counted = Some((prompt, completion));
         }
         let Some(permit) = self.permit.take() else { return };
         let (used, source) = match (self.success, usage, &self.counter) {
