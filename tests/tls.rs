@@ -113,23 +113,7 @@ async fn the_gateway_serves_tls_with_h2_by_alpn() {
         .start()
         .await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(pki.ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .build();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build::<_, Full<Bytes>>(connector);
+    let client = https_client_trusting(&pki.ca_pem);
 
     let url = format!("https://localhost:{}", gw.handle.addr().port());
     let request = TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
@@ -145,7 +129,8 @@ async fn the_gateway_serves_tls_with_h2_by_alpn() {
     assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
 }
 
-/// A client that trusts only `ca_pem`, for one fresh connection per request.
+/// A client that trusts only `ca_pem` (h2 or HTTP/1.1 by ALPN), one fresh connection per
+/// request so that each sees the certificate served at that moment.
 fn https_client_trusting(
     ca_pem: &str,
 ) -> hyper_util::client::legacy::Client<
@@ -161,7 +146,12 @@ fn https_client_trusting(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_only().enable_http1().build();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .build();
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .pool_max_idle_per_host(0)
         .build::<_, Full<Bytes>>(connector)

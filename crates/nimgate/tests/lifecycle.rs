@@ -115,10 +115,15 @@ fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
 
 /// One request with `Connection: close`; the whole answer as text.
 fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    http_with(addr, method, path, "", body)
+}
+
+/// `http` with extra header lines (each ending in CRLF).
+fn http_with(addr: SocketAddr, method: &str, path: &str, headers: &str, body: &str) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: x\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).unwrap();
@@ -246,16 +251,7 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
     let gateway = Running(child);
     wait_listening(listen);
     let send = |body: &str, key: &str| {
-        let mut stream = TcpStream::connect(listen).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let request = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).unwrap();
-        answer
+        http_with(listen, "POST", "/v1/chat/completions", &format!("authorization: Bearer {key}\r\n"), body)
     };
     let prompt = r#""messages":[{"role":"user","content":"my confidential prompt"}]"#;
     let model = "meta/llama-3.1-8b-instruct";
