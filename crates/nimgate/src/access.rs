@@ -45,6 +45,8 @@ pub struct Ending<'a> {
     pub bytes: u64,
     /// `complete`, `client left`, or how the upstream answer broke.
     pub outcome: &'static str,
+    /// Why it broke, when it did.
+    pub cause: Option<&'a str>,
     /// The gateway's own error, for answers it refused or failed.
     pub error: Option<&'a GatewayError>,
 }
@@ -95,7 +97,10 @@ impl AccessRecord {
         match ending.error {
             Some(e) if e.status().is_server_error() => access!(warn, code = e.code(), error = %e, "request failed"),
             Some(e) => access!(info, code = e.code(), error = %e, "request refused"),
-            None if ending.outcome != "complete" => access!(warn, "answer ended early"),
+            None if ending.cause.is_some() => {
+                access!(warn, error = ending.cause.unwrap_or_default(), "answer broken after its head was sent")
+            }
+            None if ending.outcome != "complete" => access!(info, "client left before the end"),
             None => access!(info, "request"),
         }
     }

@@ -202,7 +202,6 @@ async fn infer(
         sse,
         idle_timeout: backend.timeouts.idle,
         deadline: answer.deadline,
-        request_id: request_id.clone(),
         observe: Observe {
             metrics: Arc::clone(metrics),
             started,

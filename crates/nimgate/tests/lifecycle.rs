@@ -224,6 +224,12 @@ fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
 fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sim = runtime.block_on(Sim::start(SimOptions { tokens: 5, ..SimOptions::default() })).unwrap();
+    let stalling = runtime
+        .block_on(Sim::start(SimOptions {
+            failures: nim_sim::Failures { stall_after_chunks: Some(2), ..Default::default() },
+            ..SimOptions::default()
+        }))
+        .unwrap();
     let (listen, admin) = (free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("nimgate.yaml");
@@ -231,10 +237,12 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
         &config,
         format!(
             "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\" }}\n\
-             backends: [{{ name: gpu, url: \"{}\" }}]\n\
-             routes: [{{ model: \"meta/*\", backends: [gpu] }}]\n\
+             backends: [{{ name: gpu, url: \"{}\" }}, {{ name: stuck, url: \"{}\", timeouts: {{ idle: 200ms }} }}]\n\
+             routes: [{{ model: \"meta/*\", backends: [gpu] }},\n\
+               {{ model: stuck/model, backends: [stuck], upstream_model: meta/llama-3.1-8b-instruct }}]\n\
              keys: [{{ name: team-a, key_env: TEAM_A_KEY, models: [\"*\"] }}]\n",
-            sim.url()
+            sim.url(),
+            stalling.url()
         ),
     )
     .unwrap();
@@ -260,6 +268,8 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
     let streamed = send(&format!(r#"{{"model":"{model}","stream":true,{prompt}}}"#), "sk-very-secret-key");
     assert!(streamed.contains("[DONE]"), "{streamed}");
     assert!(send(&format!(r#"{{"model":"{model}",{prompt}}}"#), "sk-wrong-key").starts_with("HTTP/1.1 401"));
+    let broken = send(&format!(r#"{{"model":"stuck/model","stream":true,{prompt}}}"#), "sk-very-secret-key");
+    assert!(broken.contains("upstream_timeout") && !broken.contains("[DONE]"), "{broken}");
     assert!(Command::new("kill").args(["-TERM", &gateway.0.id().to_string()]).status().unwrap().success());
     let mut log = String::new();
     std::io::BufReader::new(stderr).read_to_string(&mut log).unwrap();
@@ -272,7 +282,7 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| l["target"] == "nimgate::access")
         .collect();
-    assert_eq!(lines.len(), 3, "one line per request: {log}");
+    assert_eq!(lines.len(), 4, "one line per request: {log}");
     // Flattened JSON: the fields sit beside `target` and `message`.
     let fields: Vec<&serde_json::Value> = lines.iter().collect();
     // The JSON answer, then the stream: both complete, with their tokens.
@@ -292,5 +302,11 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
     }
     assert_eq!((fields[2]["status"].as_u64(), fields[2]["code"].as_str()), (Some(401), Some("invalid_api_key")));
     assert_eq!(fields[2]["key"], "-");
+    // The broken stream: logged once, in its access line, with the cause.
+    let stuck = fields[3];
+    assert_eq!((stuck["level"].as_str(), stuck["outcome"].as_str()), (Some("WARN"), Some("timeout")), "{stuck}");
+    assert_eq!(stuck["error"], "the backend sent nothing for 200ms", "{stuck}");
+    assert_eq!((stuck["route"].as_str(), stuck["backend"].as_str()), (Some("stuck/model"), Some("stuck")));
+    assert_eq!(log.matches("sent nothing for 200ms").count(), 1, "the error is logged once: {log}");
     runtime.block_on(sim.stop());
 }

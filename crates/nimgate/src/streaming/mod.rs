@@ -22,7 +22,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use prometheus::{Histogram, IntCounter};
@@ -63,8 +62,6 @@ pub struct Forwarding {
     pub sse: bool,
     pub idle_timeout: Duration,
     pub deadline: Option<Instant>,
-    /// For the log line of a broken answer.
-    pub request_id: HeaderValue,
     /// Where the answer's duration, chunk gaps and failures are recorded.
     pub observe: Observe,
 }
@@ -166,12 +163,12 @@ pin_project_lite::pin_project! {
         access: Option<AccessRecord>,
         // Body bytes sent to the client.
         bytes: u64,
-        // How the answer ended, for the access log.
+        // How the answer ended, for the access log, and why when it broke.
         outcome: &'static str,
+        cause: Option<String>,
         // Armed for min(last_frame + idle, deadline); moved forward lazily, only when it fires.
         #[pin]
         timer: Sleep,
-        request_id: HeaderValue,
     }
 
     impl PinnedDrop for Forwarded {
@@ -186,8 +183,14 @@ pin_project_lite::pin_project! {
                 metering.settle();
                 metering.counted
             });
-            if let Some(access) = this.access.take() {
-                access.write(&Ending { tokens, bytes: *this.bytes, outcome: this.outcome, error: None });
+            let ending =
+                Ending { tokens, bytes: *this.bytes, outcome: this.outcome, cause: this.cause.as_deref(), error: None };
+            match this.access.take() {
+                Some(access) => access.write(&ending),
+                None if this.cause.is_some() => {
+                    tracing::warn!(outcome = *this.outcome, cause = ?this.cause, "answer broken after its head was sent");
+                }
+                None => {}
             }
         }
     }
@@ -244,8 +247,8 @@ impl Forwarded {
             access: None,
             bytes: 0,
             outcome: "client left",
+            cause: None,
             timer: tokio::time::sleep_until(first),
-            request_id: f.request_id,
         }
     }
 
@@ -313,10 +316,7 @@ impl Forwarded {
                     let message = if past_deadline {
                         "the answer did not complete within the backend's total timeout".to_owned()
                     } else {
-                        format!(
-                            "the backend sent nothing for {}",
-                            humantime::format_duration(Duration::from_secs(this.idle_timeout.as_secs().max(1)))
-                        )
+                        format!("the backend sent nothing for {}", humantime::format_duration(*this.idle_timeout))
                     };
                     Broken { kind: FailureKind::Timeout, code: "upstream_timeout", message }
                 }
@@ -330,13 +330,8 @@ impl Forwarded {
             let backend = this.slot.take();
             let backend_name = backend.as_ref().map_or("-", |s| s.backend().name.as_str());
             this.observe.metrics.upstream_error(backend_name, broken.kind.as_str());
-            tracing::warn!(
-                request_id = this.request_id.to_str().unwrap_or("-"),
-                backend = backend_name,
-                kind = broken.kind.as_str(),
-                error = %broken.message,
-                "answer broken after its head was sent"
-            );
+            // Logged once, in the request's access line, with this cause.
+            *this.cause = Some(broken.message.clone());
             if let Some(slot) = &backend {
                 slot.backend().state.record_failure(broken.kind, &broken.message, &slot.backend().ejection);
             }
