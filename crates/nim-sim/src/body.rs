@@ -121,6 +121,8 @@ pub struct Stream {
     stall_at: Option<u32>,
     /// Whether the stall began (and was counted).
     stalled: bool,
+    /// Content events after which the stream ends without finishing, at most `plan.tokens`.
+    end_at: Option<u32>,
     guard: Option<RequestGuard>,
     /// With `split_events`: the second half of the last event, sent after a short pause.
     second_half: Option<(Bytes, Pin<Box<Sleep>>)>,
@@ -136,6 +138,7 @@ impl Stream {
             delay: sleep(ttft),
             reset_at: failures.reset_after_chunks.map(|n| n.min(plan.tokens)),
             stall_at: failures.stall_after_chunks.map(|n| n.min(plan.tokens)),
+            end_at: failures.end_after_chunks.map(|n| n.min(plan.tokens)),
             shared,
             plan,
             stage: Stage::Start,
@@ -196,6 +199,14 @@ impl Stream {
                             guard.refuse();
                         }
                         return Poll::Ready(Some(Err(InjectedReset)));
+                    }
+                    if self.end_at == Some(self.sent) {
+                        self.stage = Stage::End;
+                        self.shared.counters.errors_injected.fetch_add(1, Ordering::Relaxed);
+                        if let Some(guard) = self.guard.take() {
+                            guard.refuse();
+                        }
+                        return Poll::Ready(None);
                     }
                     if self.stall_at == Some(self.sent) {
                         if !self.stalled {

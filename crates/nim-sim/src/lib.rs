@@ -103,6 +103,9 @@ pub struct Failures {
     pub error_rate: f64,
     /// Status of injected errors; 0 means 500.
     pub error_status: u16,
+    /// `Retry-After` (seconds) sent with injected error statuses, as an overloaded NIM or the
+    /// hosted API sends it with 429 and 503.
+    pub retry_after: Option<u32>,
     /// `Some(0)`: close the connection without any response (h2: reset the stream).
     /// `Some(n)`: streams send min(n, tokens) content chunks and then break the connection, never
     /// finishing; non-streams send their head and half their body, then break it. Applies to
@@ -111,6 +114,9 @@ pub struct Failures {
     /// Streams send min(n, tokens) content chunks and then nothing more; non-streams send the
     /// head only. Either holds until the client leaves (counted as cancelled).
     pub stall_after_chunks: Option<u32>,
+    /// Streams send min(n, tokens) content chunks and then end cleanly, without their finish
+    /// event or `data: [DONE]`: a stream that looks whole to HTTP but is not.
+    pub end_after_chunks: Option<u32>,
     /// Accept inference requests and never answer, until the client leaves (counted as
     /// cancelled).
     pub hang: bool,

@@ -43,12 +43,18 @@ struct Args {
     /// Status of injected errors.
     #[arg(long, default_value_t = 500)]
     error_status: u16,
+    /// Send `Retry-After: SECS` with injected errors.
+    #[arg(long)]
+    retry_after: Option<u32>,
     /// Break the connection after N stream chunks (0: before any response).
     #[arg(long)]
     reset_after_chunks: Option<u32>,
     /// Stop sending after N stream chunks, keeping the connection open.
     #[arg(long)]
     stall_after_chunks: Option<u32>,
+    /// End streams cleanly after N chunks, without their finish event or `data: [DONE]`.
+    #[arg(long)]
+    end_after_chunks: Option<u32>,
     /// Accept requests and never answer.
     #[arg(long)]
     hang: bool,
@@ -124,8 +130,10 @@ async fn run(args: Args) -> Result<(), RunError> {
         failures: Failures {
             error_rate: args.error_rate,
             error_status: args.error_status,
+            retry_after: args.retry_after,
             reset_after_chunks: args.reset_after_chunks,
             stall_after_chunks: args.stall_after_chunks,
+            end_after_chunks: args.end_after_chunks,
             hang: args.hang,
         },
         tls,

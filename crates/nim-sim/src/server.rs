@@ -214,7 +214,11 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
             0 => StatusCode::INTERNAL_SERVER_ERROR,
             code => StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         };
-        return Ok(error(status, "injected failure"));
+        let mut response = error(status, "injected failure");
+        if let Some(secs) = failures.retry_after {
+            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        return Ok(response);
     }
     if failures.hang {
         counters.errors_injected.fetch_add(1, Ordering::Relaxed);

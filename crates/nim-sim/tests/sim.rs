@@ -651,3 +651,38 @@ mod tls {
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
     }
 }
+
+#[tokio::test]
+async fn injected_errors_carry_retry_after_when_asked() {
+    let sim = Sim::start(SimOptions {
+        failures: Failures { error_rate: 1.0, error_status: 429, retry_after: Some(7), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(false))).await.unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    sim.set_failures(Failures { error_rate: 1.0, error_status: 503, ..Failures::default() });
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(false))).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().get("retry-after").is_none());
+}
+
+#[tokio::test]
+async fn an_early_end_closes_the_stream_cleanly_without_finish_or_done() {
+    let sim = Sim::start(SimOptions {
+        tokens: 5,
+        failures: Failures { end_after_chunks: Some(2), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let response = client().request(post(&sim, "/v1/chat/completions", &chat(true))).await.unwrap();
+    let text = drain(&mut response.into_body()).await.expect("ends cleanly, not broken");
+    let payloads = sse_payloads(&text);
+    assert_eq!(payloads.iter().filter(|p| p.contains("\"content\":\" ")).count(), 2, "{text}");
+    assert!(!text.contains("[DONE]") && !text.contains("finish_reason\":\"stop"), "{text}");
+    assert_eq!(sim.stats().errors_injected, 1);
+    assert_eq!(sim.stats().completed, 0);
+}
