@@ -32,7 +32,8 @@ pub struct AccessRecord {
     /// Backends tried.
     pub attempts: u32,
     pub status: u16,
-    /// When the answer's head was ready.
+    /// Time to the answer's first body byte (a stream's first token); for answers nimgate
+    /// writes itself, to when it was ready. None when no byte went out.
     pub ttfb: Option<Duration>,
 }
 

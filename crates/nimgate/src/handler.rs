@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use bytes::Bytes;
-use http::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
@@ -54,7 +54,6 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
         }
     }
     record.access.status = response.status().as_u16();
-    record.access.ttfb = Some(started.elapsed());
     record_metrics(&gateway, &record.access, error.as_ref());
     response.headers_mut().insert(forward::X_REQUEST_ID, request_id);
     // An upstream answer is logged at its end, with its duration and tokens; the rest now.
@@ -175,18 +174,19 @@ async fn infer(
         edits.push(forward::request_usage(&body, &head.stream_options));
         forward::splice(&body, &mut edits)
     });
-    let mut headers = forward::upstream_headers(&parts.headers, request_id);
-    // Usage is read from the answer's bytes, which must then not be compressed.
-    headers.remove(ACCEPT_ENCODING);
-    let upstream_body = forward::UpstreamBody { plain, with_usage };
+    let outgoing = forward::Outgoing {
+        endpoint,
+        client_headers: &parts.headers,
+        request_id,
+        body: forward::UpstreamBody { plain, with_usage },
+    };
     let metrics = gateway.metrics();
     let model = route.pattern.as_str();
-    let answer = forward::send(&route.pool, endpoint, headers, &upstream_body, started, metrics, model).await?;
+    let answer = forward::send(&route.pool, &outgoing, started, metrics, model).await?;
     let backend = answer.slot.backend();
     record.access.backend = Some(backend.name.clone());
     record.access.attempts = answer.attempts;
     let backend_label = backend.name.as_str();
-    metrics.ttfb(model, backend_label).observe(started.elapsed().as_secs_f64());
 
     let success = answer.response.status().is_success();
     let sse = success && is_event_stream(answer.response.headers());
@@ -205,6 +205,7 @@ async fn infer(
         observe: Observe {
             metrics: Arc::clone(metrics),
             started,
+            first_byte: Some(metrics.ttfb(model, backend_label)),
             duration: Some(metrics.duration(model, backend_label)),
             chunk_gap: sse.then(|| metrics.chunk_gap(model, backend_label)),
         },

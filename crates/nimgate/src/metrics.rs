@@ -107,7 +107,7 @@ impl Metrics {
             ttfb: histogram(
                 r,
                 "time_to_first_byte_seconds",
-                "From the request's arrival to the upstream answer's head (a stream's first token follows at once).",
+                "From the request's arrival to the answer's first body byte (a stream's first token).",
                 &["model", "backend"],
                 TTFB_BUCKETS,
             ),

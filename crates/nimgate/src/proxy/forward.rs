@@ -15,8 +15,8 @@ use bytes::{Bytes, BytesMut};
 // Hop-by-hop headers describe one connection, not the message (RFC 9110 §7.6.1), plus the
 // legacy `keep-alive`/`proxy-connection`; they never cross the proxy in either direction.
 use http::header::{
-    AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, RETRY_AFTER, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    ACCEPT_ENCODING, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, HeaderName, HeaderValue,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, RETRY_AFTER, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{HeaderMap, Method, Request, Response};
 use http_body_util::Full;
@@ -53,8 +53,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 }
 
 /// The client's headers as they go upstream: without hop-by-hop headers (and those the
-/// client's `Connection` names), `Host`, `Authorization`, `Content-Length` and `Expect`,
-/// with the request id added. The backend credential is added per attempt by `send`.
+/// client's `Connection` names), `Host`, `Authorization`, `Content-Length`, `Expect` and
+/// `Accept-Encoding` (usage is read from the answer's bytes, which must then not be
+/// compressed), with the request id added. The backend credential is added by `build`.
 pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     let listed = connection_listed(client);
     let mut headers = HeaderMap::with_capacity(client.len() + 3);
@@ -69,7 +70,12 @@ pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderM
 }
 
 fn is_dropped_request_header(name: &HeaderName) -> bool {
-    name == HOST || name == AUTHORIZATION || name == CONTENT_LENGTH || name == EXPECT || is_hop_by_hop(name)
+    name == HOST
+        || name == AUTHORIZATION
+        || name == CONTENT_LENGTH
+        || name == EXPECT
+        || name == ACCEPT_ENCODING
+        || is_hop_by_hop(name)
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
@@ -175,6 +181,16 @@ pub struct UpstreamBody {
     pub with_usage: Option<Bytes>,
 }
 
+/// What goes to whichever backend takes the request. The upstream headers are built from the
+/// client's for each attempt, so the usual single attempt copies them once.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    pub endpoint: Endpoint,
+    pub client_headers: &'a HeaderMap,
+    pub request_id: &'a HeaderValue,
+    pub body: UpstreamBody,
+}
+
 impl UpstreamBody {
     /// The bytes for `backend`, and whether they ask for usage on the client's behalf.
     fn for_backend(&self, backend: &Backend) -> (Bytes, bool) {
@@ -254,9 +270,7 @@ enum Attempt {
 /// counts from then.
 pub async fn send(
     pool: &Pool,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: &UpstreamBody,
+    outgoing: &Outgoing<'_>,
     started: Instant,
     metrics: &Metrics,
     model: &str,
@@ -269,18 +283,16 @@ pub async fn send(
     }
     let mut slot = acquired.map_err(|e| no_backend(pool, &e))?;
     let mut tried = Tried::default();
-    let mut headers = Some(headers);
     let retries_possible = pool.max_attempts() > 1 && pool.primary().len() + pool.fallback().len() > 1;
     let mut attempts = 0;
     loop {
         attempts += 1;
         tried.add(&slot);
         let backend = slot.backend();
-        let (bytes, usage_requested) = body.for_backend(backend);
-        // Only a request that may be tried again needs its headers copied.
+        let (bytes, usage_requested) = outgoing.body.for_backend(backend);
         let last_chance = !retries_possible || attempts >= pool.max_attempts();
-        let request_headers = if last_chance { headers.take() } else { headers.clone() };
-        let request = build(backend, endpoint, request_headers.unwrap_or_default(), bytes);
+        let headers = upstream_headers(outgoing.client_headers, outgoing.request_id);
+        let request = build(backend, outgoing.endpoint, headers, bytes);
         let deadline = backend.timeouts.total.map(|total| started + total);
         let outcome = judge(backend, send_one(backend, request, deadline).await, metrics);
         let (retry_reason, outcome) = match outcome {
@@ -442,6 +454,7 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("content-length", "12"),
             ("expect", "100-continue"),
+            ("accept-encoding", "gzip"),
             ("content-type", "application/json"),
             ("x-custom", "kept"),
         ]);

@@ -71,9 +71,12 @@ pub struct Forwarding {
 pub struct Observe {
     pub metrics: Arc<Metrics>,
     pub started: Instant,
+    /// Time to the answer's first body byte (a stream's first token: NIM sends a stream's
+    /// head before generating). Taken when recorded.
+    pub first_byte: Option<Histogram>,
     /// Taken when recorded.
     pub duration: Option<Histogram>,
-    /// SSE answers only: gaps between chunks.
+    /// SSE answers only: gaps between chunks, from the first chunk on.
     pub chunk_gap: Option<Histogram>,
 }
 
@@ -104,15 +107,19 @@ impl ResponseBody {
         Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))) }
     }
 
-    /// Hands the request's access record to an upstream body, which writes it at its end;
-    /// gives it back for any other body (whose request is over now).
-    pub fn attach_access(&mut self, access: AccessRecord) -> Option<AccessRecord> {
+    /// Hands the request's access record to an upstream body, which writes it at its end
+    /// (with the time to its first body byte); gives it back for any other body, whose request
+    /// is over now.
+    pub fn attach_access(&mut self, mut access: AccessRecord) -> Option<AccessRecord> {
         match &mut self.kind {
             Kind::Upstream(forwarded) => {
                 *forwarded.as_mut().project().access = Some(access);
                 None
             }
-            Kind::Full(_) => Some(access),
+            Kind::Full(_) => {
+                access.ttfb = Some(access.started.elapsed());
+                Some(access)
+            }
         }
     }
 }
@@ -156,6 +163,8 @@ pin_project_lite::pin_project! {
         // The stream's last bytes: did it end with `data: [DONE]`?
         tail: Tail,
         ended: bool,
+        // A data frame went out: the first byte's time is recorded, gaps are counted from it.
+        seen_data: bool,
         idle_timeout: Duration,
         deadline: Option<Instant>,
         last_frame: Instant,
@@ -217,8 +226,10 @@ impl Tail {
         self.len = keep + data.len();
     }
 
+    /// The stream's last event is `[DONE]` (`data:` takes one optional space, per the SSE spec).
     fn ends_with_done(&self) -> bool {
-        self.bytes[..self.len].trim_ascii_end().ends_with(b"data: [DONE]")
+        let end = self.bytes[..self.len].trim_ascii_end();
+        end.ends_with(b"data: [DONE]") || end.ends_with(b"data:[DONE]")
     }
 }
 
@@ -240,6 +251,7 @@ impl Forwarded {
             sse: f.sse,
             tail: Tail::default(),
             ended: false,
+            seen_data: false,
             idle_timeout: f.idle_timeout,
             deadline: f.deadline,
             last_frame: now,
@@ -262,8 +274,19 @@ impl Forwarded {
             let broken = match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     let now = Instant::now();
-                    if let Some(gap) = &this.observe.chunk_gap {
-                        gap.observe(now.duration_since(*this.last_frame).as_secs_f64());
+                    if *this.seen_data {
+                        if let Some(gap) = &this.observe.chunk_gap {
+                            gap.observe(now.duration_since(*this.last_frame).as_secs_f64());
+                        }
+                    } else if frame.is_data() {
+                        *this.seen_data = true;
+                        let ttfb = now.duration_since(this.observe.started);
+                        if let Some(first_byte) = this.observe.first_byte.take() {
+                            first_byte.observe(ttfb.as_secs_f64());
+                        }
+                        if let Some(access) = this.access.as_mut() {
+                            access.ttfb = Some(ttfb);
+                        }
                     }
                     *this.last_frame = now;
                     let data = match frame.into_data() {
@@ -488,6 +511,9 @@ mod tests {
                 assert!(tail.ends_with_done(), "cut at {cut} and {second}");
             }
         }
+        let mut tail = Tail::default();
+        tail.push(b"data: {}\n\ndata:[DONE]\n\n");
+        assert!(tail.ends_with_done(), "the space after `data:` is optional");
         let mut tail = Tail::default();
         tail.push(b"data: [DONE]\n\ndata: {\"late\":1}\n\n");
         assert!(!tail.ends_with_done());
