@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use nimgate::config::{self, EnvSource, Snapshot};
+use nimgate::config::{self, EnvSource, LogFormat, LoggingSettings, Snapshot};
 use nimgate::reload::{self, Reloader, Trigger};
 use nimgate::{Gateway, auth, demo, server};
 
@@ -53,12 +53,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::CheckConfig { path }) => check_config(&path),
         Some(Command::HashKey { key }) => hash_key(key),
-        Some(Command::Demo { listen }) => init_logging().and_then(|()| runtime()?.block_on(run_demo(listen))),
-        None => init_logging().and_then(|()| {
+        Some(Command::Demo { listen }) => {
+            init_logging(&LoggingSettings::default()).and_then(|()| runtime()?.block_on(run_demo(listen)))
+        }
+        None => {
             let path = config_path(cli.config);
-            let snapshot = load(&path)?;
-            runtime()?.block_on(run_gateway(snapshot, &path))
-        }),
+            load(&path).and_then(|snapshot| {
+                init_logging(&snapshot.logging)?;
+                runtime()?.block_on(run_gateway(snapshot, &path))
+            })
+        }
     };
     match result {
         Ok(code) => code,
@@ -138,6 +142,9 @@ fn hash_key(key: Option<String>) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode> {
+    // Taken over first: until a handler is registered, SIGHUP's default action ends the
+    // process, and a config-reloader sidecar may send one as soon as the pod starts.
+    let hangups = hangup_signals();
     let listen = snapshot.server.listen;
     if snapshot.server.allow_anonymous {
         tracing::warn!("server.allow_anonymous is on: requests without a known key are served");
@@ -161,7 +168,7 @@ async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode
             None
         }
     };
-    let _sighup = tokio::spawn(reload_on_sighup(reloader));
+    let _sighup = tokio::spawn(reload_on_sighup(hangups, reloader));
     server::serve(gateway, listener, shutdown_signal()).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -171,21 +178,36 @@ async fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reloads the configuration on every SIGHUP.
-async fn reload_on_sighup(reloader: Arc<Reloader>) {
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<()>;
+
+/// SIGHUP, handled from now on.
+fn hangup_signals() -> Hangups {
     #[cfg(unix)]
     {
-        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        if signals.is_err() {
             tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
-            return;
-        };
+        }
+        signals.ok()
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads the configuration on every SIGHUP.
+async fn reload_on_sighup(hangups: Hangups, reloader: Arc<Reloader>) {
+    #[cfg(unix)]
+    if let Some(mut hangups) = hangups {
         while hangups.recv().await.is_some() {
             // Problems are logged and counted by `reload`.
             let _ = reloader.reload(Trigger::Signal).await;
         }
     }
     #[cfg(not(unix))]
-    let _ = reloader;
+    let _ = (hangups, reloader);
 }
 
 /// Completes on SIGINT or SIGTERM.
@@ -225,16 +247,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("cannot start the async runtime")
 }
 
-/// Logs go to stderr: `NIMGATE_LOG` sets the filter (default `info`), `NIMGATE_LOG_FORMAT=json`
-/// switches to one JSON object per line.
-fn init_logging() -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = if std::env::var("NIMGATE_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        builder.json().flatten_event(true).try_init()
-    } else {
-        builder.try_init()
+/// Logs go to stderr, as `logging:` says: its `level` is the filter (`NIMGATE_LOG` takes
+/// precedence), its `format` text or one JSON object per line (`NIMGATE_LOG_FORMAT` takes
+/// precedence).
+fn init_logging(settings: &LoggingSettings) -> anyhow::Result<()> {
+    let filter = match std::env::var("NIMGATE_LOG") {
+        Ok(directive) => tracing_subscriber::EnvFilter::try_new(&directive)
+            .with_context(|| format!("NIMGATE_LOG=`{directive}` is not a log filter"))?,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&settings.level).context("logging.level")?,
     };
+    let json = match std::env::var("NIMGATE_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        Ok(other) => anyhow::bail!("NIMGATE_LOG_FORMAT=`{other}` is not a log format: use text or json"),
+        Err(_) => settings.format == LogFormat::Json,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }

@@ -64,10 +64,19 @@ pub struct Reloader {
     gateway: Arc<Gateway>,
     path: PathBuf,
     env: EnvSource,
-    /// The listen addresses actually bound at start.
-    bound: (SocketAddr, SocketAddr),
+    /// What the process set up at start and a reload cannot change.
+    fixed: Fixed,
     /// One reload at a time: a file event, SIGHUP and the admin API may coincide.
     serial: tokio::sync::Mutex<()>,
+    /// Signalled after each reload put in force, for the file watch to follow the TLS files.
+    applied: tokio::sync::Notify,
+}
+
+/// Settings applied once at start: the listen addresses bound and the logging set up.
+struct Fixed {
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    logging: config::LoggingSettings,
 }
 
 /// Loads and validates the file at `path` as the first snapshot (version 1).
@@ -83,12 +92,15 @@ fn build(path: &Path, env: &EnvSource, previous: Option<&Snapshot>) -> Result<Sn
     let bytes = std::fs::read(path).map_err(|cause| ConfigError::Read { path: path.display().to_string(), cause })?;
     let text = String::from_utf8_lossy(&bytes);
     let raw = config::load_str(&text, config::format_of(path), env)?;
-    let mut snapshot = config::validate_after(&raw, env, previous)?;
+    // The TLS files are hashed before validation reads them: a renewal landing in between
+    // leaves a hash older than the certificate in force, so the renewal's own file event
+    // still counts as a change (the other order would skip it as unchanged).
     let mut hash = Sha256::new();
     hash.update(&bytes);
     for file in tls_files(&raw) {
         hash.update(std::fs::read(file).unwrap_or_default());
     }
+    let mut snapshot = config::validate_after(&raw, env, previous)?;
     snapshot.meta = ConfigMeta { version: 0, hash: hex::encode(hash.finalize()), source: Some(Arc::new(raw)) };
     Ok(snapshot)
 }
@@ -101,13 +113,19 @@ fn tls_files(raw: &config::RawConfig) -> Vec<PathBuf> {
 impl Reloader {
     /// A reloader for the gateway serving the snapshot loaded from `path`.
     pub fn new(gateway: Arc<Gateway>, path: PathBuf, env: EnvSource) -> Arc<Self> {
-        let server = gateway.snapshot().server.clone();
+        let snapshot = gateway.snapshot();
+        let fixed = Fixed {
+            listen: snapshot.server.listen,
+            admin_listen: snapshot.server.admin_listen,
+            logging: snapshot.logging.clone(),
+        };
         Arc::new(Self {
             gateway,
             path,
             env,
-            bound: (server.listen, server.admin_listen),
+            fixed,
             serial: tokio::sync::Mutex::new(()),
+            applied: tokio::sync::Notify::new(),
         })
     }
 
@@ -115,14 +133,17 @@ impl Reloader {
         &self.path
     }
 
-    /// Settings of the snapshot in force that differ from what the process is bound to.
+    /// Settings of the snapshot in force that differ from what the process set up at start.
     pub fn restart_needed(&self, snapshot: &Snapshot) -> Vec<&'static str> {
         let mut fields = Vec::new();
-        if snapshot.server.listen != self.bound.0 {
+        if snapshot.server.listen != self.fixed.listen {
             fields.push("server.listen");
         }
-        if snapshot.server.admin_listen != self.bound.1 {
+        if snapshot.server.admin_listen != self.fixed.admin_listen {
             fields.push("server.admin_listen");
+        }
+        if snapshot.logging != self.fixed.logging {
+            fields.push("logging");
         }
         fields
     }
@@ -177,13 +198,13 @@ impl Reloader {
         }
         self.gateway.replace(snapshot);
         self.gateway.metrics().config_reloads.with_label_values(&["ok"]).inc();
+        self.applied.notify_one();
         Ok(applied)
     }
 }
 
 /// Watches the config file's directory and reloads after changes, until dropped.
 pub struct FileWatch {
-    _watcher: notify::RecommendedWatcher,
     task: JoinHandle<()>,
 }
 
@@ -193,9 +214,9 @@ impl Drop for FileWatch {
     }
 }
 
-/// Starts watching `reloader`'s file, and the TLS certificate and key it names (their
-/// directories as they are at start: cert-manager and Secret mounts swap files there).
-pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
+/// The directories to watch for the snapshot in force: the config file's, and those of the
+/// TLS certificate and key it names (cert-manager and Secret mounts swap files there).
+fn watched_dirs(reloader: &Reloader) -> Vec<PathBuf> {
     let parent = |path: &Path| match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
@@ -209,6 +230,12 @@ pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
             }
         }
     }
+    dirs
+}
+
+/// Starts watching `reloader`'s file and the TLS files it names. After every reload, by
+/// whatever trigger, the watch follows the TLS files to their new directories.
+pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
     let (events, mut received) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
         // Any change in the directory may be ours (the file, its replacement, `..data`):
@@ -219,24 +246,47 @@ pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "config file watch error"),
     })?;
-    for dir in &dirs {
+    let mut watched = watched_dirs(&reloader);
+    for dir in &watched {
         watcher.watch(dir, RecursiveMode::NonRecursive)?;
     }
     let task = tokio::spawn(async move {
-        while received.recv().await.is_some() {
-            // Debounce: wait until the directory has been quiet for a moment.
-            loop {
-                match tokio::time::timeout(DEBOUNCE, received.recv()).await {
-                    Ok(Some(())) => continue,
-                    Ok(None) => return,
-                    Err(_) => break,
+        loop {
+            tokio::select! {
+                event = received.recv() => {
+                    if event.is_none() {
+                        return;
+                    }
+                    // Debounce: wait until the directory has been quiet for a moment.
+                    loop {
+                        match tokio::time::timeout(DEBOUNCE, received.recv()).await {
+                            Ok(Some(())) => continue,
+                            Ok(None) => return,
+                            Err(_) => break,
+                        }
+                    }
+                    // Problems are logged and counted by `reload`.
+                    let _ = reloader.reload(Trigger::FileChange).await;
                 }
+                () = reloader.applied.notified() => {}
             }
-            // Problems are logged and counted by `reload`.
-            let _ = reloader.reload(Trigger::FileChange).await;
+            follow(&mut watcher, &mut watched, watched_dirs(&reloader));
         }
     });
-    Ok(FileWatch { _watcher: watcher, task })
+    Ok(FileWatch { task })
+}
+
+/// Moves the watch to `wanted`: new directories added, those no longer named dropped.
+fn follow(watcher: &mut notify::RecommendedWatcher, watched: &mut Vec<PathBuf>, wanted: Vec<PathBuf>) {
+    for dir in watched.iter().filter(|d| !wanted.contains(d)) {
+        let _ = watcher.unwatch(dir);
+    }
+    for dir in wanted.iter().filter(|d| !watched.contains(d)) {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a TLS file's directory; reload with SIGHUP");
+        }
+    }
+    *watched = wanted;
 }
 
 /// The configuration in force as `/admin/config` shows it: credentials redacted.

@@ -22,6 +22,19 @@ pub struct RawConfig {
     pub rate_limits: RawRateLimits,
     #[serde(default)]
     pub balancing: RawBalancing,
+    #[serde(default)]
+    pub logging: RawLogging,
+}
+
+/// `logging:`: applied at start (a change needs a restart). `NIMGATE_LOG` and
+/// `NIMGATE_LOG_FORMAT` in the environment take precedence.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    /// `text` (default) or `json`: one JSON object per line.
+    pub format: Option<String>,
+    /// A tracing filter: `info` (default), `warn,nimgate::access=info`, ...
+    pub level: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -22,6 +22,7 @@ pub struct Snapshot {
     pub keys: KeyTable,
     pub rate_limits: RateLimitSettings,
     pub balancing: Balancing,
+    pub logging: LoggingSettings,
     /// Where this snapshot came from, for `/admin/config`.
     pub meta: ConfigMeta,
 }
@@ -47,6 +48,26 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     pub drain_timeout: Duration,
     pub allow_anonymous: bool,
+}
+
+/// `logging:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggingSettings {
+    pub format: LogFormat,
+    /// A tracing filter directive, checked to parse.
+    pub level: String,
+}
+
+impl Default for LoggingSettings {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// `rate_limits:`: where limiter state lives and what happens when that store is unreachable.

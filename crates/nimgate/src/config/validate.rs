@@ -12,9 +12,12 @@ use http::{HeaderValue, Uri};
 
 use super::load::EnvSource;
 use super::raw::{
-    RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawRateLimits, RawRoute, RawServer,
+    RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging, RawRateLimits, RawRoute,
+    RawServer,
 };
-use super::snapshot::{ConfigMeta, LimitStore, OnStoreError, RateLimitSettings, ServerSettings, Snapshot};
+use super::snapshot::{
+    ConfigMeta, LimitStore, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, ServerSettings, Snapshot,
+};
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
@@ -60,6 +63,7 @@ pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapsh
     let routes = v.routes(&raw.routes, &raw.backends, &backends, &balancing);
     let keys = v.keys(&raw.keys, server.allow_anonymous);
     let rate_limits = v.rate_limits(&raw.rate_limits);
+    let logging = v.logging(&raw.logging);
     if !v.problems.is_empty() {
         return Err(ConfigError::Invalid(v.problems));
     }
@@ -70,6 +74,7 @@ pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapsh
         keys,
         rate_limits,
         balancing,
+        logging,
         meta: ConfigMeta::default(),
     })
 }
@@ -111,6 +116,26 @@ impl Validator<'_> {
             drain_timeout,
             allow_anonymous: raw.allow_anonymous.unwrap_or(false),
         }
+    }
+
+    fn logging(&mut self, raw: &RawLogging) -> LoggingSettings {
+        let d = LoggingSettings::default();
+        let format = match raw.format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.problem("logging.format", format!("`{other}` is not a log format: use text or json"));
+                d.format
+            }
+        };
+        let level = raw.level.clone().unwrap_or(d.level);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            self.problem(
+                "logging.level",
+                format!("`{level}` is not a log filter ({e}): e.g. info, or warn,nimgate::access=info"),
+            );
+        }
+        LoggingSettings { format, level }
     }
 
     /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
