@@ -2,7 +2,6 @@
 //! rate limits, retries and tokens (streamed and not), TTFB observations, bounded series under
 //! a flood of unknown model names, and the exposition checked by `promtool check metrics`.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -10,29 +9,6 @@ use nimgate::config::raw::{RawBackend, RawRoute};
 use nimgate_tests::*;
 
 const LLAMA: &str = "meta/llama-3.1-8b-instruct";
-
-/// Every sample of the exposition: `name{labels}` → value.
-async fn scrape(gw: &TestGateway) -> (String, HashMap<String, f64>) {
-    let reply = gw.admin_client().get("/metrics").await;
-    assert_eq!(reply.status, 200);
-    assert!(reply.header("content-type").unwrap().starts_with("text/plain"));
-    let text = reply.text();
-    let samples = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.rsplit_once(' ').map(|(series, value)| (series.to_owned(), value.parse().unwrap())))
-        .collect();
-    (text, samples)
-}
-
-fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
-    *samples.get(series).unwrap_or_else(|| {
-        let mut known: Vec<&String> =
-            samples.keys().filter(|k| k.starts_with(series.split('{').next().unwrap())).collect();
-        known.sort();
-        panic!("no sample {series}; the family has {known:#?}")
-    })
-}
 
 #[tokio::test]
 async fn counters_after_known_traffic_have_exact_values_and_labels() {
@@ -98,8 +74,8 @@ async fn counters_after_known_traffic_have_exact_values_and_labels() {
     assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"flaky\",kind=\"5xx\"}"), 6.0);
     assert_eq!(value(&s, "nimgate_time_to_first_byte_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 6.0);
     assert_eq!(value(&s, "nimgate_request_duration_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 6.0);
-    // Each stream's frames after its head: role, 7 tokens, finish, usage, [DONE].
-    assert_eq!(value(&s, "nimgate_stream_chunk_gap_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 2.0 * 11.0);
+    // Each stream's gaps between its 11 frames: role, 7 tokens, finish, usage, [DONE].
+    assert_eq!(value(&s, "nimgate_stream_chunk_gap_seconds_count{backend=\"gpu\",model=\"meta/*\"}"), 2.0 * 10.0);
     // Tokens: 7 completion tokens per answer as the sim reports them, streams included.
     assert_eq!(value(&s, "nimgate_tokens_total{key=\"team-a\",kind=\"completion\",model=\"meta/*\"}"), 5.0 * 7.0);
     assert_eq!(value(&s, "nimgate_tokens_total{key=\"team-b\",kind=\"completion\",model=\"meta/*\"}"), 7.0);
@@ -151,8 +127,12 @@ async fn the_exposition_passes_promtool() {
     client.chat(LLAMA).await;
     client.chat("nothing").await;
     let (text, _) = scrape(&gw).await;
-    let promtool = which_promtool();
-    let mut check = Command::new(promtool)
+    promtool_check_metrics(&text);
+}
+
+/// `promtool check metrics` of an exposition: its format, names, help texts and units.
+fn promtool_check_metrics(text: &str) {
+    let mut check = Command::new(which_promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -180,17 +160,23 @@ fn repo(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
 }
 
+/// Runs promtool with `args` in deploy/prometheus, and what it said.
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new(which_promtool()).args(args).current_dir(repo("deploy/prometheus")).output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "promtool {args:?}:\n{said}");
+    said
+}
+
 #[test]
 fn the_shipped_scrape_config_and_alerting_rules_pass_promtool() {
-    let promtool = which_promtool();
-    let out = Command::new(promtool)
-        .args(["check", "config"])
-        .arg(repo("deploy/prometheus/prometheus.yml"))
-        .output()
-        .unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{said}");
-    assert!(said.contains("SUCCESS: 5 rules found"), "the rules file is loaded and checked: {said}");
+    let said = promtool(&["check", "config", "prometheus.yml"]);
+    assert!(said.contains("SUCCESS: 5 rules found"), "the rules file is loaded with the config: {said}");
+    let said = promtool(&["check", "rules", "nimgate-rules.yml"]);
+    assert!(said.contains("SUCCESS: 5 rules found"), "{said}");
+    // The alerts fire on the series they are meant for, and only on those.
+    let said = promtool(&["test", "rules", "nimgate-rules.test.yml"]);
+    assert!(said.contains("SUCCESS"), "{said}");
 }
 
 #[tokio::test]
@@ -252,6 +238,8 @@ async fn the_dashboard_and_rules_use_only_metrics_nimgate_exports() {
     limited.chat(LLAMA).await;
     limited.chat(LLAMA).await.assert_error(429, "rate_limit_exceeded");
     let (text, _) = scrape(&gw).await;
+    // With every family present, the whole exposition passes promtool.
+    promtool_check_metrics(&text);
     let exported: Vec<&str> =
         text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
     let dashboard = std::fs::read_to_string(repo("deploy/grafana/nimgate-dashboard.json")).unwrap();
@@ -272,4 +260,55 @@ async fn the_dashboard_and_rules_use_only_metrics_nimgate_exports() {
             assert!(exported.contains(&family), "the {file} uses {name}, which nimgate does not export");
         }
     }
+}
+
+#[tokio::test]
+async fn in_flight_queue_wait_and_time_to_first_token_are_observed() {
+    // One GPU slot, 150 ms to the first token; the stream's head goes out at once, as NIM's does.
+    let gated = sim(SimOptions {
+        tokens: 2,
+        ttft: std::time::Duration::from_millis(150),
+        gated_chunks: true,
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway()
+        .backend_with(RawBackend { max_concurrency: Some(1), ..RawBackend::default() })
+        .with(|raw| {
+            raw.backends[0].name = "gpu".into();
+            raw.backends[0].url = gated.url();
+        })
+        .route(LLAMA, &["gpu"])
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let mut first = client.chat_stream(LLAMA).await.into_body();
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_inflight_requests{backend=\"gpu\"}"), 1.0, "the open stream is in flight");
+    // The second request waits in the queue for the slot the first holds.
+    let queued = tokio::spawn({
+        let client = gw.client("team-a");
+        async move { client.chat(LLAMA).await.status }
+    });
+    eventually("the second request is queued", std::time::Duration::from_secs(2), || async {
+        gw.gateway.snapshot().routes.iter().next().unwrap().pool.queued() == 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    gated.release_chunks(100);
+    let text: String = all_frames(&mut first).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    assert!(text.contains("[DONE]"), "{text}");
+    assert_eq!(queued.await.unwrap(), 200);
+
+    let (_, s) = scrape(&gw).await;
+    let series = |family: &str, labels: &str| value(&s, &format!("nimgate_{family}{{{labels}}}"));
+    let route = format!("backend=\"gpu\",model=\"{LLAMA}\"");
+    assert_eq!(series("inflight_requests", "backend=\"gpu\""), 0.0);
+    assert_eq!(series("queue_wait_seconds_count", &format!("model=\"{LLAMA}\"")), 1.0);
+    assert!(series("queue_wait_seconds_sum", &format!("model=\"{LLAMA}\"")) >= 0.1, "it waited the 100 ms and more");
+    // Time to first byte is the first token's, not the head's: both answers took >= 150 ms.
+    assert_eq!(series("time_to_first_byte_seconds_count", &route), 2.0);
+    assert_eq!(series("time_to_first_byte_seconds_bucket", &format!("{route},le=\"0.1\"")), 0.0);
+    assert!(series("time_to_first_byte_seconds_sum", &route) >= 0.3);
 }

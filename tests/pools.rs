@@ -525,3 +525,266 @@ async fn admin_backends_shows_state_and_no_credentials() {
     assert_eq!((state["in_flight"].as_u64(), state["health"].as_str()), (Some(0), Some("unchecked")));
     assert_eq!(gw.admin_client().get("/admin/nothing").await.status, 404);
 }
+
+fn timeouts(change: impl FnOnce(&mut RawTimeouts)) -> Option<RawTimeouts> {
+    let mut t = RawTimeouts::default();
+    change(&mut t);
+    Some(t)
+}
+
+/// The text of a whole streamed answer.
+async fn stream_text(client: &TestClient, model: &str) -> String {
+    let response = client.chat_stream(model).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect()
+}
+
+/// The `error.code` of a stream's last event, which must not be followed by `[DONE]`.
+fn final_error_code(text: &str) -> String {
+    assert!(!text.contains("[DONE]"), "a broken stream never ends with [DONE]: {text}");
+    let events = sse_data(text);
+    let last: serde_json::Value = serde_json::from_str(events.last().expect("some event")).unwrap();
+    last["error"]["code"].as_str().unwrap_or_else(|| panic!("the last event is an error: {text}")).to_owned()
+}
+
+#[tokio::test]
+async fn a_reset_before_the_answer_is_retried_on_another_backend() {
+    let resetting = sim(SimOptions {
+        failures: Failures { reset_after_chunks: Some(0), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await;
+    let healthy = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .backend("resetting", &resetting.url())
+        .backend("healthy", &healthy.url())
+        .route_with(route(LLAMA, &["resetting", "healthy"], &[]))
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    for _ in 0..20 {
+        assert_eq!(client.chat(LLAMA).await.status, 200);
+    }
+    let reset = resetting.stats().requests;
+    assert!(reset >= 1, "some first attempts went to the resetting backend");
+    assert_eq!(healthy.stats().requests, 20, "each of them was retried there");
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"resetting\",kind=\"reset\"}"), reset as f64);
+    assert_eq!(value(&s, &format!("nimgate_retries_total{{backend=\"resetting\",model=\"{LLAMA}\"}}")), reset as f64);
+}
+
+#[tokio::test]
+async fn a_first_byte_timeout_is_retried_on_another_backend() {
+    let hanging =
+        sim(SimOptions { failures: Failures { hang: true, ..Failures::default() }, ..SimOptions::default() }).await;
+    let healthy = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .backend_with(RawBackend {
+            timeouts: timeouts(|t| t.first_byte = Some("200ms".into())),
+            ..backend("hanging", &hanging.url())
+        })
+        .backend("healthy", &healthy.url())
+        .route_with(route(LLAMA, &["hanging", "healthy"], &[]))
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    for _ in 0..6 {
+        let started = Instant::now();
+        assert_eq!(client.chat(LLAMA).await.status, 200);
+        assert!(started.elapsed() < Duration::from_secs(2), "never the whole hang: {:?}", started.elapsed());
+    }
+    let hung = hanging.stats().requests;
+    assert!(hung >= 1, "some first attempts went to the hanging backend");
+    assert_eq!(healthy.stats().requests, 6);
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"hanging\",kind=\"timeout\"}"), hung as f64);
+    eventually("the timed-out upstream requests are cancelled", Duration::from_secs(5), || async {
+        hanging.stats().cancelled == hung
+    })
+    .await;
+}
+
+/// A port whose listener never accepts and whose accept queue is full: the kernel drops
+/// further SYNs, so a connect there hangs until the connector's timeout (what a host that
+/// black-holes traffic looks like), all on loopback. Keep the returned sockets alive.
+fn blackhole() -> (String, Vec<std::net::TcpStream>, tokio::net::TcpListener) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => return (format!("http://{addr}"), held, listener),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+#[tokio::test]
+async fn a_connect_timeout_fails_fast_and_is_retried_elsewhere() {
+    let (url, _held, _listener) = blackhole();
+    let healthy = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .backend_with(RawBackend {
+            timeouts: timeouts(|t| t.connect = Some("200ms".into())),
+            ..backend("blackhole", &url)
+        })
+        .backend("healthy", &healthy.url())
+        .route_with(route("alone", &["blackhole"], &[]))
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("either", &["blackhole", "healthy"], &[]) })
+        .key("team-a", &["*"])
+        .with(balancing(|b| b.eject_after = Some(1000)))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let started = Instant::now();
+    client.chat("alone").await.assert_error(502, "upstream_unavailable");
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(190) && took < Duration::from_secs(2), "the connect timeout: {took:?}");
+    for _ in 0..6 {
+        assert_eq!(client.chat("either").await.status, 200);
+    }
+    assert_eq!(healthy.stats().requests, 6);
+    let (_, s) = scrape(&gw).await;
+    assert!(value(&s, "nimgate_upstream_errors_total{backend=\"blackhole\",kind=\"connect\"}") >= 2.0);
+}
+
+#[tokio::test]
+async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
+    let long = sim(SimOptions { tokens: 40, chunk_delay: Duration::from_millis(50), ..SimOptions::default() }).await;
+    let gw = gateway()
+        .backend_with(RawBackend {
+            timeouts: timeouts(|t| t.total = Some("500ms".into())),
+            ..backend("gpu", &long.url())
+        })
+        .route_with(route(LLAMA, &["gpu"], &[]))
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let started = Instant::now();
+    let text = stream_text(&client, LLAMA).await;
+    let took = started.elapsed();
+    assert_eq!(final_error_code(&text), "upstream_timeout");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(1500), "{took:?}");
+    assert!(sse_data(&text).len() > 3, "the stream ran until the deadline: {text}");
+    // A non-stream answer that would take 2 s: 504 at the deadline.
+    let started = Instant::now();
+    client.chat(LLAMA).await.assert_error(504, "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"gpu\",kind=\"timeout\"}"), 2.0);
+}
+
+#[tokio::test]
+async fn a_stream_that_closes_without_done_ends_with_an_error_event() {
+    let truncating = sim(SimOptions {
+        failures: Failures { end_after_chunks: Some(2), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway().backend("gpu", &truncating.url()).route(LLAMA, &["gpu"]).key("team-a", &["*"]).start().await;
+    let text = stream_text(&gw.client("team-a"), LLAMA).await;
+    assert_eq!(final_error_code(&text), "upstream_unavailable");
+    assert_eq!(sse_data(&text).iter().filter(|e| e.contains("\"content\":\" ")).count(), 2, "{text}");
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"gpu\",kind=\"stream_broken\"}"), 1.0);
+    let state = gw.admin_backend("gpu").await;
+    assert_eq!(state["recent_errors"][0]["kind"], "stream_broken", "{state}");
+}
+
+#[tokio::test]
+async fn retry_after_sets_how_long_an_overloaded_backend_stays_out() {
+    let overloaded = |status: u16, retry_after: Option<u32>| {
+        sim(SimOptions {
+            failures: Failures { error_rate: 1.0, error_status: status, retry_after, ..Failures::default() },
+            ..SimOptions::default()
+        })
+    };
+    let (hosted_429, hosted_503, capped, bare) = (
+        overloaded(429, Some(20)).await,
+        overloaded(503, Some(20)).await,
+        overloaded(429, Some(3600)).await,
+        overloaded(429, None).await,
+    );
+    let gw = gateway()
+        .backend("h429", &hosted_429.url())
+        .backend("h503", &hosted_503.url())
+        .backend("capped", &capped.url())
+        .backend("bare", &bare.url())
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("a", &["h429"], &[]) })
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("b", &["h503"], &[]) })
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("c", &["capped"], &[]) })
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("d", &["bare"], &[]) })
+        .key("team-a", &["*"])
+        .with(balancing(|b| {
+            b.ejection_base = Some("2s".into());
+            b.ejection_max = Some("60s".into());
+        }))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let passed = client.chat("a").await;
+    assert_eq!(
+        (passed.status.as_u16(), passed.header("retry-after")),
+        (429, Some("20")),
+        "the upstream's answer passes through"
+    );
+    assert_eq!(client.chat("b").await.status, 503);
+    assert_eq!(client.chat("c").await.status, 429);
+    assert_eq!(client.chat("d").await.status, 429);
+    let out_for = |state: serde_json::Value| {
+        assert_eq!(state["ejected"], true, "{state}");
+        state["ejected_for_ms"].as_u64().unwrap()
+    };
+    let h429 = out_for(gw.admin_backend("h429").await);
+    assert!((15_000..=20_000).contains(&h429), "out for its Retry-After of 20 s: {h429} ms");
+    let h503 = out_for(gw.admin_backend("h503").await);
+    assert!((15_000..=20_000).contains(&h503), "a 503 with Retry-After too: {h503} ms");
+    let capped = out_for(gw.admin_backend("capped").await);
+    assert!((55_000..=60_000).contains(&capped), "at most ejection_max: {capped} ms");
+    let bare = out_for(gw.admin_backend("bare").await);
+    assert!((1_000..=2_000).contains(&bare), "without Retry-After, ejection_base: {bare} ms");
+    // While out, the route answers 503 at once without asking the backend again.
+    client.chat("a").await.assert_error(503, "no_healthy_backend");
+    assert_eq!(hosted_429.stats().requests, 1);
+    let (_, s) = scrape(&gw).await;
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"h429\",kind=\"overloaded\"}"), 1.0);
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"h503\",kind=\"5xx\"}"), 1.0);
+    assert_eq!(value(&s, "nimgate_backend_healthy{backend=\"h429\"}"), 0.0, "out of rotation");
+}
+
+#[tokio::test]
+async fn readiness_turns_503_at_once_when_draining_while_streams_finish() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gated = sim(SimOptions { tokens: 3, gated_chunks: true, ..SimOptions::default() }).await;
+    let gw = gateway().backend("gpu", &gated.url()).route(LLAMA, &["gpu"]).key("team-a", &["*"]).start().await;
+    let client = gw.client("team-a");
+    let mut stream = client.chat_stream(LLAMA).await.into_body();
+    // A load balancer's probe, mid-way through its request head when the drain begins.
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let mut probe = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    probe.write_all(b"GET /health/ready HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let gateway = Arc::clone(&gw.gateway);
+    let TestGateway { handle, admin: _admin, .. } = gw;
+    let drained = tokio::spawn(handle.shutdown());
+    eventually("the gateway is draining", Duration::from_secs(2), || async { gateway.is_draining() }).await;
+    probe.write_all(b"host: gateway\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), probe.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("draining"), "{answer}");
+    assert!(tokio::net::TcpStream::connect(&addr).await.is_err(), "new connections are refused");
+    // The stream begun before the drain still completes.
+    gated.release_chunks(100);
+    let text: String = all_frames(&mut stream).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    assert!(text.contains("[DONE]"), "{text}");
+    tokio::time::timeout(Duration::from_secs(5), drained).await.unwrap().unwrap();
+}

@@ -424,3 +424,26 @@ where
 pub fn header(name: &'static str, value: &str) -> (HeaderName, HeaderValue) {
     (HeaderName::from_static(name), HeaderValue::from_str(value).expect("valid header value"))
 }
+
+/// Every sample of the exposition: `name{labels}` → value.
+pub async fn scrape(gw: &TestGateway) -> (String, HashMap<String, f64>) {
+    let reply = gw.admin_client().get("/metrics").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.header("content-type").unwrap().starts_with("text/plain"));
+    let text = reply.text();
+    let samples = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| l.rsplit_once(' ').map(|(series, value)| (series.to_owned(), value.parse().unwrap())))
+        .collect();
+    (text, samples)
+}
+
+pub fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
+    *samples.get(series).unwrap_or_else(|| {
+        let mut known: Vec<&String> =
+            samples.keys().filter(|k| k.starts_with(series.split('{').next().unwrap())).collect();
+        known.sort();
+        panic!("no sample {series}; the family has {known:#?}")
+    })
+}
