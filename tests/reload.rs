@@ -62,11 +62,14 @@ async fn a_file_edit_adds_a_route_revokes_a_key_and_changes_a_limit_within_two_s
     assert_eq!(b.chat(LLAMA).await.status, 200);
     assert_eq!(a.chat(LLAMA).await.header("x-ratelimit-limit-requests"), Some("600"));
 
+    let before = gw.gw.admin_client().get("/admin/config").await.json();
     gw.write(&changed(base(&gw)));
     assert_changes_visible(&gw, Duration::from_secs(2)).await;
     assert_eq!(gw.reloads("ok").await, 1);
     let config = gw.gw.admin_client().get("/admin/config").await.json();
     assert_eq!(config["version"], 2);
+    assert_ne!(config["hash"], before["hash"], "the content hash follows the file");
+    assert_eq!(config["hash"].as_str().map(str::len), Some(64));
 }
 
 #[tokio::test]
@@ -244,31 +247,49 @@ async fn limiter_and_backend_state_survive_an_unrelated_reload() {
 
 #[tokio::test]
 async fn fifty_reloads_under_steady_traffic_fail_no_request() {
-    let (sim, gw) = setup().await;
-    let failed = Arc::new(AtomicU64::new(0));
+    // Streams of 20 chunks 5 ms apart (about 100 ms each) span several reloads each.
+    let sim = sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 20,
+        chunk_delay: Duration::from_millis(5),
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = gateway()
+        .backend("gpu", &sim.url())
+        .route_with(route(LLAMA, "gpu"))
+        .key_limited("team-a", &["*"], Some(600_000), Some(600_000_000))
+        .start_from_file()
+        .await;
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let served = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers: Vec<_> = (0..8)
         .map(|i| {
-            let client = gw.gw.client("team-b");
-            let (failed, served, stop) = (Arc::clone(&failed), Arc::clone(&served), Arc::clone(&stop));
+            let client = gw.gw.client("team-a");
+            let (failures, served, stop) = (Arc::clone(&failures), Arc::clone(&served), Arc::clone(&stop));
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let status = if i % 2 == 0 {
-                        client.chat(LLAMA).await.status
-                    } else {
-                        let response = client.chat_stream(LLAMA).await;
-                        let status = response.status();
-                        let mut body = response.into_body();
-                        let text: String = all_frames(&mut body)
-                            .await
-                            .iter()
-                            .map(|f| String::from_utf8_lossy(f).into_owned())
-                            .collect();
-                        // A stream that lost its end is a failed request too.
-                        if text.contains("[DONE]") { status } else { http::StatusCode::BAD_GATEWAY }
+                    let stream = i % 2 == 1;
+                    let request =
+                        client.request(Method::POST, "/v1/chat/completions", chat_body(LLAMA, stream).to_string(), &[]);
+                    // Every way a request can fail counts: no answer, a broken body, a status
+                    // other than 200, a stream without its end.
+                    let outcome = match client.try_fetch(request).await {
+                        Ok(reply) if reply.status != 200 => Err(format!("{}: {}", reply.status, reply.text())),
+                        Ok(reply) if stream && !reply.text().trim_end().ends_with("data: [DONE]") => {
+                            Err(format!("a stream lost its end: {}", reply.text()))
+                        }
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
                     };
-                    if status == 200 { &served } else { &failed }.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        Ok(()) => served.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            failures.lock().unwrap().push(e);
+                            0
+                        }
+                    };
                 }
             })
         })
@@ -291,8 +312,74 @@ async fn fifty_reloads_under_steady_traffic_fail_no_request() {
     for worker in workers {
         worker.await.unwrap();
     }
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
-    assert!(served.load(Ordering::Relaxed) > 200, "traffic was steady: {}", served.load(Ordering::Relaxed));
+    let failures = std::mem::take(&mut *failures.lock().unwrap());
+    assert!(failures.is_empty(), "{} requests failed, the first: {:?}", failures.len(), failures.first());
+    let served = served.load(Ordering::Relaxed);
+    assert!(served > 100, "traffic was steady: {served}");
     assert!(gw.reloads("ok").await >= 50);
-    assert!(sim.stats().requests > 200);
+    assert_eq!(sim.stats().completed, served, "every request served reached the backend once");
+}
+
+#[tokio::test]
+async fn a_long_stream_outlives_reloads_that_remove_its_route_and_move_its_backend() {
+    // 60 chunks 50 ms apart: a 3 s stream, as a long generation is for the gateway.
+    let long = sim(SimOptions {
+        models: vec![LLAMA.into()],
+        tokens: 60,
+        chunk_delay: Duration::from_millis(50),
+        ..SimOptions::default()
+    })
+    .await;
+    let other = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .backend("gpu", &long.url())
+        .route_with(route(LLAMA, "gpu"))
+        .key("team-a", &["*"])
+        .start_from_file()
+        .await;
+    let client = gw.gw.client("team-a");
+    let response = client.chat_stream(LLAMA).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = next_frame(&mut body, Duration::from_secs(5)).await.expect("the stream started");
+    let original = base(&gw);
+    let mut versions = Vec::new();
+    for step in 0..6 {
+        let mut raw = original.clone();
+        match step % 3 {
+            0 => raw.routes = vec![route("other/*", "gpu")], // its route removed
+            1 => raw.backends[0].url = other.url(),          // its backend moved: a new backend `gpu`
+            _ => raw.backends[0].weight = Some(3),           // its backend changed again
+        }
+        write_config(&gw.path, &raw);
+        let reply = gw.admin_reload().await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        versions.push(reply.json()["version"].as_u64().unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(versions.windows(2).all(|w| w[1] == w[0] + 1), "each reload applied: {versions:?}");
+    let rest = all_frames(&mut body).await;
+    let text: String = std::iter::once(first).chain(rest).map(|f| String::from_utf8_lossy(&f).into_owned()).collect();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert_eq!(sse_data(&text).len(), 1 + 60 + 1 + 1, "role, 60 tokens, finish, [DONE]: nothing lost");
+    assert_eq!(long.stats().completed, 1);
+    assert_eq!(gw.gw.admin_backend("gpu").await["in_flight"], 0);
+}
+
+#[tokio::test]
+async fn listen_addresses_and_logging_need_a_restart_and_say_so() {
+    let (_sim, gw) = setup().await;
+    let mut raw = base(&gw);
+    raw.server.admin_listen = Some("127.0.0.1:1".into());
+    raw.logging.format = Some("json".into());
+    raw.routes.push(route(MISTRAL, "gpu"));
+    write_config(&gw.path, &raw);
+    let reply = gw.admin_reload().await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let expected = serde_json::json!(["server.admin_listen", "logging"]);
+    assert_eq!(reply.json()["restart_needed"], expected);
+    // The rest of the change applies; the admin listener stays where it was bound.
+    assert_eq!(gw.gw.client("team-a").chat(MISTRAL).await.status, 200);
+    let config = gw.gw.admin_client().get("/admin/config").await.json();
+    assert_eq!(config["restart_needed"], expected);
 }

@@ -194,3 +194,54 @@ async fn a_rotated_certificate_is_served_from_the_next_connection_without_a_rest
     .await;
     assert!(trusts_old.request(chat()).await.is_err(), "the old certificate is no longer served");
 }
+
+#[tokio::test]
+async fn the_watch_follows_the_certificate_to_a_directory_named_by_a_reload() {
+    let (first, second, third) = (pki(), pki(), pki());
+    let (old_dir, new_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let place = |dir: &std::path::Path, pki: &TestPki| {
+        std::fs::copy(&pki.key_file, dir.join("tls.key")).unwrap();
+        std::fs::copy(&pki.cert_file, dir.join("tls.crt")).unwrap();
+    };
+    let tls_in = |dir: &std::path::Path| RawTls {
+        cert: dir.join("tls.crt").display().to_string(),
+        key: dir.join("tls.key").display().to_string(),
+    };
+    place(old_dir.path(), &first);
+    let backend = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&backend])
+        .key("team-a", &["*"])
+        .with(|raw| raw.server.tls = Some(tls_in(old_dir.path())))
+        .start_from_file()
+        .await;
+    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
+    let chat = || {
+        TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
+            Method::POST,
+            "/v1/chat/completions",
+            chat_body(LLAMA, false).to_string(),
+            &[],
+        )
+    };
+    // A reload moves the certificate to a directory nobody watched at start...
+    place(new_dir.path(), &second);
+    let mut raw: nimgate::config::raw::RawConfig = serde_json::from_slice(&std::fs::read(&gw.path).unwrap()).unwrap();
+    raw.server.tls = Some(tls_in(new_dir.path()));
+    write_config(&gw.path, &raw);
+    let trusts_second = https_client_trusting(&second.ca_pem);
+    eventually("the reload by the file watch serves the moved certificate", Duration::from_secs(3), || async {
+        trusts_second.request(chat()).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    // Past the debounce: nothing about the config file is pending any more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(gw.reloads("ok").await, 1);
+    // ... and its renewal there is served without another reload by hand.
+    place(new_dir.path(), &third);
+    let trusts_third = https_client_trusting(&third.ca_pem);
+    eventually("the renewed certificate in the new directory is served", Duration::from_secs(3), || async {
+        trusts_third.request(chat()).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}

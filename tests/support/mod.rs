@@ -305,6 +305,15 @@ impl TestClient {
         self.http.request(request).await.expect("the gateway answers")
     }
 
+    /// Sends and reads the whole answer, or says how the exchange failed (no answer, or a body
+    /// that broke), for tests that count failures instead of stopping at the first.
+    pub async fn try_fetch(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let response = self.http.request(request).await.map_err(|e| format!("no answer: {e}"))?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(|e| format!("the body broke: {e}"))?.to_bytes();
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
+    }
+
     /// Sends and reads the whole answer.
     pub async fn fetch(&self, request: Request<Full<Bytes>>) -> Reply {
         let response = self.send(request).await;

@@ -262,7 +262,9 @@ fn init_logging(settings: &LoggingSettings) -> anyhow::Result<()> {
         Ok(other) => anyhow::bail!("NIMGATE_LOG_FORMAT=`{other}` is not a log format: use text or json"),
         Err(_) => settings.format == LogFormat::Json,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: escape codes in a file or a log collector are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let result = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
 }

@@ -46,11 +46,13 @@ fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
         ),
     )
     .unwrap();
+    let log_path = dir.path().join("stderr.log");
     let child = Command::new(env!("CARGO_BIN_EXE_nimgate"))
         .args(["--config", config.to_str().unwrap()])
-        .env("NIMGATE_LOG", "warn")
+        .env("NIMGATE_LOG", "info")
+        .env_remove("NIMGATE_LOG_FORMAT")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let mut gateway = Running(child);
@@ -80,8 +82,11 @@ fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
 
     let pid = gateway.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    std::thread::sleep(Duration::from_millis(200));
-    assert!(TcpStream::connect(listen).is_err(), "new connections are refused during the drain");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(listen).is_ok() {
+        assert!(Instant::now() < deadline, "new connections are refused during the drain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The stream goes on to its end. The server closes the drained connection after it.
     loop {
@@ -110,6 +115,12 @@ fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
+    // The default log format is text, one line per event.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    for said in ["nimgate listening", "SIGTERM received", "shutting down", "drained"] {
+        let line = log.lines().find(|l| l.contains(said)).unwrap_or_else(|| panic!("no `{said}` in {log}"));
+        assert!(line.contains(" INFO ") && !line.starts_with('{'), "a text line: {line}");
+    }
     runtime.block_on(sim.stop());
 }
 
@@ -141,7 +152,7 @@ fn wait_listening(addr: SocketAddr) {
 }
 
 #[test]
-fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
+fn sighup_reloads_routes_keys_and_limits_refuses_a_bad_file_and_a_new_listen_address_needs_a_restart() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let sim = runtime
         .block_on(Sim::start(SimOptions { models: vec!["a/one".into(), "b/two".into()], ..SimOptions::default() }))
@@ -149,23 +160,34 @@ fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
     let (listen, admin, elsewhere) = (free_port(), free_port(), free_port());
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("nimgate.yaml");
-    let write = |listen: SocketAddr, models: &str| {
+    let digest = |name: &str| nimgate::auth::digest_hex(&format!("sk-{name}"));
+    let write = |listen: SocketAddr, routes: &str, keys: &str| {
         std::fs::write(
             &config,
             format!(
-                "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\", allow_anonymous: true }}\n\
+                "server: {{ listen: \"{listen}\", admin_listen: \"{admin}\" }}\n\
+                 logging: {{ format: json, level: info }}\n\
                  backends: [{{ name: sim, url: \"{}\" }}]\n\
-                 routes: [{models}]\n",
+                 routes: [{routes}]\n\
+                 keys: [{keys}]\n",
                 sim.url()
             ),
         )
         .unwrap();
     };
-    write(listen, "{ model: a/one, backends: [sim] }");
+    let team_a = |rpm: u32| {
+        format!(
+            "{{ name: team-a, key_sha256: {}, models: [\"*\"], limits: {{ requests_per_minute: {rpm} }} }}",
+            digest("team-a")
+        )
+    };
+    let team_b = format!("{{ name: team-b, key_sha256: {}, models: [\"*\"] }}", digest("team-b"));
+    write(listen, "{ model: a/one, backends: [sim] }", &format!("{}, {team_b}", team_a(600)));
+    // The format comes from the config file's `logging:` (no NIMGATE_LOG_FORMAT here).
     let mut child = Command::new(env!("CARGO_BIN_EXE_nimgate"))
         .args(["--config", config.to_str().unwrap()])
-        .env("NIMGATE_LOG", "info")
-        .env("NIMGATE_LOG_FORMAT", "json")
+        .env_remove("NIMGATE_LOG")
+        .env_remove("NIMGATE_LOG_FORMAT")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -184,39 +206,64 @@ fn sighup_reloads_the_config_and_a_new_listen_address_needs_a_restart() {
     let gateway = Running(child);
     wait_listening(listen);
     wait_listening(admin);
-    let chat =
-        |model: &str| http(listen, "POST", "/v1/chat/completions", &format!(r#"{{"model":"{model}","messages":[]}}"#));
-    assert!(chat("b/two").starts_with("HTTP/1.1 404"));
+    let chat = |key: &str, model: &str| {
+        http_with(
+            listen,
+            "POST",
+            "/v1/chat/completions",
+            &format!("authorization: Bearer sk-{key}\r\n"),
+            &format!(r#"{{"model":"{model}","messages":[]}}"#),
+        )
+    };
+    assert!(chat("team-a", "b/two").starts_with("HTTP/1.1 404"));
+    assert!(chat("team-b", "a/one").starts_with("HTTP/1.1 200"));
+    assert!(chat("team-a", "a/one").contains("x-ratelimit-limit-requests: 600\r\n"));
+    let sighup =
+        || assert!(Command::new("kill").args(["-HUP", &gateway.0.id().to_string()]).status().unwrap().success());
+    let wait_log = |what: &str, found: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !log.lock().unwrap().lines().any(found) {
+            assert!(Instant::now() < deadline, "no {what} in the log: {}", log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
 
-    // A new route, and a new listen address that cannot change without a restart. The file
-    // watch may pick the change up before the signal does; either way one reload applies it.
-    write(elsewhere, "{ model: a/one, backends: [sim] }, { model: b/two, backends: [sim] }");
-    assert!(Command::new("kill").args(["-HUP", &gateway.0.id().to_string()]).status().unwrap().success());
+    // A new route, a revoked key, a changed limit, and a new listen address that cannot change
+    // without a restart. The file watch may pick the change up before the signal does; either
+    // way it applies, and the log shows the signal's own reload.
+    write(elsewhere, "{ model: a/one, backends: [sim] }, { model: b/two, backends: [sim] }", &team_a(1200));
+    sighup();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !chat("b/two").starts_with("HTTP/1.1 200") {
+    while !chat("team-a", "b/two").starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < deadline, "the reload did not apply");
         std::thread::sleep(Duration::from_millis(50));
     }
+    assert!(chat("team-b", "a/one").starts_with("HTTP/1.1 401"), "the removed key is refused");
+    assert!(chat("team-a", "a/one").contains("x-ratelimit-limit-requests: 1200\r\n"), "the new limit is in force");
     let answer = http(admin, "GET", "/admin/config", "");
     let body: serde_json::Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert!(body["version"].as_u64().unwrap() >= 2, "{body}");
     assert_eq!(body["restart_needed"], serde_json::json!(["server.listen"]), "{body}");
     assert!(TcpStream::connect(elsewhere).is_err(), "the old listener stays until a restart");
+    wait_log("reload by SIGHUP", &|line| line.contains("config reloaded") && line.contains(r#""trigger":"SIGHUP""#));
+
+    // A broken file: refused with its field path, in the log and the error counter; the
+    // configuration in force keeps serving.
+    write(elsewhere, "{ model: a/one, backends: [nowhere] }", &team_a(1200));
+    sighup();
+    wait_log("refused reload with its field path", &|line| {
+        line.contains("config reload refused") && line.contains("routes[0].backends")
+    });
+    assert!(chat("team-a", "b/two").starts_with("HTTP/1.1 200"), "the last good config serves");
     let metrics = http(admin, "GET", "/metrics", "");
-    assert!(!metrics.contains("nimgate_config_reloads_total{result=\"ok\"} 0"), "{metrics}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let reloaded_by_signal = || {
-        log.lock()
-            .unwrap()
-            .lines()
-            .any(|line| line.contains("config reloaded") && line.contains(r#""trigger":"SIGHUP""#))
-    };
-    while !reloaded_by_signal() {
-        assert!(Instant::now() < deadline, "no reload by SIGHUP in the log: {}", log.lock().unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(!metrics.contains("nimgate_config_reloads_total{result=\"error\"} 0\n"), "{metrics}");
+    assert!(metrics.contains("nimgate_config_reloads_total{result=\"error\"} "), "{metrics}");
     drop(gateway);
     let _ = reader.join();
+    // Every line was JSON, as `logging.format` asked.
+    for line in log.lock().unwrap().lines() {
+        assert!(serde_json::from_str::<serde_json::Value>(line).is_ok(), "not JSON: {line}");
+    }
     runtime.block_on(sim.stop());
 }
 

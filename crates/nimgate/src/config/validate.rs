@@ -883,6 +883,21 @@ keys:
     }
 
     #[test]
+    fn logging_takes_a_format_and_a_filter() {
+        let ok = check(&format!("{GOOD}logging: {{ format: json, level: \"warn,nimgate::access=info\" }}\n")).unwrap();
+        assert_eq!(ok.logging, LoggingSettings { format: LogFormat::Json, level: "warn,nimgate::access=info".into() });
+        assert_eq!(check(GOOD).unwrap().logging, LoggingSettings::default());
+        assert_problem(
+            &format!("{GOOD}logging: {{ format: logfmt }}\n"),
+            "logging.format: `logfmt` is not a log format: use text or json",
+        );
+        assert_problem(
+            &format!("{GOOD}logging: {{ level: \"info,[\" }}\n"),
+            "logging.level: `info,[` is not a log filter",
+        );
+    }
+
+    #[test]
     fn missing_tls_files_are_reported_on_their_field() {
         assert_problem(
             &with(

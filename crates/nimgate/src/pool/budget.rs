@@ -84,7 +84,8 @@ mod tests {
     fn the_per_second_allowance_refills_with_time() {
         let budget = RetryBudget::new(0.0, 100);
         let at_start = (0..200).filter(|_| budget.withdraw()).count();
-        assert!((100..=101).contains(&at_start), "one second's allowance to start with: {at_start}");
+        // A second's allowance, plus what refilled while this thread ran (or was descheduled).
+        assert!((100..=120).contains(&at_start), "one second's allowance to start with: {at_start}");
         std::thread::sleep(std::time::Duration::from_millis(30));
         assert!(budget.withdraw());
     }
