@@ -383,3 +383,66 @@ async fn listen_addresses_and_logging_need_a_restart_and_say_so() {
     let config = gw.gw.admin_client().get("/admin/config").await.json();
     assert_eq!(config["restart_needed"], expected);
 }
+
+#[tokio::test]
+async fn a_change_of_tuning_keeps_a_backends_in_flight_count_and_ejection() {
+    let gated =
+        sim(SimOptions { models: vec![LLAMA.into()], tokens: 2, gated_chunks: true, ..SimOptions::default() }).await;
+    let closed = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let gw = gateway()
+        .backend_with(RawBackend { max_concurrency: Some(1), ..RawBackend::default() })
+        .with(|raw| {
+            raw.backends[0].name = "gpu".into();
+            raw.backends[0].url = gated.url();
+        })
+        .backend("down", &closed)
+        .route_with(route(LLAMA, "gpu"))
+        .route_with(route("x/*", "down"))
+        .key("team-a", &["*"])
+        .with(|raw| {
+            raw.balancing.eject_after = Some(1);
+            raw.balancing.queue_timeout = Some("200ms".into());
+        })
+        .start_from_file()
+        .await;
+    let client = gw.gw.client("team-a");
+    client.chat("x/model").await.assert_error(502, "upstream_unavailable");
+    assert_eq!(gw.gw.admin_backend("down").await["ejected"], true);
+    let first = client.chat_stream(LLAMA).await;
+    assert_eq!(first.status(), 200);
+
+    // New weights, a higher cap, another ejection policy: tuning only.
+    let mut raw = base(&gw);
+    raw.backends[0].weight = Some(5);
+    raw.backends[0].max_concurrency = Some(2);
+    raw.backends[1].weight = Some(3);
+    raw.balancing.eject_after = Some(2);
+    write_config(&gw.path, &raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+    let (gpu, down) = (gw.gw.admin_backend("gpu").await, gw.gw.admin_backend("down").await);
+    assert_eq!((gpu["in_flight"].as_u64(), gpu["requests"].as_u64()), (Some(1), Some(1)), "carried over: {gpu}");
+    assert_eq!(down["ejected"], true, "still ejected: {down}");
+
+    // The cap of 2 counts the stream begun before the reload: one more fits, a third waits
+    // out its queue timeout.
+    let second = client.chat_stream(LLAMA).await;
+    assert_eq!(second.status(), 200);
+    client.chat(LLAMA).await.assert_error(503, "no_healthy_backend");
+    gated.release_chunks(100);
+    for response in [first, second] {
+        let mut body = response.into_body();
+        let text: String =
+            all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+        assert!(text.contains("[DONE]"), "{text}");
+    }
+    assert_eq!(gw.gw.admin_backend("gpu").await["in_flight"], 0);
+    // A new URL is another server: that backend starts fresh.
+    let mut raw = base(&gw);
+    raw.backends[1].url = gated.url();
+    write_config(&gw.path, &raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+    assert_eq!(gw.gw.admin_backend("down").await["ejected"], false);
+}

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
@@ -21,7 +22,7 @@ use super::snapshot::{
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
-use crate::pool::state::{BackendState, EjectionPolicy};
+use crate::pool::state::EjectionPolicy;
 use crate::pool::{
     Backend, BackendName, Balancing, EndpointUris, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool, Timeouts,
 };
@@ -241,19 +242,26 @@ impl Validator<'_> {
             return None;
         }
         let fingerprint = fingerprint(b, auth.as_ref(), extra_ca.as_deref(), &balancing.ejection);
-        if let Some(same) = self.previous.and_then(|p| p.backends.iter().find(|old| old.name.as_str() == b.name)) {
-            if same.fingerprint == fingerprint {
-                return Some(Arc::clone(same));
-            }
+        let identity = identity(&b.url, auth.as_ref(), extra_ca.as_deref(), &timeouts);
+        let previous = self.previous.and_then(|p| p.backends.iter().find(|old| old.name.as_str() == b.name));
+        if let Some(same) = previous.filter(|old| old.fingerprint == fingerprint) {
+            return Some(Arc::clone(same));
         }
-        let client = client::build(timeouts.connect, extra_ca.as_deref())
-            .map_err(|e| self.problem(format!("{at}.ca_file"), e))
-            .ok();
+        // Only its tuning changed: the same server, its connections, in-flight count, ejection
+        // and health carry over (so a new weight does not overshoot max_concurrency).
+        let carried = previous.filter(|old| old.identity == identity);
+        let client = match carried {
+            Some(old) => Some(old.client.clone()),
+            None => client::build(timeouts.connect, extra_ca.as_deref())
+                .map_err(|e| self.problem(format!("{at}.ca_file"), e))
+                .ok(),
+        };
         let uris = EndpointUris::new(&base?)
             .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
             .ok()?;
         Some(Arc::new(Backend {
             fingerprint,
+            identity,
             name: BackendName::new(&b.name),
             url: b.url.clone(),
             uris,
@@ -266,7 +274,8 @@ impl Validator<'_> {
             timeouts,
             ejection: balancing.ejection,
             client: client?,
-            state: BackendState::default(),
+            state: carried.map_or_else(Arc::default, |old| Arc::clone(&old.state)),
+            probes_started: AtomicBool::new(false),
         }))
     }
 
@@ -607,6 +616,26 @@ fn fingerprint(
         hash.update(cert.as_ref());
     }
     hash.update(format!("{ejection:?}"));
+    hash.finalize().into()
+}
+
+/// What makes a backend the same server reached the same way: its URL, the credential and CA
+/// certificates its settings resolved to, and its timeouts.
+fn identity(
+    url: &str,
+    auth: Option<&HeaderValue>,
+    extra_ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    timeouts: &Timeouts,
+) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(url);
+    hash.update([0]);
+    hash.update(auth.map_or(&[][..], HeaderValue::as_bytes));
+    for cert in extra_ca.unwrap_or_default() {
+        hash.update(cert.as_ref());
+    }
+    hash.update(format!("{timeouts:?}"));
     hash.finalize().into()
 }
 

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
@@ -82,6 +83,10 @@ impl Timeouts {
 pub struct Backend {
     /// Its configuration's digest: a reload that leaves it unchanged keeps this backend.
     pub fingerprint: [u8; 32],
+    /// The digest of what makes it the same server reached the same way (URL, credential, CA
+    /// certificates, timeouts): a reload that changes only its tuning (weight, concurrency cap,
+    /// probes, ejection policy) makes a new `Backend` sharing this one's client and state.
+    pub identity: [u8; 32],
     pub name: BackendName,
     /// The configured URL, for logs and errors (it carries no credential).
     pub url: String,
@@ -96,9 +101,14 @@ pub struct Backend {
     pub load_metrics: Option<LoadMetrics>,
     pub timeouts: Timeouts,
     pub ejection: EjectionPolicy,
+    /// Its connection pool (clones share it).
     pub client: UpstreamClient,
-    /// What nimgate has learnt about it while running.
-    pub state: BackendState,
+    /// What nimgate has learnt about it while running, shared with the `Backend`s that
+    /// replace this one for a change of tuning: its in-flight count, ejection and health.
+    pub state: Arc<BackendState>,
+    /// Set once its probes run: each `Backend` runs its own (with its own settings) while it
+    /// is in use.
+    pub probes_started: AtomicBool,
 }
 
 impl fmt::Debug for Backend {
@@ -130,6 +140,7 @@ impl Backend {
         let base: Uri = raw.url.parse().expect("test URL");
         Self {
             fingerprint: [0; 32],
+            identity: [0; 32],
             name: BackendName::new(&raw.name),
             url: raw.url.clone(),
             uris: EndpointUris::new(&base).expect("test URIs"),
@@ -142,7 +153,8 @@ impl Backend {
             timeouts: Timeouts::DEFAULT,
             ejection: EjectionPolicy::DEFAULT,
             client: crate::proxy::client::build(Timeouts::DEFAULT_CONNECT, None).expect("test client"),
-            state: BackendState::default(),
+            state: Arc::default(),
+            probes_started: AtomicBool::new(false),
         }
     }
 }

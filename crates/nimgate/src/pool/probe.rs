@@ -3,6 +3,7 @@
 //! again after M passed ones) and the scrape of NIM's own load figures (`load_metrics`).
 //! Intervals carry ±10 % jitter so that replicas and backends do not probe in lockstep.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -23,26 +24,37 @@ const MAX_METRICS_BYTES: usize = 4 << 20;
 pub fn start(backends: &[Arc<Backend>]) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
     for backend in backends {
-        if !backend.state.claim_probes() {
+        if backend.probes_started.swap(true, Ordering::AcqRel) {
             continue;
         }
-        if let Some(check) = backend.health_check.clone() {
-            runtime.spawn(health_loop(Arc::downgrade(backend), check));
+        // A backend replaced for a change of tuning shares its state with this one: from now
+        // on only this one's probes (with its settings) write to it, and what a probe no
+        // longer configured had found stops counting.
+        let generation = backend.state.take_probes();
+        match backend.health_check.clone() {
+            Some(check) => drop(runtime.spawn(health_loop(Arc::downgrade(backend), check, generation))),
+            None => backend.state.set_healthy(true),
         }
-        if let Some(metrics) = backend.load_metrics.clone() {
-            runtime.spawn(load_loop(Arc::downgrade(backend), metrics));
+        match backend.load_metrics.clone() {
+            Some(metrics) => drop(runtime.spawn(load_loop(Arc::downgrade(backend), metrics, generation))),
+            None => backend.state.set_nim_load(None, false),
         }
     }
 }
 
-async fn health_loop(backend: Weak<Backend>, check: HealthCheck) {
+/// The backend while its probes of `generation` should go on.
+fn probing(backend: &Weak<Backend>, generation: u64) -> Option<Arc<Backend>> {
+    backend.upgrade().filter(|b| b.state.probes_current(generation))
+}
+
+async fn health_loop(backend: Weak<Backend>, check: HealthCheck, generation: u64) {
     let Some(uri) = probe_uri(&backend, &check.path) else { return };
     let (mut passed, mut failed) = (0u32, 0u32);
     // The first probe at a random point of the first interval: backends configured together
     // do not all get probed in the same instant.
     tokio::time::sleep(check.interval.mul_f64(super::random() as f64 / u64::MAX as f64)).await;
     loop {
-        let Some(backend) = backend.upgrade() else { return };
+        let Some(backend) = probing(&backend, generation) else { return };
         match get(&backend, &uri, check.timeout).await {
             Ok(_) => {
                 passed += 1;
@@ -70,11 +82,11 @@ async fn health_loop(backend: Weak<Backend>, check: HealthCheck) {
     }
 }
 
-async fn load_loop(backend: Weak<Backend>, metrics: LoadMetrics) {
+async fn load_loop(backend: Weak<Backend>, metrics: LoadMetrics, generation: u64) {
     let Some(uri) = probe_uri(&backend, &metrics.path) else { return };
     let timeout = metrics.interval.min(Duration::from_secs(5));
     loop {
-        let Some(backend) = backend.upgrade() else { return };
+        let Some(backend) = probing(&backend, generation) else { return };
         match get(&backend, &uri, timeout).await.and_then(|page| parse_nim_load(&page)) {
             Ok(load) => {
                 let full = load.waiting > metrics.max_waiting || load.kv_cache_usage > metrics.max_kv_cache_usage;

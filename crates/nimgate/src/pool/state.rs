@@ -124,14 +124,20 @@ pub struct BackendState {
     requests: AtomicU64,
     failures: AtomicU64,
     recent: Mutex<VecDeque<RecentError>>,
-    /// Its probe tasks run (a backend kept across reloads keeps its tasks).
-    probing: AtomicBool,
+    /// Which probes may write here: those of the newest `Backend` sharing this state (one
+    /// replaced for a change of tuning stops probing even while its requests finish).
+    probe_generation: AtomicU64,
 }
 
 impl BackendState {
-    /// True the first time only: whoever gets it starts the backend's probes.
-    pub fn claim_probes(&self) -> bool {
-        !self.probing.swap(true, Ordering::AcqRel)
+    /// Makes the caller's probes the ones that write here; returns their generation.
+    pub fn take_probes(&self) -> u64 {
+        self.probe_generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether probes of `generation` still write here.
+    pub fn probes_current(&self, generation: u64) -> bool {
+        self.probe_generation.load(Ordering::Acquire) == generation
     }
 
     pub fn inflight(&self) -> u32 {
