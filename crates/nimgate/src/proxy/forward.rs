@@ -342,7 +342,11 @@ fn judge(backend: &Backend, outcome: Result<Response<Incoming>, UpstreamError>, 
         let kind = if status == 429 { FailureKind::Overloaded } else { FailureKind::Status5xx };
         metrics.upstream_error(backend.name.as_str(), kind.as_str());
     }
-    let retry_after = retry_after(response.headers()).map(|d| d.min(backend.ejection.max));
+    // Only an overloaded backend's answer says how long to stay away.
+    let retry_after = match status.as_u16() {
+        429 | 503 => retry_after(response.headers()).map(|d| d.min(backend.ejection.max)),
+        _ => None,
+    };
     match status.as_u16() {
         429 => {
             let out_for = retry_after.unwrap_or(backend.ejection.base);
