@@ -43,12 +43,14 @@ struct Args {
     #[arg(long)]
     floor: bool,
     /// Also run this other nimgate binary (e.g. a build of the commit before a change) with the
-    /// same config, as the target `baseline`: before/after figures from one interleaved run.
+    /// same config: before/after figures from one interleaved run. Repeatable; one baseline is
+    /// the target `baseline`, several are named by their file names.
     #[arg(long)]
-    baseline: Option<PathBuf>,
+    baseline: Vec<PathBuf>,
     /// Run only the scenarios whose name contains this (e.g. `closed`, `streams`, `none`).
+    /// Repeatable: a scenario runs when it matches any.
     #[arg(long)]
-    only: Option<String>,
+    only: Vec<String>,
     /// The command line to show in the report.
     #[arg(long, default_value = "benches/run")]
     command: String,
@@ -67,7 +69,7 @@ enum Load {
 }
 
 struct Target<'a> {
-    name: &'static str,
+    name: String,
     fast: String,
     stream: String,
     proxy: Option<&'a Proc>,
@@ -162,21 +164,22 @@ async fn run(args: Args) -> Result<(), String> {
         (true, _) => None,
     };
 
-    // A baseline nimgate build on core 0, when asked for.
-    let baseline_addr = procs::free_addr();
-    let baseline = match &args.baseline {
-        Some(binary) => {
-            let config = work.join("baseline.yaml");
-            std::fs::write(&config, nimgate_config(baseline_addr, fast_addr, stream_addr, idle_addr))
-                .map_err(|e| e.to_string())?;
-            let log = work.join("baseline.log");
-            let argv = ["--config".to_owned(), config.display().to_string()];
-            let mut proc = Proc::spawn("baseline", Some(0), binary, &argv, &[("NIMGATE_LOG", "warn")], &log)?;
-            proc.wait_listening(baseline_addr, &log)?;
-            Some(proc)
-        }
-        None => None,
-    };
+    // Baseline nimgate builds on core 0, when asked for.
+    let mut baselines = Vec::new();
+    for (i, binary) in args.baseline.iter().enumerate() {
+        let name = match args.baseline.len() {
+            1 => "baseline".to_owned(),
+            _ => binary.file_name().map_or_else(|| format!("baseline {i}"), |n| n.to_string_lossy().into_owned()),
+        };
+        let addr = procs::free_addr();
+        let config = work.join(format!("baseline-{i}.yaml"));
+        std::fs::write(&config, nimgate_config(addr, fast_addr, stream_addr, idle_addr)).map_err(|e| e.to_string())?;
+        let log = work.join(format!("baseline-{i}.log"));
+        let argv = ["--config".to_owned(), config.display().to_string()];
+        let mut proc = Proc::spawn("baseline", Some(0), binary, &argv, &[("NIMGATE_LOG", "warn")], &log)?;
+        proc.wait_listening(addr, &log)?;
+        baselines.push((name, addr, proc));
+    }
 
     // hyper-floor on core 0, when asked for.
     let (floor_fast, floor_stream) = (procs::free_addr(), procs::free_addr());
@@ -192,23 +195,23 @@ async fn run(args: Args) -> Result<(), String> {
 
     let chat = |addr: SocketAddr| format!("http://{addr}/v1/chat/completions");
     let mut targets = vec![
-        Target { name: "direct", fast: chat(fast_addr), stream: chat(stream_addr), proxy: None },
-        Target { name: "nimgate", fast: chat(gateway_addr), stream: chat(gateway_addr), proxy: Some(&gateway) },
+        Target { name: "direct".into(), fast: chat(fast_addr), stream: chat(stream_addr), proxy: None },
+        Target { name: "nimgate".into(), fast: chat(gateway_addr), stream: chat(gateway_addr), proxy: Some(&gateway) },
     ];
     if let Some(nginx) = &nginx {
-        targets.push(Target { name: "nginx", fast: chat(nginx_fast), stream: chat(nginx_stream), proxy: Some(nginx) });
-    }
-    if let Some(baseline) = &baseline {
         targets.push(Target {
-            name: "baseline",
-            fast: chat(baseline_addr),
-            stream: chat(baseline_addr),
-            proxy: Some(baseline),
+            name: "nginx".into(),
+            fast: chat(nginx_fast),
+            stream: chat(nginx_stream),
+            proxy: Some(nginx),
         });
+    }
+    for (name, addr, proc) in &baselines {
+        targets.push(Target { name: name.clone(), fast: chat(*addr), stream: chat(*addr), proxy: Some(proc) });
     }
     if let Some(floor) = &floor {
         targets.push(Target {
-            name: "hyper floor",
+            name: "hyper floor".into(),
             fast: chat(floor_fast),
             stream: chat(floor_stream),
             proxy: Some(floor),
@@ -235,7 +238,7 @@ async fn run(args: Args) -> Result<(), String> {
     ];
     let scenarios: Vec<(&str, Load)> = scenarios
         .into_iter()
-        .filter(|(name, _)| args.only.as_ref().is_none_or(|only| name.contains(only.as_str())))
+        .filter(|(name, _)| args.only.is_empty() || args.only.iter().any(|only| name.contains(only.as_str())))
         .collect();
     let mut results: Vec<ScenarioResult> = scenarios
         .iter()
@@ -245,7 +248,7 @@ async fn run(args: Args) -> Result<(), String> {
             cells: targets
                 .iter()
                 .map(|t| {
-                    (t.name.to_owned(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new(), cpu_user_share: Vec::new() })
+                    (t.name.clone(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new(), cpu_user_share: Vec::new() })
                 })
                 .collect(),
         })
@@ -294,7 +297,7 @@ async fn run(args: Args) -> Result<(), String> {
     drop(targets);
     drop(nginx);
     drop(floor);
-    drop(baseline);
+    drop(baselines);
     drop(gateway);
     drop(sims);
     let _ = std::fs::remove_dir_all(&work);
