@@ -41,6 +41,21 @@ async fn slow_sim(ttft: Duration) -> Sim {
     sim(SimOptions { ttft, ..SimOptions::default() }).await
 }
 
+/// A backend failing as `failures` say (named `failing`, with `timeouts`) beside a healthy one
+/// (`healthy`), both in the pool of LLAMA.
+async fn failing_beside_healthy(failures: Failures, timeouts: Option<RawTimeouts>) -> (Sim, Sim, TestGateway) {
+    let failing = sim(SimOptions { failures, ..SimOptions::default() }).await;
+    let healthy = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .backend_with(RawBackend { timeouts, ..backend("failing", &failing.url()) })
+        .backend("healthy", &healthy.url())
+        .route_with(route(LLAMA, &["failing", "healthy"], &[]))
+        .key("team-a", &["*"])
+        .start()
+        .await;
+    (failing, healthy, gw)
+}
+
 #[tokio::test]
 async fn traffic_is_spread_by_weight() {
     let (a, b) = (sim_serving(&[LLAMA]).await, sim_serving(&[LLAMA]).await);
@@ -281,13 +296,8 @@ async fn the_retry_budget_stops_a_retry_storm() {
 
 #[tokio::test]
 async fn retries_move_a_failing_request_to_another_backend() {
-    let failing = sim(SimOptions {
-        failures: Failures { error_rate: 1.0, error_status: 503, ..Failures::default() },
-        ..SimOptions::default()
-    })
-    .await;
-    let healthy = sim_serving(&[LLAMA]).await;
-    let gw = gateway().sim_route(LLAMA, &[&failing, &healthy]).key("team-a", &["*"]).start().await;
+    let unavailable = Failures { error_rate: 1.0, error_status: 503, ..Failures::default() };
+    let (failing, healthy, gw) = failing_beside_healthy(unavailable, None).await;
     let client = gw.client("team-a");
     for _ in 0..20 {
         assert_eq!(client.chat(LLAMA).await.status, 200);
@@ -436,25 +446,14 @@ async fn a_pool_full_by_nim_load_spills_to_its_fallback_and_one_with_room_does_n
 
 #[tokio::test]
 async fn an_upstream_429_moves_the_request_and_takes_the_backend_out() {
-    let overloaded = sim(SimOptions {
-        failures: Failures { error_rate: 1.0, error_status: 429, ..Failures::default() },
-        ..SimOptions::default()
-    })
-    .await;
-    let other = sim_serving(&[LLAMA]).await;
-    let gw = gateway()
-        .backend("hosted", &overloaded.url())
-        .backend("other", &other.url())
-        .route_with(route(LLAMA, &["hosted", "other"], &[]))
-        .key("team-a", &["*"])
-        .start()
-        .await;
+    let overloaded = Failures { error_rate: 1.0, error_status: 429, ..Failures::default() };
+    let (overloaded, _other, gw) = failing_beside_healthy(overloaded, None).await;
     let client = gw.client("team-a");
     for _ in 0..20 {
         assert_eq!(client.chat(LLAMA).await.status, 200);
     }
     assert!(overloaded.stats().requests <= 1, "out of rotation after its first 429");
-    let state = gw.admin_backend("hosted").await;
+    let state = gw.admin_backend("failing").await;
     assert_eq!(
         (state["ejected"].as_bool(), state["recent_errors"][0]["kind"].as_str()),
         (Some(true), Some("overloaded"))
@@ -550,19 +549,8 @@ fn final_error_code(text: &str) -> String {
 
 #[tokio::test]
 async fn a_reset_before_the_answer_is_retried_on_another_backend() {
-    let resetting = sim(SimOptions {
-        failures: Failures { reset_after_chunks: Some(0), ..Failures::default() },
-        ..SimOptions::default()
-    })
-    .await;
-    let healthy = sim_serving(&[LLAMA]).await;
-    let gw = gateway()
-        .backend("resetting", &resetting.url())
-        .backend("healthy", &healthy.url())
-        .route_with(route(LLAMA, &["resetting", "healthy"], &[]))
-        .key("team-a", &["*"])
-        .start()
-        .await;
+    let resets = Failures { reset_after_chunks: Some(0), ..Failures::default() };
+    let (resetting, healthy, gw) = failing_beside_healthy(resets, None).await;
     let client = gw.client("team-a");
     for _ in 0..20 {
         assert_eq!(client.chat(LLAMA).await.status, 200);
@@ -571,25 +559,14 @@ async fn a_reset_before_the_answer_is_retried_on_another_backend() {
     assert!(reset >= 1, "some first attempts went to the resetting backend");
     assert_eq!(healthy.stats().requests, 20, "each of them was retried there");
     let (_, s) = scrape(&gw).await;
-    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"resetting\",kind=\"reset\"}"), reset as f64);
-    assert_eq!(value(&s, &format!("nimgate_retries_total{{backend=\"resetting\",model=\"{LLAMA}\"}}")), reset as f64);
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"failing\",kind=\"reset\"}"), reset as f64);
+    assert_eq!(value(&s, &format!("nimgate_retries_total{{backend=\"failing\",model=\"{LLAMA}\"}}")), reset as f64);
 }
 
 #[tokio::test]
 async fn a_first_byte_timeout_is_retried_on_another_backend() {
-    let hanging =
-        sim(SimOptions { failures: Failures { hang: true, ..Failures::default() }, ..SimOptions::default() }).await;
-    let healthy = sim_serving(&[LLAMA]).await;
-    let gw = gateway()
-        .backend_with(RawBackend {
-            timeouts: timeouts(|t| t.first_byte = Some("200ms".into())),
-            ..backend("hanging", &hanging.url())
-        })
-        .backend("healthy", &healthy.url())
-        .route_with(route(LLAMA, &["hanging", "healthy"], &[]))
-        .key("team-a", &["*"])
-        .start()
-        .await;
+    let hang = Failures { hang: true, ..Failures::default() };
+    let (hanging, healthy, gw) = failing_beside_healthy(hang, timeouts(|t| t.first_byte = Some("200ms".into()))).await;
     let client = gw.client("team-a");
     for _ in 0..6 {
         let started = Instant::now();
@@ -600,7 +577,7 @@ async fn a_first_byte_timeout_is_retried_on_another_backend() {
     assert!(hung >= 1, "some first attempts went to the hanging backend");
     assert_eq!(healthy.stats().requests, 6);
     let (_, s) = scrape(&gw).await;
-    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"hanging\",kind=\"timeout\"}"), hung as f64);
+    assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"failing\",kind=\"timeout\"}"), hung as f64);
     eventually("the timed-out upstream requests are cancelled", Duration::from_secs(5), || async {
         hanging.stats().cancelled == hung
     })

@@ -172,15 +172,7 @@ async fn a_rotated_certificate_is_served_from_the_next_connection_without_a_rest
         .with(|raw| raw.server.tls = Some(RawTls { cert: cert.display().to_string(), key: key.display().to_string() }))
         .start_from_file()
         .await;
-    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
-    let chat = || {
-        TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
-            Method::POST,
-            "/v1/chat/completions",
-            chat_body(LLAMA, false).to_string(),
-            &[],
-        )
-    };
+    let chat = || https_chat(&gw);
     let (trusts_old, trusts_new) = (https_client_trusting(&old.ca_pem), https_client_trusting(&new.ca_pem));
     assert_eq!(trusts_old.request(chat()).await.unwrap().status(), 200);
     assert!(trusts_new.request(chat()).await.is_err());
@@ -215,15 +207,7 @@ async fn the_watch_follows_the_certificate_to_a_directory_named_by_a_reload() {
         .with(|raw| raw.server.tls = Some(tls_in(old_dir.path())))
         .start_from_file()
         .await;
-    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
-    let chat = || {
-        TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
-            Method::POST,
-            "/v1/chat/completions",
-            chat_body(LLAMA, false).to_string(),
-            &[],
-        )
-    };
+    let chat = || https_chat(&gw);
     // A reload moves the certificate to a directory nobody watched at start...
     place(new_dir.path(), &second);
     let mut raw: nimgate::config::raw::RawConfig = serde_json::from_slice(&std::fs::read(&gw.path).unwrap()).unwrap();
@@ -244,4 +228,15 @@ async fn the_watch_follows_the_certificate_to_a_directory_named_by_a_reload() {
         trusts_third.request(chat()).await.is_ok_and(|r| r.status() == 200)
     })
     .await;
+}
+
+/// A chat request of team-a to the TLS listener of `gw`, by its certificate's name.
+fn https_chat(gw: &FileGateway) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
+    TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
+        Method::POST,
+        "/v1/chat/completions",
+        chat_body(LLAMA, false).to_string(),
+        &[],
+    )
 }

@@ -241,8 +241,8 @@ impl Validator<'_> {
         if self.problems.len() > before {
             return None;
         }
-        let fingerprint = fingerprint(b, auth.as_ref(), extra_ca.as_deref(), &balancing.ejection);
         let identity = identity(&b.url, auth.as_ref(), extra_ca.as_deref(), &timeouts);
+        let fingerprint = fingerprint(&identity, b, &balancing.ejection);
         let previous = self.previous.and_then(|p| p.backends.iter().find(|old| old.name.as_str() == b.name));
         if let Some(same) = previous.filter(|old| old.fingerprint == fingerprint) {
             return Some(Arc::clone(same));
@@ -600,21 +600,13 @@ impl Validator<'_> {
     }
 }
 
-/// What makes a backend the same backend across reloads: its settings as written, the
-/// credential and CA certificates they resolved to, and the ejection policy it applies.
-fn fingerprint(
-    raw: &RawBackend,
-    auth: Option<&HeaderValue>,
-    extra_ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-    ejection: &EjectionPolicy,
-) -> [u8; 32] {
+/// What makes a backend the same backend across reloads: its identity (below), its settings
+/// as written and the ejection policy it applies.
+fn fingerprint(identity: &[u8; 32], raw: &RawBackend, ejection: &EjectionPolicy) -> [u8; 32] {
     use sha2::{Digest, Sha256};
     let mut hash = Sha256::new();
+    hash.update(identity);
     hash.update(serde_json::to_vec(raw).unwrap_or_default());
-    hash.update(auth.map_or(&[][..], HeaderValue::as_bytes));
-    for cert in extra_ca.unwrap_or_default() {
-        hash.update(cert.as_ref());
-    }
     hash.update(format!("{ejection:?}"));
     hash.finalize().into()
 }
