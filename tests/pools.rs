@@ -522,6 +522,8 @@ async fn admin_backends_shows_state_and_no_credentials() {
     assert_eq!(state["name"], "hosted");
     assert_eq!((state["max_concurrency"].as_u64(), state["requests"].as_u64()), (Some(7), Some(1)));
     assert_eq!((state["in_flight"].as_u64(), state["health"].as_str()), (Some(0), Some("unchecked")));
+    // The answered request's connection waits for the next one.
+    assert_eq!(state["idle_connections"], 1, "{state}");
     assert_eq!(gw.admin_client().get("/admin/nothing").await.status, 404);
 }
 

@@ -165,6 +165,7 @@ fn backend(b: &Backend) -> Value {
         "health": health,
         "in_rotation": state.is_healthy() && ejected_for_ms == 0,
         "in_flight": state.inflight(),
+        "idle_connections": b.client.idle_connections(),
         "max_concurrency": b.max_concurrency,
         "weight": b.weight,
         "ejected": ejected_for_ms > 0,

@@ -210,6 +210,7 @@ async fn infer(
             chunk_gap: sse.then(|| metrics.chunk_gap(model, backend_label)),
         },
         slot: Some(answer.slot),
+        lease: answer.lease,
     };
     let mut response = answer.response.map(|upstream| ResponseBody::upstream(upstream, forwarding));
     forward::strip_response_headers(response.headers_mut());

@@ -127,7 +127,7 @@ async fn fetch_models(backend: &Backend, request_id: HeaderValue) -> Vec<String>
     headers.insert(forward::X_REQUEST_ID, request_id);
     let request = forward::build(backend, Endpoint::Models, headers, Bytes::new());
     let fetch = async {
-        let response = forward::send_one(backend, request, None).await.map_err(|e| e.to_string())?;
+        let (response, _lease) = forward::send_one(backend, request, None).await.map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }

@@ -252,9 +252,12 @@ impl Validator<'_> {
         let carried = previous.filter(|old| old.identity == identity);
         let client = match carried {
             Some(old) => Some(old.client.clone()),
-            None => client::build(timeouts.connect, extra_ca.as_deref())
-                .map_err(|e| self.problem(format!("{at}.ca_file"), e))
-                .ok(),
+            None => base.as_ref().and_then(|base| {
+                let field = if base.scheme_str() == Some("https") { "ca_file" } else { "url" };
+                client::build(base, timeouts.connect, extra_ca.as_deref())
+                    .map_err(|e| self.problem(format!("{at}.{field}"), e))
+                    .ok()
+            }),
         };
         let uris = EndpointUris::new(&base?)
             .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))

@@ -152,7 +152,7 @@ impl Backend {
             load_metrics: None,
             timeouts: Timeouts::DEFAULT,
             ejection: EjectionPolicy::DEFAULT,
-            client: crate::proxy::client::build(Timeouts::DEFAULT_CONNECT, None).expect("test client"),
+            client: crate::proxy::client::build(&base, Timeouts::DEFAULT_CONNECT, None).expect("test client"),
             state: Arc::default(),
             probes_started: AtomicBool::new(false),
         }

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use super::backend::join;
 use super::state::{FailureKind, NimLoad};
 use super::{Backend, HealthCheck, LoadMetrics};
-use crate::error::root_cause;
+use crate::proxy::client::ClientError;
 
 /// A metrics page larger than this is not NIM's.
 const MAX_METRICS_BYTES: usize = 4 << 20;
@@ -130,7 +130,9 @@ async fn get(backend: &Backend, uri: &Uri, timeout: Duration) -> Result<Bytes, S
         request.headers_mut().insert(http::header::AUTHORIZATION, auth.clone());
     }
     let exchange = async {
-        let response = backend.client.request(request).await.map_err(|e| root_cause(&e))?;
+        let (response, _lease) = backend.client.send(request).await.map_err(|e| match e {
+            ClientError::Connect(cause) | ClientError::Failed(cause) => cause,
+        })?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_METRICS_BYTES)
             .collect()

@@ -1,12 +1,16 @@
-//! Pooled keep-alive HTTP clients to backends: one per backend, so that each keeps its own
-//! connection pool, connect timeout and trust roots. https uses rustls with the webpki roots
-//! (plus a backend's own `ca_file`), negotiating h2 or HTTP/1.1 by ALPN; http is HTTP/1.1.
+//! The client of one backend. Plain http (a self-hosted NIM) goes through nimgate's own
+//! keep-alive HTTP/1.1 connections (`connections`); https (the hosted API) through
+//! hyper-util's pooled client with rustls, the webpki roots (plus a backend's own `ca_file`)
+//! and h2 or HTTP/1.1 by ALPN. Each backend has its own, so that each keeps its own
+//! connections, connect timeout and trust roots.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response, Uri};
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -14,18 +18,70 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
-/// The client type every backend uses. Request bodies are whole (`Full<Bytes>`): the gateway
-/// reads a request under its size cap before choosing where it goes.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+use super::connections::{Connections, Lease};
+use crate::error::root_cause;
 
-/// Idle upstream connections are closed after this; NIM's own keep-alive is longer.
+/// A backend's client. Request bodies are whole (`Full<Bytes>`): the gateway reads a request
+/// under its size cap before choosing where it goes. Clones share connections.
+#[derive(Clone)]
+pub enum UpstreamClient {
+    Http(Connections),
+    /// Boxed: it is far larger than the other, and a backend holds one either way.
+    Https(Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
+}
+
+/// Why no response head came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// No connection could be made: the backend received nothing.
+    Connect(String),
+    /// The request was (maybe partly) sent, and the exchange failed before a response head.
+    Failed(String),
+}
+
+impl UpstreamClient {
+    /// Keep-alive connections waiting for a request (http backends; hyper-util does not say).
+    pub fn idle_connections(&self) -> Option<usize> {
+        match self {
+            Self::Http(connections) => Some(connections.idle()),
+            Self::Https(_) => None,
+        }
+    }
+
+    /// Sends `request`; the `Lease` holds the connection until the answer's body is done with.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Lease), ClientError> {
+        match self {
+            Self::Http(connections) => connections.send(request).await,
+            Self::Https(client) => match client.request(request).await {
+                Ok(response) => Ok((response, Lease::default())),
+                Err(e) if e.is_connect() => Err(ClientError::Connect(root_cause(&e))),
+                Err(e) => Err(ClientError::Failed(root_cause(&e))),
+            },
+        }
+    }
+}
+
+/// Idle pooled https connections are closed after this; NIM's own keep-alive is longer.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// Builds a client with the given connect timeout, trusting the webpki roots and `extra_ca`.
+/// The client for the backend at `base`, with the given connect timeout, trusting the webpki
+/// roots and `extra_ca` for https.
 pub fn build(
+    base: &Uri,
     connect_timeout: Duration,
     extra_ca: Option<&[CertificateDer<'static>]>,
 ) -> Result<UpstreamClient, String> {
+    if base.scheme_str() == Some("http") {
+        return Connections::new(base, connect_timeout).map(UpstreamClient::Http);
+    }
+    https(connect_timeout, extra_ca).map(|client| UpstreamClient::Https(Box::new(client)))
+}
+
+/// hyper-util's pooled client over rustls, h2 or HTTP/1.1 by ALPN.
+fn https(
+    connect_timeout: Duration,
+    extra_ca: Option<&[CertificateDer<'static>]>,
+) -> Result<Client<HttpsConnector<HttpConnector>, Full<Bytes>>, String> {
     let mut roots = webpki_roots();
     for cert in extra_ca.unwrap_or_default() {
         roots.add(cert.clone()).map_err(|e| format!("CA certificate rejected: {e}"))?;

@@ -24,11 +24,12 @@ use hyper::body::Incoming;
 
 use crate::api::Endpoint;
 use crate::error::GatewayError;
-use crate::error::root_cause;
 use crate::metrics::Metrics;
 use crate::pool::state::FailureKind;
 use crate::pool::{Backend, BackendName, NoBackend, Pool, Slot, Tried};
 use crate::proxy::body::StreamOptions;
+use crate::proxy::client::ClientError;
+use crate::proxy::connections::Lease;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -206,6 +207,8 @@ pub struct Answer {
     /// The backend's in-flight slot, to hold until the answer's last byte.
     pub slot: Slot,
     pub response: Response<Incoming>,
+    /// The connection the answer comes on, given back when it is dropped after the body.
+    pub lease: Lease,
     /// The request asked for stream usage on the client's behalf.
     pub usage_requested: bool,
     /// Backends tried, this one included.
@@ -294,9 +297,14 @@ pub async fn send(
         let headers = upstream_headers(outgoing.client_headers, outgoing.request_id);
         let request = build(backend, outgoing.endpoint, headers, bytes);
         let deadline = backend.timeouts.total.map(|total| started + total);
-        let outcome = judge(backend, send_one(backend, request, deadline).await, metrics);
-        let (retry_reason, outcome) = match outcome {
-            Attempt::Final(response) => return Ok(Answer { slot, response, usage_requested, attempts, deadline }),
+        let (outcome, lease) = match send_one(backend, request, deadline).await {
+            Ok((response, lease)) => (Ok(response), lease),
+            Err(e) => (Err(e), Lease::default()),
+        };
+        let (retry_reason, outcome) = match judge(backend, outcome, metrics) {
+            Attempt::Final(response) => {
+                return Ok(Answer { slot, response, lease, usage_requested, attempts, deadline });
+            }
             Attempt::Retryable(response) => (format!("answered {}", response.status()), Ok(response)),
             Attempt::Failed(e) => (e.cause(), Err(e)),
         };
@@ -315,7 +323,7 @@ pub async fn send(
                 );
                 slot = next;
             }
-            (None, Ok(response)) => return Ok(Answer { slot, response, usage_requested, attempts, deadline }),
+            (None, Ok(response)) => return Ok(Answer { slot, response, lease, usage_requested, attempts, deadline }),
             (None, Err(e)) => return Err(e.into()),
         }
     }
@@ -398,22 +406,21 @@ fn no_backend(pool: &Pool, why: &NoBackend) -> GatewayError {
     })
 }
 
-/// One request to one backend under its first-byte timeout (and the request's deadline).
+/// One request to one backend under its first-byte timeout (and the request's deadline). The
+/// lease holds the answer's connection until its body is done with.
 pub async fn send_one(
     backend: &Backend,
     request: Request<Full<Bytes>>,
     deadline: Option<Instant>,
-) -> Result<Response<Incoming>, UpstreamError> {
+) -> Result<(Response<Incoming>, Lease), UpstreamError> {
     let mut after = backend.timeouts.first_byte;
     if let Some(deadline) = deadline {
         after = after.min(deadline.saturating_duration_since(Instant::now()));
     }
-    match tokio::time::timeout(after, backend.client.request(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) if e.is_connect() => {
-            Err(UpstreamError::Connect { backend: backend.name.clone(), cause: root_cause(&e) })
-        }
-        Ok(Err(e)) => Err(UpstreamError::Failed { backend: backend.name.clone(), cause: root_cause(&e) }),
+    match tokio::time::timeout(after, backend.client.send(request)).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(ClientError::Connect(cause))) => Err(UpstreamError::Connect { backend: backend.name.clone(), cause }),
+        Ok(Err(ClientError::Failed(cause))) => Err(UpstreamError::Failed { backend: backend.name.clone(), cause }),
         Err(_) => Err(UpstreamError::Timeout { backend: backend.name.clone(), after }),
     }
 }

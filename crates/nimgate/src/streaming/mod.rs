@@ -33,6 +33,7 @@ use crate::limits::Permit;
 use crate::metrics::Metrics;
 use crate::pool::Slot;
 use crate::pool::state::FailureKind;
+use crate::proxy::connections::Lease;
 use usage::{ContentCounter, UsageEventStripper, UsageScanner};
 
 /// Why an answer's body ended early, as the client's connection sees it.
@@ -56,6 +57,8 @@ enum Kind {
 pub struct Forwarding {
     /// The backend's in-flight slot, released at the last byte.
     pub slot: Option<Slot>,
+    /// The upstream connection, given back when the body is dropped.
+    pub lease: Lease,
     /// Token metering, for keys with a token limit.
     pub meter: Option<Meter>,
     /// A 2xx `text/event-stream` answer: it must end with `data: [DONE]`.
@@ -157,6 +160,8 @@ pin_project_lite::pin_project! {
     #[derive(Debug)]
     struct Forwarded {
         inner: Incoming,
+        // Dropped after `inner`: the connection goes back once the answer is done with.
+        lease: Lease,
         metering: Option<Metering>,
         slot: Option<Slot>,
         sse: bool,
@@ -246,6 +251,7 @@ impl Forwarded {
         let first = f.deadline.map_or(now + f.idle_timeout, |d| d.min(now + f.idle_timeout));
         Self {
             inner,
+            lease: f.lease,
             metering: f.meter.map(Metering::new),
             slot: f.slot,
             sse: f.sse,
