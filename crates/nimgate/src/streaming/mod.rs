@@ -382,6 +382,9 @@ fn error_event(code: &str, message: &str) -> Bytes {
     Bytes::from(format!("data: {event}\n\n"))
 }
 
+static DONE_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"[DONE]"));
+
 /// How one answer is metered.
 #[derive(Debug)]
 pub struct Meter {
@@ -438,7 +441,7 @@ impl Metering {
                     counter.feed(&data);
                     // `[DONE]` ends the stream for the client, which may send its next
                     // request before the body formally ends.
-                    if memchr::memmem::find(&data, b"[DONE]").is_some() {
+                    if DONE_FINDER.find(&data).is_some() {
                         self.settle();
                     }
                 }

@@ -170,17 +170,28 @@ impl UsageEventStripper {
     }
 }
 
-/// The offset just past the last blank line (`\n\n` or `\r\n\r\n`) in `data`, or 0.
+/// The offset just past the last blank line (`\n\n` or `\r\n\r\n`) in `data`, or 0. Runs on
+/// every frame, which usually ends with one: a backward byte search, no searcher to build.
 fn last_event_end(data: &[u8]) -> usize {
-    let lf = memmem::rfind(data, b"\n\n").map_or(0, |i| i + 2);
-    let crlf = memmem::rfind(data, b"\r\n\r\n").map_or(0, |i| i + 4);
-    lf.max(crlf)
+    let mut end = data.len();
+    while let Some(i) = memchr::memrchr(b'\n', &data[..end]) {
+        if ends_blank_line(data, i) {
+            return i + 1;
+        }
+        end = i;
+    }
+    0
+}
+
+/// Whether the `\n` at `i` ends a blank line (`\n\n` or `\r\n\r\n`).
+fn ends_blank_line(data: &[u8], i: usize) -> bool {
+    (i >= 1 && data[i - 1] == b'\n') || (i >= 3 && &data[i - 3..i] == b"\r\n\r")
 }
 
 /// The byte range of the usage-only event in `events` (complete events only), if any.
 fn usage_only_event(events: &[u8]) -> Option<Range<usize>> {
     let mut pos = 0;
-    while let Some(found) = memmem::find(&events[pos..], USAGE_KEY) {
+    while let Some(found) = USAGE_FINDER.find(&events[pos..]) {
         let at = pos + found;
         pos = at + USAGE_KEY.len();
         if !matches!(object_after_key(events, pos), Some(Ok(_))) {
@@ -197,12 +208,7 @@ fn usage_only_event(events: &[u8]) -> Option<Range<usize>> {
 
 /// The offset just past the first blank line in `data`.
 fn last_event_end_from(data: &[u8]) -> Option<usize> {
-    let lf = memmem::find(data, b"\n\n").map(|i| i + 2);
-    let crlf = memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    }
+    memchr::memchr_iter(b'\n', data).find(|&i| ends_blank_line(data, i)).map(|i| i + 1)
 }
 
 /// Whether one SSE event is a `data:` line carrying usage and no choices. Parsed, but only for
@@ -239,8 +245,9 @@ pub struct ContentCounter {
 const CONTENT_MARKERS: [&[u8]; 3] = [b"\"content\":\"", b"\"text\":\"", b"\"arguments\":\""];
 /// The longest marker.
 const MARKER_MAX: usize = 13;
-static CONTENT_FINDERS: LazyLock<[memmem::Finder<'static>; 3]> =
-    LazyLock::new(|| CONTENT_MARKERS.map(memmem::Finder::new));
+/// The end every marker shares: one pass over a frame finds them all.
+const MARKER_END: &[u8] = b"\":\"";
+static MARKER_END_FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(MARKER_END));
 
 impl ContentCounter {
     pub fn feed(&mut self, bytes: &[u8]) {
@@ -258,9 +265,13 @@ impl ContentCounter {
                     .count() as u64;
             }
         }
-        // Markers within this frame whose following byte is here too.
-        for (finder, marker) in CONTENT_FINDERS.iter().zip(CONTENT_MARKERS) {
-            self.events += finder.find_iter(bytes).filter(|&i| text_follows(bytes, i, marker)).count() as u64;
+        // Markers within this frame whose following byte is here too, found by their shared
+        // end (`":"`, which every string-valued key has) in one pass.
+        for end in MARKER_END_FINDER.find_iter(bytes) {
+            let starts = CONTENT_MARKERS.iter().map(|m| (end + MARKER_END.len()).checked_sub(m.len()));
+            if CONTENT_MARKERS.iter().zip(starts).any(|(m, at)| at.is_some_and(|at| text_follows(bytes, at, m))) {
+                self.events += 1;
+            }
         }
         // The new tail is the stream's last bytes, which may reach back past a short frame.
         if bytes.len() >= MARKER_MAX {
@@ -372,6 +383,52 @@ mod tests {
             counter.feed(&frame);
         }
         assert_eq!(counter.events(), 2, "the empty role content does not count");
+    }
+
+    /// The obvious count: each marker looked for on its own.
+    fn content_events_reference(bytes: &[u8]) -> u64 {
+        CONTENT_MARKERS
+            .iter()
+            .map(|m| memmem::find_iter(bytes, m).filter(|&i| text_follows(bytes, i, m)).count() as u64)
+            .sum()
+    }
+
+    proptest! {
+        #[test]
+        fn content_events_agree_with_each_marker_counted_on_its_own(pieces in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "\"content\":\"", "\"text\":\"", "\"arguments\":\"", "\":\"", "\"", "x", "\"role\":\"", ",", "{",
+            ]), 0..30)) {
+            let text = pieces.concat();
+            let mut counter = ContentCounter::default();
+            counter.feed(text.as_bytes());
+            prop_assert_eq!(counter.events(), content_events_reference(text.as_bytes()), "{}", text);
+        }
+    }
+
+    /// The obvious versions of the blank-line searches, to check the fast ones against.
+    fn last_event_end_reference(data: &[u8]) -> usize {
+        let lf = memmem::rfind(data, b"\n\n").map_or(0, |i| i + 2);
+        let crlf = memmem::rfind(data, b"\r\n\r\n").map_or(0, |i| i + 4);
+        lf.max(crlf)
+    }
+
+    fn first_event_end_reference(data: &[u8]) -> Option<usize> {
+        let lf = memmem::find(data, b"\n\n").map(|i| i + 2);
+        let crlf = memmem::find(data, b"\r\n\r\n").map(|i| i + 4);
+        match (lf, crlf) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn blank_line_searches_agree_with_the_obvious_ones(data in proptest::collection::vec(
+            proptest::sample::select(vec![b'\n', b'\r', b'a', b'd', b':']), 0..40)) {
+            prop_assert_eq!(last_event_end(&data), last_event_end_reference(&data));
+            prop_assert_eq!(last_event_end_from(&data), first_event_end_reference(&data));
+        }
     }
 
     proptest! {
