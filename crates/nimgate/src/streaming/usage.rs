@@ -252,8 +252,11 @@ static MARKER_END_FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| m
 impl ContentCounter {
     pub fn feed(&mut self, bytes: &[u8]) {
         // Markers that begin in the previous frame's tail and end (with the byte after them)
-        // in this one: looked for in a small window, without copying the frame.
-        if self.tail_len > 0 {
+        // in this one: looked for in a small window, without copying the frame. A tail that
+        // ends with a byte no marker has (a frame ending its event with a blank line, as they
+        // nearly all do) cannot hold the start of one.
+        let last = self.tail_len.checked_sub(1).map(|i| self.tail[i]);
+        if last.is_some_and(|b| CONTENT_MARKERS.iter().any(|m| m.contains(&b))) {
             let mut window = [0u8; 2 * MARKER_MAX + 1];
             let take = bytes.len().min(MARKER_MAX + 1);
             window[..self.tail_len].copy_from_slice(&self.tail[..self.tail_len]);
