@@ -2,6 +2,8 @@
 //! Round trips, streaming without buffering, cancellation, header rules, byte-exact bodies,
 //! aliases, upstream errors passed through, model listing, failover on unreachable backends.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -414,4 +416,66 @@ async fn closed_port_url() -> String {
     let url = format!("http://{}", listener.local_addr().unwrap());
     drop(listener);
     url
+}
+
+/// A backend that answers each request and closes its connection soon after without saying so
+/// (no `Connection: close`), as servers do when their keep-alive timeout ends.
+async fn closing_backend() -> (String, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // Head and body: the gateway sends a Content-Length; read until it is all here.
+                loop {
+                    let Ok(n) = socket.read(&mut buffer).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(str::to_owned))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= length {
+                            break;
+                        }
+                    }
+                }
+                let body = r#"{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+                counter.fetch_add(1, Ordering::Relaxed);
+                // Closed a moment later, while the connection waits idle in nimgate's pool.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            });
+        }
+    });
+    (url, served)
+}
+
+#[tokio::test]
+async fn a_backend_closing_its_idle_connections_costs_no_request() {
+    let (url, served) = closing_backend().await;
+    let gw = gateway().backend("closing", &url).route(LLAMA, &["closing"]).key("team-a", &["*"]).start().await;
+    let client = gw.client("team-a");
+    for i in 0..10 {
+        let reply = client.chat(LLAMA).await;
+        assert_eq!(reply.status, 200, "request {i}: {}", reply.text());
+        // Past the close: the idle connection is dead when the next request comes.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    assert_eq!(served.load(Ordering::Relaxed), 10);
 }
