@@ -11,7 +11,8 @@
 //! - `limits`: request and token limits per key (admit, reserve, settle) and their store.
 //! - `pool`: backends, their run-time state (in flight, ejection, health, NIM load), the
 //!   balancer, the wait queue, the retry budget and the background probes.
-//! - `proxy`: request body read and peek, upstream request building and sending, clients.
+//! - `proxy`: request body read and peek, upstream request building and sending, backend
+//!   clients and the keep-alive connections of plain-http backends.
 //! - `streaming`: the response body passed through frame by frame.
 //! - `models`: `GET /v1/models`.
 //! - `server`: listeners, TLS, connection tasks, graceful shutdown.
