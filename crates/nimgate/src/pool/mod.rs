@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use budget::RetryBudget;
-use state::capacity_freed;
 
 /// Backends per route (pool and fallback together) that a request can tell apart as tried.
 pub const MAX_POOL_MEMBERS: usize = 64;
@@ -163,17 +162,20 @@ impl Pool {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(NoBackend::QueueFull);
         }
-        let signal = capacity_freed();
-        signal.waiters.fetch_add(1, Ordering::AcqRel);
         let _leave = Leave(self);
         let queued_at = tokio::time::Instant::now();
         let deadline = queued_at + self.queue_timeout;
         let _measure = Measure(queued_at, waited);
+        // Listening on each member's room: a freed slot wakes one waiter of that backend, not
+        // every queued request of every route.
+        let members: Vec<&Backend> = self.primary.iter().chain(&self.fallback).map(|b| &**b).collect();
+        let _listening: Vec<_> = members.iter().map(|b| b.state.room.listen()).collect();
         loop {
-            let notified = signal.notify.notified();
-            tokio::pin!(notified);
+            let mut freed: Vec<_> = members.iter().map(|b| Box::pin(b.state.room.freed())).collect();
             // Registered before looking, so a release between the look and the wait wakes us.
-            notified.as_mut().enable();
+            for wakeup in &mut freed {
+                wakeup.as_mut().enable();
+            }
             match self.try_acquire(Tried::default()) {
                 Err(NoBackend::Full) => {}
                 picked => return picked,
@@ -182,8 +184,15 @@ impl Pool {
             if now >= deadline {
                 return Err(NoBackend::Waited(self.queue_timeout));
             }
+            let any_freed = std::future::poll_fn(|cx| {
+                if freed.iter_mut().any(|wakeup| wakeup.as_mut().poll(cx).is_ready()) {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            });
             // Ejections end by the clock, not by a release: look again at least every 100 ms.
-            let _ = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(100)), notified).await;
+            let _ = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(100)), any_freed).await;
         }
     }
 
@@ -254,7 +263,6 @@ struct Leave<'a>(&'a Pool);
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
         self.0.queued.fetch_sub(1, Ordering::AcqRel);
-        capacity_freed().waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -412,6 +420,65 @@ mod tests {
         drop(held);
         assert_eq!(waiter.await.unwrap().unwrap(), "a");
         assert_eq!(p.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn queued_requests_get_freed_slots_one_each_in_arrival_order() {
+        let p = Arc::new(pool(vec![backend("a", 1, Some(1))], vec![]));
+        let held = p.try_acquire(Tried::default()).unwrap();
+        let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let mut releases = Vec::new();
+        for id in 0..3 {
+            let (release, released) = tokio::sync::oneshot::channel::<()>();
+            releases.push(release);
+            let (waiter, served) = (Arc::clone(&p), served.clone());
+            tokio::spawn(async move {
+                let slot = waiter.acquire(&mut None).await.unwrap();
+                served.send(id).unwrap();
+                let _ = released.await;
+                drop(slot);
+            });
+            while p.queued() < id + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for (expected, release) in (0..3).zip(releases) {
+            assert_eq!(order.recv().await, Some(expected), "first in, first served");
+            tokio::task::yield_now().await;
+            assert!(order.try_recv().is_err(), "one slot freed, one request served");
+            release.send(()).unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_a_request_of_a_pool_with_that_backend() {
+        let (a, b) = (backend("a", 1, Some(1)), backend("b", 1, Some(1)));
+        let pool_a = Arc::new(pool(vec![Arc::clone(&a)], vec![]));
+        let pool_b = Arc::new(pool(vec![Arc::clone(&b)], vec![]));
+        let (held_a, _held_b) =
+            (pool_a.try_acquire(Tried::default()).unwrap(), pool_b.try_acquire(Tried::default()).unwrap());
+        // A request for b queues first, then one for a.
+        let for_b = tokio::spawn({
+            let p = Arc::clone(&pool_b);
+            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+        });
+        while pool_b.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let for_a = tokio::spawn({
+            let p = Arc::clone(&pool_a);
+            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+        });
+        while pool_a.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        drop(held_a);
+        assert_eq!(for_a.await.unwrap().unwrap(), "a");
+        assert!(started.elapsed() < Duration::from_millis(50), "at once, not at the next periodic look");
+        assert!(!for_b.is_finished(), "b is still full");
+        for_b.abort();
     }
 
     #[tokio::test]

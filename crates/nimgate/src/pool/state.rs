@@ -21,25 +21,48 @@ pub fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
-/// Wakes requests queued for a backend with room. One for the process: a waiter re-checks
-/// its own pool, so a wake-up meant for another pool costs it one look.
-pub fn capacity_freed() -> &'static CapacitySignal {
-    static SIGNAL: OnceLock<CapacitySignal> = OnceLock::new();
-    SIGNAL.get_or_init(CapacitySignal::default)
+/// Wakes requests queued for room on one backend: one per freed slot (the longest waiting,
+/// since `Notify` is first in, first out), every one when the backend as a whole comes back.
+/// A waiter listens on each backend of its pool; a wake-up it does not use (it got a slot
+/// elsewhere first) passes to the next waiter when it stops listening.
+#[derive(Debug, Default)]
+pub struct Room {
+    freed: Notify,
+    /// Requests listening here; releases only notify when there are some.
+    waiters: AtomicU32,
 }
 
-#[derive(Default)]
-pub struct CapacitySignal {
-    pub notify: Notify,
-    /// Requests waiting anywhere; releases only notify when there are some.
-    pub waiters: AtomicU32,
-}
+impl Room {
+    /// Counts a request as listening here until the guard drops.
+    pub fn listen(&self) -> Listening<'_> {
+        self.waiters.fetch_add(1, Ordering::AcqRel);
+        Listening(self)
+    }
 
-impl CapacitySignal {
-    pub fn signal(&self) {
+    /// The next wake-up here.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    fn one_slot(&self) {
         if self.waiters.load(Ordering::Acquire) > 0 {
-            self.notify.notify_waiters();
+            self.freed.notify_one();
         }
+    }
+
+    fn all(&self) {
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.freed.notify_waiters();
+        }
+    }
+}
+
+/// A request listening on a backend's `Room`.
+pub struct Listening<'a>(&'a Room);
+
+impl Drop for Listening<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -127,6 +150,8 @@ pub struct BackendState {
     /// Which probes may write here: those of the newest `Backend` sharing this state (one
     /// replaced for a change of tuning stops probing even while its requests finish).
     probe_generation: AtomicU64,
+    /// Requests queued for room here.
+    pub room: Room,
 }
 
 impl BackendState {
@@ -163,7 +188,7 @@ impl BackendState {
 
     pub fn release_slot(&self) {
         self.inflight.fetch_sub(1, Ordering::Release);
-        capacity_freed().signal();
+        self.room.one_slot();
     }
 
     /// Out of rotation: ejected or failing its health check.
@@ -188,7 +213,7 @@ impl BackendState {
     pub fn set_healthy(&self, healthy: bool) {
         self.unhealthy.store(!healthy, Ordering::Relaxed);
         if healthy {
-            capacity_freed().signal();
+            self.room.all();
         }
     }
 
@@ -229,7 +254,7 @@ impl BackendState {
         }
         let was_full = self.full_by_load.swap(full, Ordering::Relaxed);
         if was_full && !full {
-            capacity_freed().signal();
+            self.room.all();
         }
     }
 
