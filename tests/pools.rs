@@ -313,15 +313,7 @@ async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
         ..SimOptions::default()
     })
     .await;
-    let gw = gateway()
-        .backend_with(RawBackend {
-            timeouts: Some(RawTimeouts { idle: Some("300ms".into()), ..RawTimeouts::default() }),
-            ..backend("gpu", &stalling.url())
-        })
-        .route_with(route(LLAMA, &["gpu"], &[]))
-        .key("team-a", &["*"])
-        .start()
-        .await;
+    let gw = one_backend(&stalling, timeouts(|t| t.idle = Some("300ms".into()))).await;
     let client = gw.client("team-a");
     let started = Instant::now();
     let response = client
@@ -527,6 +519,16 @@ async fn admin_backends_shows_state_and_no_credentials() {
     assert_eq!(gw.admin_client().get("/admin/nothing").await.status, 404);
 }
 
+/// A gateway with one backend `gpu` on `sim`, with `timeouts`, serving LLAMA to team-a.
+async fn one_backend(sim: &Sim, timeouts: Option<RawTimeouts>) -> TestGateway {
+    gateway()
+        .backend_with(RawBackend { timeouts, ..backend("gpu", &sim.url()) })
+        .route_with(route(LLAMA, &["gpu"], &[]))
+        .key("team-a", &["*"])
+        .start()
+        .await
+}
+
 fn timeouts(change: impl FnOnce(&mut RawTimeouts)) -> Option<RawTimeouts> {
     let mut t = RawTimeouts::default();
     change(&mut t);
@@ -636,15 +638,7 @@ async fn a_connect_timeout_fails_fast_and_is_retried_elsewhere() {
 #[tokio::test]
 async fn the_total_timeout_ends_a_long_stream_with_an_error_event() {
     let long = sim(SimOptions { tokens: 40, chunk_delay: Duration::from_millis(50), ..SimOptions::default() }).await;
-    let gw = gateway()
-        .backend_with(RawBackend {
-            timeouts: timeouts(|t| t.total = Some("500ms".into())),
-            ..backend("gpu", &long.url())
-        })
-        .route_with(route(LLAMA, &["gpu"], &[]))
-        .key("team-a", &["*"])
-        .start()
-        .await;
+    let gw = one_backend(&long, timeouts(|t| t.total = Some("500ms".into()))).await;
     let client = gw.client("team-a");
     let started = Instant::now();
     let text = stream_text(&client, LLAMA).await;
