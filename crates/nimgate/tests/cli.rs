@@ -3,8 +3,11 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod process;
+use process::{Running, Signal};
 
 fn nimgate() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_nimgate"));
@@ -96,16 +99,6 @@ fn hash_key_prints_the_sha256_of_an_argument_or_stdin() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
 }
 
-/// Kills the child if the test fails half way.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn demo_serves_a_chat_completion_and_exits_0_on_sigterm() {
     let child = nimgate()
@@ -145,8 +138,7 @@ fn demo_serves_a_chat_completion_and_exits_0_on_sigterm() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"chat.completion\""), "{answer}");
 
-    let pid = demo.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    demo.signal(Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
         if let Some(status) = demo.0.try_wait().unwrap() {

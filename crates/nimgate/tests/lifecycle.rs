@@ -4,19 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nim_sim::{Sim, SimOptions};
 
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod process;
+use process::{Running, Signal};
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
@@ -80,8 +74,7 @@ fn sigterm_during_a_stream_finishes_it_refuses_new_connections_and_exits_0() {
         seen.extend_from_slice(&buffer[..n]);
     }
 
-    let pid = gateway.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    gateway.signal(Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
     while TcpStream::connect(listen).is_ok() {
         assert!(Instant::now() < deadline, "new connections are refused during the drain");
@@ -218,8 +211,7 @@ fn sighup_reloads_routes_keys_and_limits_refuses_a_bad_file_and_a_new_listen_add
     assert!(chat("team-a", "b/two").starts_with("HTTP/1.1 404"));
     assert!(chat("team-b", "a/one").starts_with("HTTP/1.1 200"));
     assert!(chat("team-a", "a/one").contains("x-ratelimit-limit-requests: 600\r\n"));
-    let sighup =
-        || assert!(Command::new("kill").args(["-HUP", &gateway.0.id().to_string()]).status().unwrap().success());
+    let sighup = || gateway.signal(Signal::SIGHUP);
     let wait_log = |what: &str, found: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(5);
         while !log.lock().unwrap().lines().any(found) {
@@ -317,7 +309,7 @@ fn the_access_log_has_one_line_per_request_at_its_end_and_no_secrets() {
     assert!(send(&format!(r#"{{"model":"{model}",{prompt}}}"#), "sk-wrong-key").starts_with("HTTP/1.1 401"));
     let broken = send(&format!(r#"{{"model":"stuck/model","stream":true,{prompt}}}"#), "sk-very-secret-key");
     assert!(broken.contains("upstream_timeout") && !broken.contains("[DONE]"), "{broken}");
-    assert!(Command::new("kill").args(["-TERM", &gateway.0.id().to_string()]).status().unwrap().success());
+    gateway.signal(Signal::SIGTERM);
     let mut log = String::new();
     std::io::BufReader::new(stderr).read_to_string(&mut log).unwrap();
     drop(gateway);
