@@ -130,7 +130,7 @@ fn model_extraction(c: &mut Criterion) {
         let body = body_of(size);
         group.throughput(criterion::Throughput::Bytes(body.len() as u64));
         group.bench_function(label, |b| {
-            b.iter(|| black_box(nimgate::proxy::body::peek(black_box(body.as_bytes())).is_ok()))
+            b.iter(|| black_box(nimgate::request::peek(black_box(body.as_bytes())).is_ok()))
         });
     }
     group.finish();
@@ -170,7 +170,9 @@ fn metrics_recording(c: &mut Criterion) {
             metrics.request("meta/llama-3.1-8b-instruct", "llama-a", "team-search", 200);
             metrics.ttfb("meta/llama-3.1-8b-instruct", "llama-a").observe(0.12);
             metrics.duration("meta/llama-3.1-8b-instruct", "llama-a").observe(1.5);
-            metrics.tokens("meta/llama-3.1-8b-instruct", "team-search", 250, 120);
+            let (prompt, completion) = metrics.token_counters("meta/llama-3.1-8b-instruct", "team-search");
+            prompt.inc_by(250);
+            completion.inc_by(120);
         })
     });
     let family = prometheus::IntCounterVec::new(prometheus::Opts::new("x", "x"), &["model", "backend", "key", "code"])

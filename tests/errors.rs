@@ -76,7 +76,7 @@ async fn a_body_over_the_limit_gets_413_by_its_content_length() {
 #[tokio::test]
 async fn a_chunked_body_over_the_limit_gets_413_without_being_read_to_its_end() {
     let (_sim, gw) = setup().await;
-    let mut stream = tokio::net::TcpStream::connect(gw.handle.addr()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(gw.running.addr()).await.unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
         secret("team-a")
@@ -191,7 +191,7 @@ async fn a_stream_cut_mid_way_ends_with_an_error_event_and_no_done() {
 #[tokio::test(start_paused = true)]
 async fn a_body_that_stops_arriving_gets_408_after_the_read_timeout() {
     let (sim, gw) = setup().await;
-    let mut stream = tokio::net::TcpStream::connect(gw.handle.addr()).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(gw.running.addr()).await.unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"model\":",
         secret("team-a")
@@ -203,6 +203,6 @@ async fn a_body_that_stops_arriving_gets_408_after_the_read_timeout() {
     let answer = String::from_utf8_lossy(&answer[..n]);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");
-    assert!(started.elapsed() >= nimgate::proxy::body::BODY_READ_TIMEOUT);
+    assert!(started.elapsed() >= nimgate::request::BODY_READ_TIMEOUT);
     assert_eq!(sim.stats().requests, 0);
 }

@@ -745,8 +745,8 @@ async fn readiness_turns_503_at_once_when_draining_while_streams_finish() {
     probe.write_all(b"GET /health/ready HTTP/1.1\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let gateway = Arc::clone(&gw.gateway);
-    let TestGateway { handle, admin: _admin, .. } = gw;
-    let drained = tokio::spawn(handle.shutdown());
+    let TestGateway { running, .. } = gw;
+    let drained = tokio::spawn(running.shutdown());
     eventually("the gateway is draining", Duration::from_secs(2), || async { gateway.is_draining() }).await;
     probe.write_all(b"host: gateway\r\n\r\n").await.unwrap();
     let mut answer = Vec::new();

@@ -115,7 +115,7 @@ async fn the_gateway_serves_tls_with_h2_by_alpn() {
 
     let client = https_client_trusting(&pki.ca_pem);
 
-    let url = format!("https://localhost:{}", gw.handle.addr().port());
+    let url = format!("https://localhost:{}", gw.running.addr().port());
     let request = TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
         Method::POST,
         "/v1/chat/completions",
@@ -232,7 +232,7 @@ async fn the_watch_follows_the_certificate_to_a_directory_named_by_a_reload() {
 
 /// A chat request of team-a to the TLS listener of `gw`, by its certificate's name.
 fn https_chat(gw: &FileGateway) -> http::Request<http_body_util::Full<bytes::Bytes>> {
-    let url = format!("https://localhost:{}", gw.gw.handle.addr().port());
+    let url = format!("https://localhost:{}", gw.gw.running.addr().port());
     TestClient::new(&url, Some(format!("Bearer {}", secret("team-a")))).request(
         Method::POST,
         "/v1/chat/completions",

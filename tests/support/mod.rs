@@ -15,12 +15,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use nim_sim::Sim;
-use nimgate::Gateway;
-use nimgate::admin::AdminHandle;
 use nimgate::config::raw::{RawBackend, RawConfig, RawKey, RawLimits, RawRoute};
 use nimgate::config::{EnvSource, validate};
 use nimgate::reload::Reloader;
-use nimgate::server::ServerHandle;
+use nimgate::{Gateway, Launch, Running};
 use serde_json::{Value, json};
 
 pub use nim_sim::{Failures, SimOptions};
@@ -154,39 +152,14 @@ impl GatewayBuilder {
     /// Serves the config file at `path` (already written) with hot reload on.
     pub async fn serve_file(self, dir: tempfile::TempDir, path: std::path::PathBuf, env: EnvSource) -> FileGateway {
         let snapshot = nimgate::reload::load_initial(&path, &env).expect("test config must be valid");
-        let gateway = Gateway::new(snapshot);
-        let reloader = Reloader::new(Arc::clone(&gateway), path.clone(), env);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
-        let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin =
-            AdminHandle::spawn(Arc::clone(&gateway), admin_listener, Some(Arc::clone(&reloader))).expect("spawn admin");
-        let watch = nimgate::reload::watch(Arc::clone(&reloader)).expect("watch the config file");
-        let gw = TestGateway {
-            url: format!("http://{}", handle.addr()),
-            admin_url: format!("http://{}", admin.addr()),
-            handle,
-            admin,
-            gateway,
-        };
-        FileGateway { gw, path, reloader, _watch: watch, _dir: dir }
+        let gw = TestGateway::launch(Launch { source: Some((path.clone(), env)), ..Launch::new(snapshot) }).await;
+        let reloader = Arc::clone(gw.running.reloader().expect("started from a file"));
+        FileGateway { gw, path, reloader, _dir: dir }
     }
 
     /// Validates the config and serves it on an ephemeral loopback port.
     pub async fn start(self) -> TestGateway {
-        let snapshot = self.snapshot();
-        let gateway = Gateway::new(snapshot);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
-        let handle = ServerHandle::spawn(Arc::clone(&gateway), listener).expect("spawn gateway");
-        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
-        let admin = AdminHandle::spawn(Arc::clone(&gateway), admin_listener, None).expect("spawn admin");
-        TestGateway {
-            url: format!("http://{}", handle.addr()),
-            admin_url: format!("http://{}", admin.addr()),
-            handle,
-            admin,
-            gateway,
-        }
+        TestGateway::launch(Launch::new(self.snapshot())).await
     }
 }
 
@@ -200,7 +173,6 @@ pub struct FileGateway {
     pub gw: TestGateway,
     pub path: std::path::PathBuf,
     pub reloader: Arc<Reloader>,
-    _watch: nimgate::reload::FileWatch,
     _dir: tempfile::TempDir,
 }
 
@@ -230,12 +202,25 @@ impl FileGateway {
 pub struct TestGateway {
     pub url: String,
     pub admin_url: String,
-    pub handle: ServerHandle,
-    pub admin: AdminHandle,
+    pub running: Running,
     pub gateway: Arc<Gateway>,
 }
 
 impl TestGateway {
+    /// Starts `launch` as the binary would, on ephemeral loopback ports.
+    async fn launch(mut launch: Launch) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        launch.listeners = Some((listener, admin));
+        let running = nimgate::start(launch).await.expect("start the gateway");
+        TestGateway {
+            url: format!("http://{}", running.addr()),
+            admin_url: format!("http://{}", running.admin_addr()),
+            gateway: Arc::clone(running.gateway()),
+            running,
+        }
+    }
+
     /// A client presenting the key `name`.
     pub fn client(&self, name: &str) -> TestClient {
         TestClient::new(&self.url, Some(format!("Bearer {}", secret(name))))

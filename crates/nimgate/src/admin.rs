@@ -25,9 +25,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::Gateway;
-use crate::pool::Backend;
+use crate::error::GatewayError;
+use crate::metrics::BackendGauges;
 use crate::reload::{self, Reloader, Trigger};
 use crate::streaming::ResponseBody;
+use crate::upstream::Backend;
 
 /// Serves the admin endpoints on `listener` in the background until the handle is dropped.
 pub struct AdminHandle {
@@ -76,25 +78,37 @@ impl Drop for AdminHandle {
 }
 
 async fn handle(gateway: &Gateway, reloader: Option<&Reloader>, request: &Request<Incoming>) -> Response<ResponseBody> {
+    match answer(gateway, reloader, request).await {
+        Ok(response) => response,
+        Err(e) => e.to_response(),
+    }
+}
+
+async fn answer(
+    gateway: &Gateway,
+    reloader: Option<&Reloader>,
+    request: &Request<Incoming>,
+) -> Result<Response<ResponseBody>, GatewayError> {
     let path = request.uri().path();
     let allowed = match path {
         "/metrics" | "/admin/backends" | "/admin/config" => Method::GET,
         "/admin/reload" => Method::POST,
-        _ => {
-            let message = format!(
-                "no such admin endpoint: {path} (there are GET /metrics, GET /admin/backends, GET /admin/config, POST /admin/reload)"
-            );
-            return json_response(StatusCode::NOT_FOUND, &error("not_found", &message));
-        }
+        _ => return Err(GatewayError::UnknownAdminPath(path.to_owned())),
     };
     if request.method() != allowed {
-        let message = format!("use {allowed} on {path}");
-        return json_response(StatusCode::METHOD_NOT_ALLOWED, &error("method_not_allowed", &message));
+        let allow = if allowed == Method::GET { "GET" } else { "POST" };
+        return Err(GatewayError::MethodNotAllowed { method: request.method().clone(), path: path.to_owned(), allow });
     }
-    match path {
+    Ok(match path {
         "/metrics" => {
-            let mut response =
-                Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render(&gateway.snapshot()))));
+            let snapshot = gateway.snapshot();
+            let mut now = None;
+            let gauges = snapshot.backends.iter().map(|b| BackendGauges {
+                name: b.name.as_str(),
+                in_flight: b.state.inflight(),
+                in_rotation: !b.state.is_out(&mut now),
+            });
+            let mut response = Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render(gauges))));
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             response
         }
@@ -113,27 +127,15 @@ async fn handle(gateway: &Gateway, reloader: Option<&Reloader>, request: &Reques
                 }),
             )
         }
-        _ => match reloader {
-            None => json_response(
-                StatusCode::CONFLICT,
-                &error("reload_unavailable", "this gateway was not started from a config file"),
-            ),
-            Some(reloader) => match reloader.reload(Trigger::AdminApi).await {
-                Ok(applied) => json_response(
-                    StatusCode::OK,
-                    &json!({ "status": "reloaded", "version": applied.version, "hash": applied.hash, "restart_needed": applied.restart_needed }),
-                ),
-                Err(e) => {
-                    let problems: Vec<Value> =
-                        e.problems().iter().map(|p| json!({ "path": p.path, "message": p.message })).collect();
-                    let mut body =
-                        error("invalid_config", &format!("config not reloaded, the one in force stays: {e}"));
-                    body["problems"] = Value::from(problems);
-                    json_response(StatusCode::UNPROCESSABLE_ENTITY, &body)
-                }
-            },
-        },
-    }
+        _ => {
+            let reloader = reloader.ok_or(GatewayError::ReloadUnavailable)?;
+            let applied = reloader.reload(Trigger::AdminApi).await.map_err(GatewayError::ConfigRefused)?;
+            json_response(
+                StatusCode::OK,
+                &json!({ "status": "reloaded", "version": applied.version, "hash": applied.hash, "restart_needed": applied.restart_needed }),
+            )
+        }
+    })
 }
 
 fn backends(gateway: &Gateway) -> Value {
@@ -181,10 +183,6 @@ fn backend(b: &Backend) -> Value {
             "message": e.message,
         })).collect::<Vec<_>>(),
     })
-}
-
-fn error(code: &str, message: &str) -> Value {
-    json!({ "error": { "message": message, "type": "invalid_request_error", "code": code, "param": null } })
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {

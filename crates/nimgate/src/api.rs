@@ -1,5 +1,9 @@
-//! The OpenAI-compatible paths nimgate routes by model, and the upstream path of each.
-//! A fixed, small set: unknown paths are answered by the gateway, never forwarded blindly.
+//! The paths nimgate serves, in one table, parsed once per request: the OpenAI-compatible
+//! endpoints routed by model (and the upstream path of each), the model list and the health
+//! checks. A fixed, small set: unknown paths are answered by the gateway, never forwarded
+//! blindly.
+
+use http::Method;
 
 /// An inference or listing endpoint forwarded to backends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,15 +32,60 @@ impl Endpoint {
         self as usize
     }
 
-    /// The model-routed POST endpoint at `path`, if any.
-    pub fn inference(path: &str) -> Option<Self> {
-        match path {
-            "/v1/chat/completions" => Some(Self::ChatCompletions),
-            "/v1/completions" => Some(Self::Completions),
-            "/v1/embeddings" => Some(Self::Embeddings),
-            _ => None,
+    /// Whether its answers generate tokens (embeddings only read them).
+    pub fn completes(self) -> bool {
+        self != Self::Embeddings
+    }
+}
+
+/// What a served path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// Liveness: the process answers.
+    Live,
+    /// Readiness: not draining.
+    Ready,
+    /// `GET /v1/models`: the models the calling key may use.
+    Models,
+    /// A model-routed POST.
+    Inference(Endpoint),
+}
+
+impl Resource {
+    /// The one method it answers.
+    pub fn method(self) -> Method {
+        match self {
+            Self::Inference(_) => Method::POST,
+            Self::Live | Self::Ready | Self::Models => Method::GET,
         }
     }
+
+    /// The method, as an `Allow` header names it.
+    pub fn allow(self) -> &'static str {
+        match self {
+            Self::Inference(_) => "POST",
+            Self::Live | Self::Ready | Self::Models => "GET",
+        }
+    }
+}
+
+/// Every path nimgate serves. NIM's own health paths are served too, so that probes written
+/// for a NIM work against the gateway unchanged.
+const SERVED: [(&str, Resource); 8] = [
+    (Endpoint::ChatCompletions.path(), Resource::Inference(Endpoint::ChatCompletions)),
+    (Endpoint::Completions.path(), Resource::Inference(Endpoint::Completions)),
+    (Endpoint::Embeddings.path(), Resource::Inference(Endpoint::Embeddings)),
+    (Endpoint::Models.path(), Resource::Models),
+    ("/health/live", Resource::Live),
+    ("/health/ready", Resource::Ready),
+    ("/v1/health/live", Resource::Live),
+    ("/v1/health/ready", Resource::Ready),
+];
+
+/// The resource at `path`, and the path as logged (static, so logging copies nothing); `None`
+/// for a path nimgate does not serve.
+pub fn resource(path: &str) -> Option<(Resource, &'static str)> {
+    SERVED.iter().find(|(served, _)| *served == path).map(|&(served, resource)| (resource, served))
 }
 
 #[cfg(test)]
@@ -52,8 +101,16 @@ mod tests {
 
     #[test]
     fn only_inference_paths_are_routed_by_model() {
-        assert_eq!(Endpoint::inference("/v1/embeddings"), Some(Endpoint::Embeddings));
-        assert_eq!(Endpoint::inference("/v1/models"), None);
-        assert_eq!(Endpoint::inference("/v1/chat/completions/"), None);
+        assert_eq!(resource("/v1/embeddings"), Some((Resource::Inference(Endpoint::Embeddings), "/v1/embeddings")));
+        assert_eq!(resource("/v1/models").map(|r| r.0), Some(Resource::Models));
+        assert_eq!(resource("/v1/chat/completions/"), None);
+    }
+
+    #[test]
+    fn health_paths_keep_the_path_they_were_asked_on() {
+        assert_eq!(resource("/v1/health/ready"), Some((Resource::Ready, "/v1/health/ready")));
+        assert_eq!(resource("/health/ready"), Some((Resource::Ready, "/health/ready")));
+        assert_eq!(Resource::Live.method(), Method::GET);
+        assert_eq!(Resource::Inference(Endpoint::Completions).allow(), "POST");
     }
 }

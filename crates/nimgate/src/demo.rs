@@ -3,14 +3,13 @@
 //! call it. The quickest way to see nimgate work, and the README's first command.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use config::FileFormat;
 use nim_sim::{Sim, SimOptions};
-
-use crate::config::{ConfigError, EnvSource, load_str, validate};
-use crate::{Gateway, Snapshot, server};
+use nimgate::config::{ConfigError, EnvSource, load_str, validate};
+use nimgate::{Gateway, Launch, Snapshot, server};
+use tokio::net::TcpListener;
 
 /// The demo's configuration, the file in `config/demo.yaml`.
 pub const DEMO_CONFIG: &str = include_str!("../../../config/demo.yaml");
@@ -87,16 +86,21 @@ pub async fn run(listen: Option<SocketAddr>, shutdown: impl std::future::Future<
         sims.push(Sim::start_on(listener, sim_options(models)).await.map_err(|e| sim_error(e.to_string()))?);
     }
 
-    let listen = snapshot.server.listen;
-    let listener = server::bind(listen).await.map_err(DemoError::Listen)?;
-    let gateway = Gateway::new(snapshot);
-    println!("{}", banner(listener.local_addr().unwrap_or(listen), &gateway));
-    server::serve(Arc::clone(&gateway), listener, shutdown).await;
+    let listener = server::bind(snapshot.server.listen).await.map_err(DemoError::Listen)?;
+    // Metrics and the admin API on a port of their own choosing: a demo must not fail for a
+    // busy 9090 (a local Prometheus).
+    let admin = TcpListener::bind("127.0.0.1:0").await.map_err(DemoError::Listen)?;
+    let running = nimgate::start(Launch { listeners: Some((listener, admin)), ..Launch::new(snapshot) })
+        .await
+        .map_err(DemoError::Listen)?;
+    println!("{}", banner(running.addr(), running.admin_addr(), running.gateway()));
+    shutdown.await;
+    running.shutdown().await;
     drop(sims);
     Ok(())
 }
 
-fn banner(addr: SocketAddr, gateway: &Gateway) -> String {
+fn banner(addr: SocketAddr, admin: SocketAddr, gateway: &Gateway) -> String {
     let snapshot = gateway.snapshot();
     let backends: Vec<String> = snapshot.backends.iter().map(|b| format!("{} {}", b.name, b.url)).collect();
     let routes: Vec<String> = snapshot.routes.iter().map(|r| r.pattern.as_str().to_owned()).collect();
@@ -109,6 +113,7 @@ nimgate demo is running: the gateway in front of two simulated NIMs.
   API key    {DEMO_KEY}   (and {DEMO_KEY_META_ONLY}: meta/* and llama only)
   backends   {backends}
   routes     {routes}
+  metrics    http://{admin}/metrics   (and /admin/backends, /admin/config)
 
 Try it:
 
@@ -158,7 +163,7 @@ mod tests {
 
     #[test]
     fn demo_keys_match_the_digests_in_demo_yaml() {
-        assert!(DEMO_CONFIG.contains(&crate::auth::digest_hex(DEMO_KEY)));
-        assert!(DEMO_CONFIG.contains(&crate::auth::digest_hex(DEMO_KEY_META_ONLY)));
+        assert!(DEMO_CONFIG.contains(&nimgate::auth::digest_hex(DEMO_KEY)));
+        assert!(DEMO_CONFIG.contains(&nimgate::auth::digest_hex(DEMO_KEY_META_ONLY)));
     }
 }

@@ -1,17 +1,18 @@
 //! The `nimgate` command line: run the gateway, check a config, hash a key, run the demo.
-//! The only place `anyhow` appears: everything below returns typed errors.
+//! The only place `anyhow` appears: the library returns typed errors. What only the binary
+//! needs lives here too: the allocator, and the demo's simulated NIMs (`demo`).
+
+mod demo;
 
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nimgate::config::{self, EnvSource, LogFormat, LoggingSettings, Snapshot};
-use nimgate::reload::{self, Reloader, Trigger};
-use nimgate::{Gateway, auth, demo, server};
+use nimgate::{Launch, auth, reload};
 
 /// mimalloc: measurably cheaper than glibc's malloc for the many small, short-lived
 /// allocations of a proxy (see benches/RESULTS.md), and it returns memory to the OS.
@@ -112,7 +113,7 @@ fn summary(snapshot: &Snapshot) -> String {
         if snapshot.server.allow_anonymous { ", anonymous access ON" } else { "" }
     )];
     for route in snapshot.routes.iter() {
-        let names = |backends: &[std::sync::Arc<nimgate::pool::Backend>]| {
+        let names = |backends: &[std::sync::Arc<nimgate::upstream::Backend>]| {
             backends.iter().map(|b| b.name.to_string()).collect::<Vec<_>>().join(", ")
         };
         let mut line = format!("  {} -> [{}]", route.pattern.as_str(), names(route.pool.primary()));
@@ -142,72 +143,15 @@ fn hash_key(key: Option<String>) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode> {
-    // Taken over first: until a handler is registered, SIGHUP's default action ends the
-    // process, and a config-reloader sidecar may send one as soon as the pod starts.
-    let hangups = hangup_signals();
-    let listen = snapshot.server.listen;
-    if snapshot.server.allow_anonymous {
-        tracing::warn!("server.allow_anonymous is on: requests without a known key are served");
-    }
-    let admin_listen = snapshot.server.admin_listen;
-    let listener = server::bind(listen).await?;
-    let admin_listener = server::bind(admin_listen).await?;
-    tracing::info!(
-        config = %path.display(), %listen, %admin_listen, tls = snapshot.server.tls.is_some(),
-        backends = snapshot.backends.len(), routes = snapshot.routes.len(), keys = snapshot.keys.len(),
-        "nimgate listening"
-    );
-    let gateway = Gateway::new(snapshot);
-    let reloader = Reloader::new(Arc::clone(&gateway), path.to_path_buf(), EnvSource::Process);
-    // The admin listener answers until the process exits, drain included.
-    let _admin = nimgate::admin::AdminHandle::spawn(Arc::clone(&gateway), admin_listener, Some(Arc::clone(&reloader)))?;
-    let _watch = match reload::watch(Arc::clone(&reloader)) {
-        Ok(watch) => Some(watch),
-        Err(e) => {
-            tracing::warn!(error = %e, config = %path.display(), "cannot watch the config file; reload with SIGHUP or POST /admin/reload");
-            None
-        }
-    };
-    let _sighup = tokio::spawn(reload_on_sighup(hangups, reloader));
-    server::serve(gateway, listener, shutdown_signal()).await;
+    let launch =
+        Launch { snapshot, source: Some((path.to_path_buf(), EnvSource::Process)), sighup: true, listeners: None };
+    nimgate::run(launch, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     demo::run(listen, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = Option<()>;
-
-/// SIGHUP, handled from now on.
-fn hangup_signals() -> Hangups {
-    #[cfg(unix)]
-    {
-        let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        if signals.is_err() {
-            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
-        }
-        signals.ok()
-    }
-    #[cfg(not(unix))]
-    None
-}
-
-/// Reloads the configuration on every SIGHUP.
-async fn reload_on_sighup(hangups: Hangups, reloader: Arc<Reloader>) {
-    #[cfg(unix)]
-    if let Some(mut hangups) = hangups {
-        while hangups.recv().await.is_some() {
-            // Problems are logged and counted by `reload`.
-            let _ = reloader.reload(Trigger::Signal).await;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = (hangups, reloader);
 }
 
 /// Completes on SIGINT or SIGTERM.

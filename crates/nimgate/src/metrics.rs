@@ -19,8 +19,6 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::config::Snapshot;
-
 /// Label value for "none" (no route, no backend, no key yet).
 pub const NONE: &str = "-";
 
@@ -33,6 +31,14 @@ const DURATION_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30
 const GAP_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 /// Waiting for a backend with room: up to the longest sensible queue timeout.
 const QUEUE_BUCKETS: &[f64] = &[0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// A backend's state gauges, read from it when scraped (costing the request path nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct BackendGauges<'a> {
+    pub name: &'a str,
+    pub in_flight: u32,
+    pub in_rotation: bool,
+}
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -179,12 +185,6 @@ impl Metrics {
         )
     }
 
-    /// Tokens of one answer.
-    pub fn tokens(&self, model: &str, key: &str, prompt: u64, completion: u64) {
-        with_series(self.id, 5, &self.tokens, &[model, key, "prompt"], |c: &IntCounter| c.inc_by(prompt));
-        with_series(self.id, 5, &self.tokens, &[model, key, "completion"], |c: &IntCounter| c.inc_by(completion));
-    }
-
     // Error paths: rare, so the family's own lookup is fine.
 
     pub fn upstream_error(&self, backend: &str, kind: &str) {
@@ -199,8 +199,8 @@ impl Metrics {
         self.rate_limited.with_label_values(&[key, limit]).inc();
     }
 
-    /// The exposition in Prometheus' text format, with the backends of `snapshot` read now.
-    pub fn render(&self, snapshot: &Snapshot) -> String {
+    /// The exposition in Prometheus' text format, with the backends' gauges as read now.
+    pub fn render<'a>(&self, backends: impl IntoIterator<Item = BackendGauges<'a>>) -> String {
         let mut families = self.registry.gather();
         let inflight = IntGaugeVec::new(
             Opts::new("nimgate_inflight_requests", "Requests in flight to a backend now, answers streaming included."),
@@ -215,12 +215,9 @@ impl Metrics {
             &["backend"],
         )
         .expect("valid");
-        let mut now = None;
-        for backend in &snapshot.backends {
-            let name = backend.name.as_str();
-            inflight.with_label_values(&[name]).set(i64::from(backend.state.inflight()));
-            let in_rotation = !backend.state.is_out(&mut now);
-            healthy.with_label_values(&[name]).set(i64::from(in_rotation));
+        for backend in backends {
+            inflight.with_label_values(&[backend.name]).set(i64::from(backend.in_flight));
+            healthy.with_label_values(&[backend.name]).set(i64::from(backend.in_rotation));
         }
         families.extend(inflight.collect());
         families.extend(healthy.collect());
@@ -347,14 +344,8 @@ where
 mod tests {
     use super::*;
 
-    fn snapshot() -> Snapshot {
-        let raw: crate::config::RawConfig = serde_json::from_value(serde_json::json!({
-            "server": { "allow_anonymous": true },
-            "backends": [{ "name": "gpu", "url": "http://127.0.0.1:1" }],
-            "routes": [{ "model": "m", "backends": ["gpu"] }],
-        }))
-        .unwrap();
-        crate::config::validate(&raw, &crate::config::EnvSource::Map(Default::default())).unwrap()
+    fn gpu() -> [BackendGauges<'static>; 1] {
+        [BackendGauges { name: "gpu", in_flight: 0, in_rotation: true }]
     }
 
     #[test]
@@ -364,8 +355,10 @@ mod tests {
         metrics.request("m", "gpu", "team-a", 200);
         metrics.request("m", "gpu", "team-a", 200);
         metrics.ttfb("m", "gpu").observe(0.02);
-        metrics.tokens("m", "team-a", 10, 5);
-        let text = metrics.render(&snapshot());
+        let (prompt, completion) = metrics.token_counters("m", "team-a");
+        prompt.inc_by(10);
+        completion.inc_by(5);
+        let text = metrics.render(gpu());
         for line in [
             "nimgate_config_reloads_total{result=\"ok\"} 1",
             "nimgate_config_reloads_total{result=\"error\"} 0",
@@ -386,7 +379,7 @@ mod tests {
         a.request("m", "gpu", "k", 200);
         b.request("m", "gpu", "k", 200);
         b.request("m", "gpu", "k", 200);
-        assert!(a.render(&snapshot()).contains("code=\"200\",key=\"k\",model=\"m\"} 1"));
-        assert!(b.render(&snapshot()).contains("code=\"200\",key=\"k\",model=\"m\"} 2"));
+        assert!(a.render(gpu()).contains("code=\"200\",key=\"k\",model=\"m\"} 1"));
+        assert!(b.render(gpu()).contains("code=\"200\",key=\"k\",model=\"m\"} 2"));
     }
 }

@@ -15,8 +15,9 @@ use tokio::task::JoinSet;
 use crate::api::Endpoint;
 use crate::auth::Key;
 use crate::config::Snapshot;
-use crate::pool::Backend;
-use crate::proxy::forward;
+use crate::upstream::Backend;
+use crate::upstream::headers::{self, X_REQUEST_ID};
+use crate::upstream::send_one;
 
 /// How long backend model lists are reused.
 const CACHE_TTL: Duration = Duration::from_secs(10);
@@ -123,11 +124,11 @@ struct ModelEntry {
 
 /// The ids a backend lists; empty (and logged) when it cannot say in time.
 async fn fetch_models(backend: &Backend, request_id: HeaderValue) -> Vec<String> {
-    let mut headers = HeaderMap::new();
-    headers.insert(forward::X_REQUEST_ID, request_id);
-    let request = forward::build(backend, Endpoint::Models, headers, Bytes::new());
+    let mut ours = HeaderMap::new();
+    ours.insert(X_REQUEST_ID, request_id);
+    let request = headers::request(backend, Endpoint::Models, ours, Bytes::new());
     let fetch = async {
-        let (response, _lease) = forward::send_one(backend, request, None).await.map_err(|e| e.to_string())?;
+        let (response, _lease) = send_one(backend, request, None).await.map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("status {}", response.status()));
         }

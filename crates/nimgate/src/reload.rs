@@ -203,6 +203,40 @@ impl Reloader {
     }
 }
 
+/// SIGHUP, taken over from now on (its default action ends the process).
+#[cfg(unix)]
+pub type Hangups = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+pub type Hangups = ();
+
+/// SIGHUP, handled from now on; `None` where it cannot be (logged).
+pub fn hangup_signals() -> Option<Hangups> {
+    #[cfg(unix)]
+    {
+        let signals = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+        if signals.is_err() {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+        }
+        signals.ok()
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads the configuration on every SIGHUP.
+pub async fn on_sighup(hangups: Hangups, reloader: Arc<Reloader>) {
+    #[cfg(unix)]
+    {
+        let mut hangups = hangups;
+        while hangups.recv().await.is_some() {
+            // Problems are logged and counted by `reload`.
+            let _ = reloader.reload(Trigger::Signal).await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, reloader);
+}
+
 /// Watches the config file's directory and reloads after changes, until dropped.
 pub struct FileWatch {
     task: JoinHandle<()>,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::glob::ModelPattern;
-use crate::pool::Pool;
+use crate::upstream::Pool;
 
 /// One `routes[]` entry: which models it serves, the pool that serves them, and the model
 /// name the backends know them by.
@@ -121,7 +121,7 @@ mod tests {
                 .map(|p| {
                     Arc::new(Route {
                         pattern: ModelPattern::parse(p).unwrap(),
-                        pool: Pool::new(Vec::new(), Vec::new(), &crate::pool::Balancing::default()),
+                        pool: Pool::new(Vec::new(), Vec::new(), &crate::upstream::Balancing::default()),
                         upstream_model: None,
                     })
                 })

@@ -9,7 +9,11 @@ use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::proxy::client::crypto_provider;
+/// The rustls crypto provider nimgate uses everywhere, listener and backends alike (ring: no C
+/// toolchain beyond cc).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
 
 /// The listener's rustls configuration, offering h2 and HTTP/1.1 by ALPN.
 pub fn server_config(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsFileError> {

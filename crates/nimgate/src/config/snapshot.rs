@@ -9,8 +9,8 @@ use std::time::Duration;
 use rustls::ServerConfig;
 
 use crate::auth::KeyTable;
-use crate::pool::{Backend, Balancing};
 use crate::routing::RouteTable;
+use crate::upstream::{Backend, Balancing};
 
 /// One consistent set of rules.
 #[derive(Debug)]

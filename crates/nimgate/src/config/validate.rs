@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
@@ -22,13 +21,12 @@ use super::snapshot::{
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
-use crate::pool::state::EjectionPolicy;
-use crate::pool::{
-    Backend, BackendName, Balancing, EndpointUris, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool, Timeouts,
-};
-use crate::proxy::client;
 use crate::routing::{Route, RouteTable, UpstreamModel};
 use crate::tls::{self, TlsFileError};
+use crate::upstream::registry::{self, BackendSettings, BuildError};
+use crate::upstream::{
+    Backend, BackendName, Balancing, EjectionPolicy, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool, Timeouts,
+};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -54,8 +52,8 @@ pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigErro
     validate_after(raw, env, None)
 }
 
-/// Validates `raw` to replace `previous`: a backend whose configuration is unchanged is the
-/// same backend, kept with its connection pool, health, ejection state and in-flight count.
+/// Validates `raw` to replace `previous`: its backends keep their live parts where their
+/// settings allow (`upstream::registry`).
 pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
     let mut v = Validator { problems: Vec::new(), env, previous };
     let server = v.server(&raw.server);
@@ -139,7 +137,6 @@ impl Validator<'_> {
         LoggingSettings { format, level }
     }
 
-    /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
     fn balancing(&mut self, raw: &RawBalancing) -> Balancing {
         let d = Balancing::default();
         let max_attempts = raw.max_attempts.unwrap_or(d.max_attempts);
@@ -169,6 +166,7 @@ impl Validator<'_> {
         }
     }
 
+    /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
     fn backends(&mut self, raw: &[RawBackend], balancing: &Balancing) -> Vec<Option<Arc<Backend>>> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
@@ -241,34 +239,12 @@ impl Validator<'_> {
         if self.problems.len() > before {
             return None;
         }
-        let identity = identity(&b.url, auth.as_ref(), extra_ca.as_deref(), &timeouts);
-        let fingerprint = fingerprint(&identity, b, &balancing.ejection);
-        let previous = self.previous.and_then(|p| p.backends.iter().find(|old| old.name.as_str() == b.name));
-        if let Some(same) = previous.filter(|old| old.fingerprint == fingerprint) {
-            return Some(Arc::clone(same));
-        }
-        // Only its tuning changed: the same server, its connections, in-flight count, ejection
-        // and health carry over (so a new weight does not overshoot max_concurrency).
-        let carried = previous.filter(|old| old.identity == identity);
-        let client = match carried {
-            Some(old) => Some(old.client.clone()),
-            None => base.as_ref().and_then(|base| {
-                let field = if base.scheme_str() == Some("https") { "ca_file" } else { "url" };
-                client::build(base, timeouts.connect, extra_ca.as_deref())
-                    .map_err(|e| self.problem(format!("{at}.{field}"), e))
-                    .ok()
-            }),
-        };
-        let uris = EndpointUris::new(&base?)
-            .map_err(|e| self.problem(format!("{at}.url"), format!("cannot append API paths: {e}")))
-            .ok()?;
-        Some(Arc::new(Backend {
-            fingerprint,
-            identity,
+        let settings = BackendSettings {
             name: BackendName::new(&b.name),
             url: b.url.clone(),
-            uris,
+            base: base?,
             auth,
+            extra_ca,
             weight,
             max_concurrency: b.max_concurrency,
             stream_usage: b.stream_usage.unwrap_or(true),
@@ -276,10 +252,14 @@ impl Validator<'_> {
             load_metrics,
             timeouts,
             ejection: balancing.ejection,
-            client: client?,
-            state: carried.map_or_else(Arc::default, |old| Arc::clone(&old.state)),
-            probes_started: AtomicBool::new(false),
-        }))
+        };
+        let in_force = self.previous.map_or(&[][..], |p| &p.backends[..]);
+        registry::build(settings, in_force)
+            .map_err(|e| match e {
+                BuildError::Url(message) => self.problem(format!("{at}.url"), message),
+                BuildError::CaFile(message) => self.problem(format!("{at}.ca_file"), message),
+            })
+            .ok()
     }
 
     fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {
@@ -601,37 +581,6 @@ impl Validator<'_> {
             }
         }
     }
-}
-
-/// What makes a backend the same backend across reloads: its identity (below), its settings
-/// as written and the ejection policy it applies.
-fn fingerprint(identity: &[u8; 32], raw: &RawBackend, ejection: &EjectionPolicy) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(identity);
-    hash.update(serde_json::to_vec(raw).unwrap_or_default());
-    hash.update(format!("{ejection:?}"));
-    hash.finalize().into()
-}
-
-/// What makes a backend the same server reached the same way: its URL, the credential and CA
-/// certificates its settings resolved to, and its timeouts.
-fn identity(
-    url: &str,
-    auth: Option<&HeaderValue>,
-    extra_ca: Option<&[rustls::pki_types::CertificateDer<'static>]>,
-    timeouts: &Timeouts,
-) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    hash.update(url);
-    hash.update([0]);
-    hash.update(auth.map_or(&[][..], HeaderValue::as_bytes));
-    for cert in extra_ca.unwrap_or_default() {
-        hash.update(cert.as_ref());
-    }
-    hash.update(format!("{timeouts:?}"));
-    hash.finalize().into()
 }
 
 /// A humane duration (`250ms`, `5s`, `2m`, `1h 30m`) that is not zero.

@@ -14,7 +14,7 @@ use governor::{Quota as GovernorQuota, RateLimiter};
 
 use super::bucket::TokenBucket;
 use super::quota::{Quota, Window};
-use super::store::{Decision, LimitKind, RateLimitStore};
+use super::{Decision, LimitKind};
 use crate::auth::{KeyName, Limits};
 
 /// The burst of a request limit: ten seconds' worth of the per-minute rate (at least 1). A
@@ -172,12 +172,15 @@ impl MemoryStore {
     }
 }
 
-impl RateLimitStore for MemoryStore {
-    async fn admit(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
+impl MemoryStore {
+    /// Admits one request of `key` whose token estimate is `tokens` (ignored without a token
+    /// limit), reserving the tokens; or refuses it without consuming anything.
+    pub fn admit(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
         self.decide(key, limits, tokens)
     }
 
-    async fn peek(&self, key: &KeyName, limits: &Limits) -> Quota {
+    /// The key's quota now, consuming nothing (for responses refused before admission).
+    pub fn peek(&self, key: &KeyName, limits: &Limits) -> Quota {
         let state = self.state(key, limits);
         let now = Instant::now();
         let tokens =
@@ -185,7 +188,8 @@ impl RateLimitStore for MemoryStore {
         Quota { requests: state.requests.as_ref().map(RequestLimit::peek), tokens }
     }
 
-    fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
+    /// Replaces a reservation with the tokens really used.
+    pub fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
         let state = self.state(key, limits);
         if let Some(bucket) = &state.tokens {
             if let Ok(mut bucket) = bucket.lock() {
@@ -194,7 +198,8 @@ impl RateLimitStore for MemoryStore {
         }
     }
 
-    fn retain(&self, keep: &dyn Fn(&KeyName) -> bool) {
+    /// Forgets keys not in `keep` (state of removed keys must not pile up across reloads).
+    pub fn retain(&self, keep: &dyn Fn(&KeyName) -> bool) {
         self.keys.retain(|key, _| keep(key));
     }
 }

@@ -1,30 +1,66 @@
 //! Request and token limits per key. `Limiter::admit` decides before a request goes upstream
-//! (reserving its token estimate), and the `Permit` it returns settles the reservation with
-//! the real usage when the answer ends. State lives in a `RateLimitStore`, by key name, outside
-//! the config snapshot, so reloads keep every unchanged key's budget.
+//! (reserving its token estimate) and refuses with its own `Refused`; the `Permit` it returns
+//! settles the reservation with the real usage when the answer ends. State lives in a store, by
+//! key name, outside the config snapshot, so reloads keep every unchanged key's budget.
 
 mod bucket;
 mod memory;
 mod quota;
-mod store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use bucket::TokenBucket;
 pub use memory::{MemoryStore, request_burst};
 pub use quota::{Quota, Window, openai_duration, retry_after_secs};
-pub use store::{Decision, LimitKind, RateLimitStore};
 
 use crate::auth::{Key, KeyName, Limits};
-use crate::error::GatewayError;
+
+/// Which of a key's limits refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    Requests,
+    Tokens,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Tokens => "tokens",
+        }
+    }
+}
+
+/// A store's answer to one admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Admitted; `reserved` tokens are held until the request settles.
+    Admitted { reserved: u64, quota: Quota },
+    /// Refused by `limit`; admission is possible again after `retry_after`.
+    Refused { limit: LimitKind, retry_after: Duration, quota: Quota },
+}
+
+/// A request refused by one of its key's limits: 429 with `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub limit: LimitKind,
+    /// The refusing limit's size.
+    pub per_minute: u64,
+    /// Until the limit would admit this request.
+    pub retry_after: Duration,
+    /// Where the key's limits stand, for its headers.
+    pub quota: Quota,
+}
 
 /// The limiter of the running gateway.
 pub struct Limiter {
     store: Store,
 }
 
-/// The configured store. An enum rather than a trait object so that the request path makes
-/// no allocation and no dynamic call to reach it.
+/// Where limiter state lives. An enum rather than a trait object so that the request path
+/// makes no allocation and no dynamic call to reach it; each store answers the same four calls
+/// (admit, peek, settle, retain). A shared store for several replicas is #15.
 enum Store {
     Memory(MemoryStore),
 }
@@ -52,13 +88,14 @@ pub struct Admission {
 }
 
 impl Limiter {
-    /// Admits one request of `key` estimated at `tokens`, or refuses it with 429.
-    pub async fn admit(self: &Arc<Self>, key: &Key, tokens: u64) -> Result<Option<Admission>, GatewayError> {
+    /// Admits one request of `key` estimated at `tokens`, or refuses it. A key without limits
+    /// is admitted without a look at the store.
+    pub async fn admit(self: &Arc<Self>, key: &Key, tokens: u64) -> Result<Option<Admission>, Refused> {
         if key.limits.is_unlimited() {
             return Ok(None);
         }
         let decision = match &self.store {
-            Store::Memory(store) => store.admit(&key.name, &key.limits, tokens).await,
+            Store::Memory(store) => store.admit(&key.name, &key.limits, tokens),
         };
         match decision {
             Decision::Admitted { reserved, quota } => {
@@ -75,7 +112,7 @@ impl Limiter {
                     LimitKind::Requests => key.limits.requests_per_minute,
                     LimitKind::Tokens => key.limits.tokens_per_minute,
                 };
-                Err(GatewayError::RateLimited { limit, per_minute: per_minute.unwrap_or(0), retry_after, quota })
+                Err(Refused { limit, per_minute: per_minute.unwrap_or(0), retry_after, quota })
             }
         }
     }
@@ -86,7 +123,7 @@ impl Limiter {
             return None;
         }
         Some(match &self.store {
-            Store::Memory(store) => store.peek(&key.name, &key.limits).await,
+            Store::Memory(store) => store.peek(&key.name, &key.limits),
         })
     }
 

@@ -8,11 +8,13 @@
 //! - a broken stream made detectable: once bytes went out the status cannot change, so when
 //!   an SSE answer's upstream resets, stalls or closes without `data: [DONE]`, the client gets
 //!   one final `data: {"error": ...}` event in OpenAI's shape and the stream ends without
-//!   `[DONE]`. A broken JSON answer ends with an error, which aborts the connection.
+//!   `[DONE]`. A broken JSON answer ends with an error, which aborts the connection. Either
+//!   way the backend hears of it (`Backend::observe`), as it does of a failed request.
 //!
 //! Dropping the body (the client left) drops the upstream body, which closes the upstream
 //! connection so the backend stops generating.
 
+pub mod meter;
 pub mod usage;
 
 use std::future::Future;
@@ -22,19 +24,22 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Response;
+use http::header::CONTENT_TYPE;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use prometheus::{Histogram, IntCounter};
+use prometheus::Histogram;
 use tokio::time::{Instant, Sleep};
 
-use crate::access::{AccessRecord, Ending};
-use crate::error::root_cause;
+use crate::error::GatewayError;
+use crate::exchange::{Ending, Exchange};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
-use crate::pool::Slot;
-use crate::pool::state::FailureKind;
-use crate::proxy::connections::Lease;
-use usage::{ContentCounter, UsageEventStripper, UsageScanner};
+use crate::request::TokenEstimate;
+use crate::upstream::headers::strip_response_headers;
+use crate::upstream::{Answer, FailureKind, Lease, Outcome, Slot, root_cause};
+pub use meter::Meter;
+use meter::Metering;
 
 /// Why an answer's body ended early, as the client's connection sees it.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,6 +72,56 @@ pub struct Forwarding {
     pub deadline: Option<Instant>,
     /// Where the answer's duration, chunk gaps and failures are recorded.
     pub observe: Observe,
+}
+
+/// Where an answer comes from, for its metering and metric labels.
+#[derive(Debug, Clone, Copy)]
+pub struct Origin<'a> {
+    pub metrics: &'a Arc<Metrics>,
+    /// The route's model pattern and the key's name: labels from the configuration only.
+    pub model: &'a str,
+    pub key: &'a str,
+    /// When the request arrived.
+    pub started: Instant,
+    /// The client asked for a stream.
+    pub stream: bool,
+    pub estimate: TokenEstimate,
+}
+
+/// The answer to pass back: the upstream's head (hop-by-hop headers removed) and its body
+/// forwarded frame by frame, holding the backend's slot to the last byte, metered (settling
+/// `permit` with the real usage) and timed.
+pub fn forward(answer: Answer, permit: Option<Permit>, origin: Origin<'_>) -> Response<ResponseBody> {
+    let Answer { slot, response, lease, usage_requested, deadline, .. } = answer;
+    let Origin { metrics, model, key, started, stream, estimate } = origin;
+    let backend = slot.backend();
+    let label = backend.name.as_str();
+    let success = response.status().is_success();
+    let sse = success && is_event_stream(response.headers());
+    let observe = Observe {
+        metrics: Arc::clone(metrics),
+        started,
+        first_byte: Some(metrics.ttfb(model, label)),
+        duration: Some(metrics.duration(model, label)),
+        chunk_gap: sse.then(|| metrics.chunk_gap(model, label)),
+    };
+    let meter = (permit.is_some() || success).then(|| Meter {
+        permit,
+        tokens: success.then(|| metrics.token_counters(model, key)),
+        success,
+        stream,
+        strip_usage_event: usage_requested,
+        prompt_estimate: estimate.prompt,
+    });
+    let idle_timeout = backend.timeouts.idle;
+    let forwarding = Forwarding { meter, sse, idle_timeout, deadline, observe, slot: Some(slot), lease };
+    let mut response = response.map(|upstream| ResponseBody::upstream(upstream, forwarding));
+    strip_response_headers(response.headers_mut());
+    response
+}
+
+fn is_event_stream(headers: &http::HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// The metric series one answer records into, resolved once when its head arrives.
@@ -110,20 +165,26 @@ impl ResponseBody {
         Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))) }
     }
 
-    /// Hands the request's access record to an upstream body, which writes it at its end
-    /// (with the time to its first body byte); gives it back for any other body, whose request
-    /// is over now.
-    pub fn attach_access(&mut self, mut access: AccessRecord) -> Option<AccessRecord> {
+    /// Hands the request's record to an upstream body, which finishes it at its end (with the
+    /// time to its first body byte); gives it back for any other body, whose request is over
+    /// now.
+    pub fn carry(&mut self, mut exchange: Exchange) -> Option<Exchange> {
         match &mut self.kind {
             Kind::Upstream(forwarded) => {
-                *forwarded.as_mut().project().access = Some(access);
+                *forwarded.as_mut().project().exchange = Some(exchange);
                 None
             }
             Kind::Full(_) => {
-                access.ttfb = Some(access.started.elapsed());
-                Some(access)
+                exchange.ttfb = Some(exchange.started.elapsed());
+                Some(exchange)
             }
         }
+    }
+}
+
+impl From<Bytes> for ResponseBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::full(bytes)
     }
 }
 
@@ -174,7 +235,7 @@ pin_project_lite::pin_project! {
         deadline: Option<Instant>,
         last_frame: Instant,
         observe: Observe,
-        access: Option<AccessRecord>,
+        exchange: Option<Exchange>,
         // Body bytes sent to the client.
         bytes: u64,
         // How the answer ended, for the access log, and why when it broke.
@@ -199,8 +260,8 @@ pin_project_lite::pin_project! {
             });
             let ending =
                 Ending { tokens, bytes: *this.bytes, outcome: this.outcome, cause: this.cause.as_deref(), error: None };
-            match this.access.take() {
-                Some(access) => access.write(&ending),
+            match this.exchange.take() {
+                Some(exchange) => exchange.finish(&ending),
                 None if this.cause.is_some() => {
                     tracing::warn!(outcome = *this.outcome, cause = ?this.cause, "answer broken after its head was sent");
                 }
@@ -241,7 +302,6 @@ impl Tail {
 /// How an upstream answer broke.
 struct Broken {
     kind: FailureKind,
-    code: &'static str,
     message: String,
 }
 
@@ -262,7 +322,7 @@ impl Forwarded {
             deadline: f.deadline,
             last_frame: now,
             observe: f.observe,
-            access: None,
+            exchange: None,
             bytes: 0,
             outcome: "client left",
             cause: None,
@@ -290,8 +350,8 @@ impl Forwarded {
                         if let Some(first_byte) = this.observe.first_byte.take() {
                             first_byte.observe(ttfb.as_secs_f64());
                         }
-                        if let Some(access) = this.access.as_mut() {
-                            access.ttfb = Some(ttfb);
+                        if let Some(exchange) = this.exchange.as_mut() {
+                            exchange.ttfb = Some(ttfb);
                         }
                     }
                     *this.last_frame = now;
@@ -324,12 +384,10 @@ impl Forwarded {
                 }
                 Poll::Ready(None) => Broken {
                     kind: FailureKind::StreamBroken,
-                    code: "upstream_unavailable",
                     message: "the backend closed the stream before it was complete".into(),
                 },
                 Poll::Ready(Some(Err(e))) => Broken {
                     kind: FailureKind::Reset,
-                    code: "upstream_unavailable",
                     message: format!("the backend's stream broke: {}", root_cause(&e)),
                 },
                 Poll::Pending => {
@@ -347,7 +405,7 @@ impl Forwarded {
                     } else {
                         format!("the backend sent nothing for {}", humantime::format_duration(*this.idle_timeout))
                     };
-                    Broken { kind: FailureKind::Timeout, code: "upstream_timeout", message }
+                    Broken { kind: FailureKind::Timeout, message }
                 }
             };
             *this.ended = true;
@@ -356,151 +414,22 @@ impl Forwarded {
             if let Some(metering) = this.metering.as_mut() {
                 metering.settle();
             }
-            let backend = this.slot.take();
-            let backend_name = backend.as_ref().map_or("-", |s| s.backend().name.as_str());
-            this.observe.metrics.upstream_error(backend_name, broken.kind.as_str());
+            // The backend hears of it as of a failed request: counted, and ejected and
+            // logged when it keeps failing.
+            if let Some(slot) = this.slot.take() {
+                let outcome = Outcome::Failed { kind: broken.kind, cause: &broken.message };
+                slot.backend().observe(outcome, &this.observe.metrics);
+            }
             // Logged once, in the request's access line, with this cause.
             *this.cause = Some(broken.message.clone());
-            if let Some(slot) = &backend {
-                slot.backend().state.record_failure(broken.kind, &broken.message, &slot.backend().ejection);
-            }
             if *this.sse {
-                let event = error_event(broken.code, &broken.message);
+                let timed_out = broken.kind == FailureKind::Timeout;
+                let event = GatewayError::AnswerBroken { timed_out, message: broken.message }.sse_event();
                 *this.bytes += event.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(event))));
             }
             return Poll::Ready(Some(Err(broken.message.into())));
         }
-    }
-}
-
-/// The final event of a broken stream, in the shape OpenAI's SDKs raise as an API error.
-fn error_event(code: &str, message: &str) -> Bytes {
-    let event = serde_json::json!({
-        "error": { "message": message, "type": "server_error", "code": code, "param": null }
-    });
-    Bytes::from(format!("data: {event}\n\n"))
-}
-
-static DONE_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"[DONE]"));
-
-/// How one answer is metered.
-#[derive(Debug)]
-pub struct Meter {
-    /// The key's token reservation, when it has a token limit.
-    pub permit: Option<Permit>,
-    /// `tokens_total` of the route model and key: prompt, completion.
-    pub tokens: Option<(IntCounter, IntCounter)>,
-    /// The upstream answered 2xx (an error answer costs no tokens).
-    pub success: bool,
-    /// The answer is an SSE stream.
-    pub stream: bool,
-    /// nimgate added `stream_options.include_usage`, so the usage event is not the client's.
-    pub strip_usage_event: bool,
-    /// The prompt's share of the admission estimate, for answers without reported usage.
-    pub prompt_estimate: u64,
-}
-
-#[derive(Debug)]
-struct Metering {
-    permit: Option<Permit>,
-    tokens: Option<(IntCounter, IntCounter)>,
-    settled: bool,
-    /// Prompt and completion tokens, once settled (successful answers).
-    counted: Option<(u64, u64)>,
-    success: bool,
-    prompt_estimate: u64,
-    scanner: UsageScanner,
-    stripper: Option<UsageEventStripper>,
-    /// Streams only: text events seen, for an estimate when no usage arrives.
-    counter: Option<ContentCounter>,
-}
-
-impl Metering {
-    fn new(meter: Meter) -> Self {
-        Self {
-            permit: meter.permit,
-            tokens: meter.tokens,
-            settled: false,
-            counted: None,
-            success: meter.success,
-            prompt_estimate: meter.prompt_estimate,
-            scanner: UsageScanner::default(),
-            stripper: meter.strip_usage_event.then(UsageEventStripper::default),
-            counter: meter.stream.then(ContentCounter::default),
-        }
-    }
-
-    /// One frame's bytes in, the bytes to send out (empty while an event is held whole).
-    fn on_data(&mut self, data: Bytes) -> Bytes {
-        if self.success {
-            self.scanner.feed(&data);
-            match &mut self.counter {
-                Some(counter) => {
-                    counter.feed(&data);
-                    // `[DONE]` ends the stream for the client, which may send its next
-                    // request before the body formally ends.
-                    if DONE_FINDER.find(&data).is_some() {
-                        self.settle();
-                    }
-                }
-                // A JSON answer's usage is final: settle before its last bytes go out, so a
-                // client that sends its next request the moment it has read this one finds
-                // the refund already made.
-                None if self.scanner.usage().is_some() => self.settle(),
-                None => {}
-            }
-        }
-        match &mut self.stripper {
-            Some(stripper) => stripper.process(data),
-            None => data,
-        }
-    }
-
-    /// The body ended: settle, and release what the stripper still holds.
-    fn on_end(&mut self) -> Bytes {
-        self.settle();
-        self.stripper.as_mut().map(UsageEventStripper::finish).unwrap_or_default()
-    }
-
-    /// Replaces the reservation with the best count there is: reported usage, else an estimate
-    /// from the stream, else (a whole JSON answer cut short) the reservation itself.
-    fn settle(&mut self) {
-        if std::mem::replace(&mut self.settled, true) {
-            return;
-        }
-        let usage = self.scanner.usage();
-        // For metrics: the split the backend reported, else the estimate.
-        let (prompt, completion) = match (self.success, usage, &self.counter) {
-            (false, _, _) => (0, 0),
-            (true, Some(usage), _) => (usage.prompt_tokens, usage.completion_tokens),
-            (true, None, Some(counter)) => (self.prompt_estimate, counter.events()),
-            (true, None, None) => (self.prompt_estimate, 0),
-        };
-        if let Some((prompt_tokens, completion_tokens)) = &self.tokens {
-            prompt_tokens.inc_by(prompt);
-            completion_tokens.inc_by(completion);
-        }
-        if self.success {
-            self.counted = Some((prompt, completion));
-        }
-        let Some(permit) = self.permit.take() else { return };
-        let (used, source) = match (self.success, usage, &self.counter) {
-            (false, _, _) => (0, "error answer"),
-            (true, Some(usage), _) => (usage.total(), "reported"),
-            (true, None, Some(counter)) => (self.prompt_estimate + counter.events(), "estimated"),
-            (true, None, None) => (permit.reserved(), "reservation"),
-        };
-        tracing::debug!(reserved = permit.reserved(), used, source, "tokens settled");
-        permit.settle(used);
-    }
-}
-
-impl Drop for Metering {
-    fn drop(&mut self) {
-        // The client left mid-answer: charge what the backend produced until then.
-        self.settle();
     }
 }
 

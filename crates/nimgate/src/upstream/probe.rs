@@ -11,10 +11,10 @@ use bytes::Bytes;
 use http::{Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 
-use super::backend::join;
-use super::state::{FailureKind, NimLoad};
-use super::{Backend, HealthCheck, LoadMetrics};
-use crate::proxy::client::ClientError;
+use super::backend::{Backend, HealthCheck, LoadMetrics, join};
+use super::balance::random;
+use super::error::ClientError;
+use super::health::{FailureKind, NimLoad};
 
 /// A metrics page larger than this is not NIM's.
 const MAX_METRICS_BYTES: usize = 4 << 20;
@@ -52,7 +52,7 @@ async fn health_loop(backend: Weak<Backend>, check: HealthCheck, generation: u64
     let (mut passed, mut failed) = (0u32, 0u32);
     // The first probe at a random point of the first interval: backends configured together
     // do not all get probed in the same instant.
-    tokio::time::sleep(check.interval.mul_f64(super::random() as f64 / u64::MAX as f64)).await;
+    tokio::time::sleep(check.interval.mul_f64(random() as f64 / u64::MAX as f64)).await;
     loop {
         let Some(backend) = probing(&backend, generation) else { return };
         match get(&backend, &uri, check.timeout).await {
@@ -147,7 +147,7 @@ async fn get(backend: &Backend, uri: &Uri, timeout: Duration) -> Result<Bytes, S
 }
 
 fn jitter(interval: Duration) -> Duration {
-    interval.mul_f64(0.9 + 0.2 * (super::random() as f64 / u64::MAX as f64))
+    interval.mul_f64(0.9 + 0.2 * (random() as f64 / u64::MAX as f64))
 }
 
 /// NIM's load from its Prometheus page: requests running and waiting (summed over models),

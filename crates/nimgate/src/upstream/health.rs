@@ -3,6 +3,10 @@
 //! probation when it comes back), the active health check's verdict, NIM's own load figures,
 //! and the last few errors for `/admin/backends`. All lock-free on the request path; the
 //! error ring takes a lock only when something failed.
+//!
+//! Passive health has one writer, `BackendState::observe` (through `Backend::observe`): the
+//! retry loop reports each attempt's outcome there and the response body a stream that broke,
+//! so both count the error, eject and log alike.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -11,6 +15,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
 
 /// Errors kept per backend for the admin API.
 const RECENT_ERRORS: usize = 10;
@@ -105,6 +111,50 @@ impl FailureKind {
             Self::Overloaded => "overloaded",
             Self::StreamBroken => "stream_broken",
             Self::HealthCheck => "health_check",
+        }
+    }
+}
+
+/// What one exchange with a backend came to, for its passive health.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// An answer that says nothing against the backend (2xx to 4xx but 429): it is trusted
+    /// again.
+    Answered,
+    /// A connect error, reset, timeout, 5xx or broken stream: counts toward ejection.
+    Failed { kind: FailureKind, cause: &'a str },
+    /// The backend said it is overloaded (429, or 503 with `Retry-After`): out of rotation
+    /// for `out_for`.
+    Overloaded { status: Overload, out_for: Duration },
+}
+
+/// The answers by which a backend says it is overloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    TooManyRequests,
+    UnavailableWithRetryAfter,
+}
+
+impl Overload {
+    /// How the failure is counted: a 429 as overload, a 503 as a server error.
+    fn kind(self) -> FailureKind {
+        match self {
+            Self::TooManyRequests => FailureKind::Overloaded,
+            Self::UnavailableWithRetryAfter => FailureKind::Status5xx,
+        }
+    }
+
+    fn code(self) -> u16 {
+        match self {
+            Self::TooManyRequests => 429,
+            Self::UnavailableWithRetryAfter => 503,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::TooManyRequests => "answered 429 Too Many Requests",
+            Self::UnavailableWithRetryAfter => "answered 503 with Retry-After",
         }
     }
 }
@@ -258,8 +308,31 @@ impl BackendState {
         }
     }
 
+    /// What one exchange with the backend came to: the one place passive health is written,
+    /// the upstream error counted and an ejection logged, whether the retry loop saw the
+    /// outcome (an answer's head) or the answer's body did (a stream that broke).
+    pub fn observe(&self, backend: &str, policy: &EjectionPolicy, outcome: Outcome<'_>, metrics: &Metrics) {
+        match outcome {
+            Outcome::Answered => self.record_success(),
+            Outcome::Failed { kind, cause } => {
+                metrics.upstream_error(backend, kind.as_str());
+                if let Some(ejected) = self.record_failure(kind, cause, policy) {
+                    tracing::warn!(
+                        backend, ejected_for = ?ejected, failures = self.consecutive_failures(),
+                        cause, "backend ejected after consecutive failures"
+                    );
+                }
+            }
+            Outcome::Overloaded { status, out_for } => {
+                metrics.upstream_error(backend, status.kind().as_str());
+                self.eject_for(out_for, status.kind(), status.message());
+                tracing::info!(backend, ?out_for, "backend answered {}: out of rotation for a while", status.code());
+            }
+        }
+    }
+
     /// A request got a good answer: the backend is trusted again (probation passed).
-    pub fn record_success(&self) {
+    fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
         }
@@ -271,7 +344,7 @@ impl BackendState {
     /// A request failed on this backend. Returns the ejection it caused, if any. A backend
     /// back from an ejection is on probation: its failure count still stands, so one more
     /// failure ejects it again, for twice as long.
-    pub fn record_failure(&self, kind: FailureKind, message: &str, policy: &EjectionPolicy) -> Option<Duration> {
+    fn record_failure(&self, kind: FailureKind, message: &str, policy: &EjectionPolicy) -> Option<Duration> {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.remember(kind, message);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -286,7 +359,7 @@ impl BackendState {
 
     /// Takes the backend out for `duration` (an upstream's `Retry-After`), keeping a longer
     /// ejection already in force.
-    pub fn eject_for(&self, duration: Duration, kind: FailureKind, message: &str) {
+    fn eject_for(&self, duration: Duration, kind: FailureKind, message: &str) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.remember(kind, message);
         self.ejected_until.fetch_max(now_ms() + duration.as_millis() as u64, Ordering::Relaxed);

@@ -1,26 +1,53 @@
-//! The request body: read once under the size cap (refusing an oversized body by its
-//! `Content-Length` before reading a byte of it), then peeked for the few fields the gateway
-//! acts on without building a JSON tree. The same bytes are what goes upstream.
+//! The client's request as the gateway takes it in: its id (`x-request-id`), its body read
+//! once under the size cap (refusing an oversized body by its `Content-Length` before reading
+//! a byte of it), then peeked for the few fields the gateway acts on without building a JSON
+//! tree. The same bytes are what goes upstream, changed only by splices at known offsets (a
+//! route's model alias, the stream usage nimgate asks for on the client's behalf).
 
 use std::borrow::Cow;
 use std::ops::Range;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderValue};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::GatewayError;
+use crate::routing::Route;
+use crate::upstream::UpstreamBody;
+use crate::upstream::headers::X_REQUEST_ID;
 
+/// The longest client-chosen request id nimgate keeps; longer or odd ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// The client's `x-request-id` when it is sane (visible ASCII, at most 128 bytes), otherwise
+/// a new random one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    match headers.get(&X_REQUEST_ID) {
+        Some(id)
+            if !id.is_empty() && id.len() <= MAX_REQUEST_ID_LEN && id.as_bytes().iter().all(u8::is_ascii_graphic) =>
+        {
+            id.clone()
+        }
+        _ => {
+            let mut buffer = uuid::Uuid::encode_buffer();
+            let id = uuid::Uuid::new_v4().simple().encode_lower(&mut buffer);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
+        }
+    }
+}
 /// A client gets this long to send its whole body once the headers are in.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads `body` whole, refusing it with 413 once it exceeds `max_bytes`: at once when the
-/// declared `content_length` is over, or as soon as the bytes received are, without reading
+/// `Content-Length` in `headers` is over, or as soon as the bytes received are, without reading
 /// the rest into memory.
-pub async fn read_capped(body: Incoming, content_length: Option<u64>, max_bytes: u64) -> Result<Bytes, GatewayError> {
+pub async fn read_capped(body: Incoming, headers: &HeaderMap, max_bytes: u64) -> Result<Bytes, GatewayError> {
+    let content_length = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
     if content_length.is_some_and(|declared| declared > max_bytes) {
         return Err(GatewayError::RequestTooLarge { limit: max_bytes });
     }
@@ -60,6 +87,76 @@ async fn collect(mut body: Incoming, content_length: Option<u64>, max_bytes: u64
         (Some(only), None) => only,
         (None, None) => Bytes::new(),
     })
+}
+
+/// One change to a request body: the bytes at `span` replaced (an empty span inserts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Edit {
+    pub span: Range<usize>,
+    pub bytes: Bytes,
+}
+
+/// `body` with `edits` applied (non-overlapping, in any order), without re-serialising.
+pub fn splice(body: &Bytes, edits: &mut [Edit]) -> Bytes {
+    if edits.is_empty() {
+        return body.clone();
+    }
+    edits.sort_by_key(|e| e.span.start);
+    let added: usize = edits.iter().map(|e| e.bytes.len()).sum();
+    let removed: usize = edits.iter().map(|e| e.span.len()).sum();
+    let mut out = BytesMut::with_capacity(body.len() + added - removed);
+    let mut at = 0;
+    for edit in edits.iter() {
+        out.extend_from_slice(&body[at..edit.span.start]);
+        out.extend_from_slice(&edit.bytes);
+        at = edit.span.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out.freeze()
+}
+
+/// The edit that makes a streaming request ask for the final usage chunk: `stream_options`
+/// added (right after the opening brace), or set to include usage, keeping its other options.
+pub fn request_usage(body: &[u8], options: &StreamOptions) -> Edit {
+    const ADDED: &[u8] = br#""stream_options":{"include_usage":true},"#;
+    match options {
+        StreamOptions::Absent => {
+            // `peek` checked that the body is an object, so its first non-blank byte is `{`.
+            let open = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            Edit { span: open..open, bytes: Bytes::from_static(ADDED) }
+        }
+        StreamOptions::Null(span) => {
+            Edit { span: span.clone(), bytes: Bytes::from_static(br#"{"include_usage":true}"#) }
+        }
+        StreamOptions::Object { span, .. } => {
+            let mut object: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
+            object.insert("include_usage".into(), serde_json::Value::Bool(true));
+            let bytes = serde_json::to_vec(&object).unwrap_or_else(|_| br#"{"include_usage":true}"#.to_vec());
+            Edit { span: span.clone(), bytes: Bytes::from(bytes) }
+        }
+    }
+}
+
+/// What goes upstream for `head` on `route`: the body as the client sent it (the route's
+/// alias spliced in), and for a stream whose client did not ask for its usage a variant that
+/// does, for the backends that take `stream_options` (streams are counted, and token-limited
+/// ones settled, from their usage chunk, which is then kept from the client).
+pub fn outgoing(route: &Route, head: &RequestHead<'_>, body: &Bytes) -> UpstreamBody {
+    let alias =
+        route.upstream_model.as_ref().map(|alias| Edit { span: head.model_span.clone(), bytes: alias.json.clone() });
+    let plain = match &alias {
+        Some(edit) => splice(body, &mut [edit.clone()]),
+        None => body.clone(),
+    };
+    let with_usage = (head.stream && !head.wants_usage()).then(|| {
+        let usage = request_usage(body, &head.stream_options);
+        match alias {
+            Some(edit) => splice(body, &mut [edit, usage]),
+            None => splice(body, &mut [usage]),
+        }
+    });
+    UpstreamBody { plain, with_usage }
 }
 
 /// The request fields the gateway acts on, borrowed from the body.
@@ -327,5 +424,59 @@ mod tests {
             assert_eq!(full["model"].as_str().unwrap(), head.model);
             assert_eq!(full["stream"].as_bool().unwrap_or(false), head.stream);
         }
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn request_ids_are_kept_when_sane_and_generated_otherwise() {
+        assert_eq!(request_id(&map(&[("x-request-id", "abc-123")])), "abc-123");
+        let generated = request_id(&map(&[("x-request-id", &"x".repeat(200))]));
+        assert_eq!(generated.len(), 32);
+        let fresh = request_id(&HeaderMap::new());
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn splice_replaces_exactly_the_spans() {
+        let body = Bytes::from_static(br#"{"model":"alias","x":1}"#);
+        let mut edits = [
+            Edit { span: 21..22, bytes: Bytes::from_static(b"2") },
+            Edit { span: 9..16, bytes: Bytes::from_static(br#""meta/llama-3.1-8b-instruct""#) },
+            Edit { span: 1..1, bytes: Bytes::from_static(br#""a":0,"#) },
+        ];
+        let out = splice(&body, &mut edits);
+        assert_eq!(&out[..], br#"{"a":0,"model":"meta/llama-3.1-8b-instruct","x":2}"#);
+    }
+
+    fn with_usage(body: &str) -> String {
+        let head = peek(body.as_bytes()).unwrap();
+        let bytes = Bytes::copy_from_slice(body.as_bytes());
+        let out = splice(&bytes, &mut [request_usage(body.as_bytes(), &head.stream_options)]);
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn usage_is_requested_whatever_stream_options_held() {
+        assert_eq!(
+            with_usage(r#" {"model":"m","stream":true}"#),
+            r#" {"stream_options":{"include_usage":true},"model":"m","stream":true}"#
+        );
+        assert_eq!(
+            with_usage(r#"{"model":"m","stream_options":null}"#),
+            r#"{"model":"m","stream_options":{"include_usage":true}}"#
+        );
+        let kept =
+            with_usage(r#"{"model":"m","stream_options":{"continuous_usage_stats":true,"include_usage":false}}"#);
+        let value: serde_json::Value = serde_json::from_str(&kept).unwrap();
+        assert_eq!(value["stream_options"], serde_json::json!({"continuous_usage_stats":true,"include_usage":true}));
+        assert_eq!(peek(kept.as_bytes()).unwrap().model, "m");
     }
 }

@@ -1,9 +1,7 @@
 //! Backend pools: which backend of a route takes a request.
 //!
-//! - The route's own backends first, by the power of two choices: two backends drawn at random
-//!   in proportion to their `weight`, the less loaded one wins (load = requests in flight from
-//!   here plus those NIM reports waiting, per unit of weight). Two random draws instead of the
-//!   global minimum keep replicas that see the same figures from all piling onto one backend.
+//! - The route's own backends first, by the power of two choices by weight and load
+//!   (`balance`).
 //! - Backends out of rotation (ejected after failures, failing their health check) are
 //!   skipped, and so are full ones (at `max_concurrency`, or over NIM's load thresholds).
 //! - When none of them has room, the `fallback` backends in the order listed: put
@@ -12,22 +10,14 @@
 //! - When nothing has room but something is merely full, the request waits in the route's
 //!   bounded queue; when everything is out, or the queue is full or its wait is over: 503.
 
-mod backend;
-pub mod budget;
-pub mod probe;
-pub mod state;
-
-pub use backend::{Backend, BackendName, EndpointUris, HealthCheck, LoadMetrics, Timeouts};
-
-use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use budget::RetryBudget;
-
-/// Backends per route (pool and fallback together) that a request can tell apart as tried.
-pub const MAX_POOL_MEMBERS: usize = 64;
+use super::backend::Backend;
+use super::balance::{Tried, random, two_choices};
+use super::budget::RetryBudget;
+use super::health::EjectionPolicy;
 
 /// `balancing:`, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,7 +27,7 @@ pub struct Balancing {
     pub max_attempts: u32,
     pub retry_budget: f64,
     pub min_retries_per_second: u32,
-    pub ejection: state::EjectionPolicy,
+    pub ejection: EjectionPolicy,
 }
 
 impl Default for Balancing {
@@ -48,7 +38,7 @@ impl Default for Balancing {
             max_attempts: 3,
             retry_budget: 0.2,
             min_retries_per_second: 5,
-            ejection: state::EjectionPolicy::DEFAULT,
+            ejection: EjectionPolicy::DEFAULT,
         }
     }
 }
@@ -77,27 +67,16 @@ impl Slot {
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
+
+    /// Its backend's place in the pool (primary then fallback order).
+    pub fn member(&self) -> usize {
+        self.member
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.backend.state.release_slot();
-    }
-}
-
-/// Members of a pool a request has already tried (bit i: primary then fallback order).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tried(u64);
-
-impl Tried {
-    pub fn add(&mut self, slot: &Slot) {
-        if slot.member < MAX_POOL_MEMBERS {
-            self.0 |= 1 << slot.member;
-        }
-    }
-
-    fn contains(self, member: usize) -> bool {
-        member < MAX_POOL_MEMBERS && self.0 & (1 << member) != 0
     }
 }
 
@@ -203,7 +182,7 @@ impl Pool {
         let mut any_full = false;
         // A slot can be taken by another request between the choice and the take: choose again.
         for _ in 0..4 {
-            let choice = two_choices(&self.primary, tried, &mut now, &mut any_full);
+            let choice = two_choices(&self.primary, tried, &mut now, &mut any_full, &mut random);
             let Some(member) = choice else { break };
             let backend = &self.primary[member];
             if backend.state.try_take_slot(backend.max_concurrency) {
@@ -266,76 +245,13 @@ impl Drop for Leave<'_> {
     }
 }
 
-/// The power of two choices over `members` with room: two draws weighted by `weight`, the
-/// lower load score wins. Allocation-free: two passes over a short slice.
-fn two_choices(members: &[Arc<Backend>], tried: Tried, now: &mut Option<u64>, any_full: &mut bool) -> Option<usize> {
-    let mut total = 0u64;
-    let mut eligible = 0;
-    let mut last = 0;
-    for (i, b) in members.iter().enumerate() {
-        if tried.contains(i) || b.state.is_out(now) {
-            continue;
-        }
-        if !b.has_room() {
-            *any_full = true;
-            continue;
-        }
-        total += u64::from(b.weight);
-        eligible += 1;
-        last = i;
-    }
-    match eligible {
-        0 => return None,
-        1 => return Some(last),
-        _ => {}
-    }
-    let mut draw = |exclude: Option<usize>, total: u64| -> usize {
-        let mut point = random() % total;
-        for (i, b) in members.iter().enumerate() {
-            if Some(i) == exclude || tried.contains(i) || b.state.is_out(now) || !b.has_room() {
-                continue;
-            }
-            let w = u64::from(b.weight);
-            if point < w {
-                return i;
-            }
-            point -= w;
-        }
-        last
-    };
-    let a = draw(None, total);
-    let b = draw(Some(a), total - u64::from(members[a].weight));
-    Some(if members[b].load_score() < members[a].load_score() { b } else { a })
-}
-
-/// A fast thread-local xorshift generator: the balancer needs spread, not secrecy.
-pub(crate) fn random() -> u64 {
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new({
-            use std::hash::{BuildHasher, Hasher};
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_usize(&STATE as *const _ as usize);
-            h.finish() | 1
-        });
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::raw::RawBackend;
+    use crate::upstream::health::{Outcome, Overload};
 
     fn backend(name: &str, weight: u32, max: Option<u32>) -> Arc<Backend> {
-        let raw = RawBackend { name: name.into(), url: "http://127.0.0.1:1".into(), ..Default::default() };
-        let mut b = Backend::for_tests(&raw);
+        let mut b = Backend::for_tests(name, "http://127.0.0.1:1");
         b.weight = weight;
         b.max_concurrency = max;
         Arc::new(b)
@@ -388,10 +304,10 @@ mod tests {
         let p = pool(vec![backend("a", 1, None), backend("b", 1, None)], vec![]);
         let first = p.try_acquire(Tried::default()).unwrap();
         let mut tried = Tried::default();
-        tried.add(&first);
+        tried.add(first.member());
         let second = p.try_acquire(tried).unwrap();
         assert_ne!(name(&first), name(&second));
-        tried.add(&second);
+        tried.add(second.member());
         assert_eq!(p.try_acquire(tried).unwrap_err(), NoBackend::AllOut);
     }
 
@@ -402,7 +318,8 @@ mod tests {
         let held = p.try_acquire(Tried::default()).unwrap();
         assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::Full);
         drop(held);
-        a.state.eject_for(Duration::from_secs(60), state::FailureKind::Overloaded, "429");
+        let overloaded = Outcome::Overloaded { status: Overload::TooManyRequests, out_for: Duration::from_secs(60) };
+        a.observe(overloaded, &crate::metrics::Metrics::new());
         assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::AllOut);
         assert!(p.describe().contains("a ejected for"), "{}", p.describe());
     }

@@ -26,8 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::client::ClientError;
-use crate::error::root_cause;
+use super::error::{ClientError, root_cause};
 
 /// Idle connections are closed after this; NIM's own keep-alive is longer.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);

@@ -4,7 +4,6 @@
 //! and h2 or HTTP/1.1 by ALPN. Each backend has its own, so that each keeps its own
 //! connections, connect timeout and trust roots.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +18,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
 use super::connections::{Connections, Lease};
-use crate::error::root_cause;
+use super::error::{ClientError, root_cause};
+use crate::tls::crypto_provider;
 
 /// A backend's client. Request bodies are whole (`Full<Bytes>`): the gateway reads a request
 /// under its size cap before choosing where it goes. Clones share connections.
@@ -28,15 +28,6 @@ pub enum UpstreamClient {
     Http(Connections),
     /// Boxed: it is far larger than the other, and a backend holds one either way.
     Https(Box<Client<HttpsConnector<HttpConnector>, Full<Bytes>>>),
-}
-
-/// Why no response head came back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientError {
-    /// No connection could be made: the backend received nothing.
-    Connect(String),
-    /// The request was (maybe partly) sent, and the exchange failed before a response head.
-    Failed(String),
 }
 
 impl UpstreamClient {
@@ -105,11 +96,6 @@ fn https(
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .build(connector))
-}
-
-/// The rustls crypto provider nimgate uses everywhere (ring: no C toolchain beyond cc).
-pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 fn webpki_roots() -> RootCertStore {

@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use http::{HeaderValue, Uri};
 
+use super::client::UpstreamClient;
+use super::health::{BackendState, EjectionPolicy, Outcome};
 use crate::api::Endpoint;
-use crate::pool::state::{BackendState, EjectionPolicy};
-use crate::proxy::client::UpstreamClient;
+use crate::metrics::Metrics;
 
 /// A backend's configured name: unique, stable across reloads, safe for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -118,8 +119,8 @@ impl fmt::Debug for Backend {
 }
 
 impl Backend {
-    /// Whether it can take one more request now: in rotation, under its `max_concurrency`,
-    /// not full by NIM's own figures.
+    /// Whether it has room for one more request: under its `max_concurrency` and not full by
+    /// NIM's own figures. Whether it is in rotation is asked separately (`state.is_out`).
     pub fn has_room(&self) -> bool {
         self.max_concurrency.is_none_or(|max| self.state.inflight() < max) && !self.state.is_full_by_load()
     }
@@ -130,19 +131,26 @@ impl Backend {
         (u64::from(self.state.inflight()) + self.state.nim_waiting()) * 1000 / u64::from(self.weight.max(1))
     }
 
+    /// Reports what an exchange with this backend came to: its passive health, the error
+    /// counter and the ejection log line are written there and nowhere else.
+    pub fn observe(&self, outcome: Outcome<'_>, metrics: &Metrics) {
+        self.state.observe(self.name.as_str(), &self.ejection, outcome, metrics);
+    }
+
     /// The full upstream URI of `endpoint` on this backend.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
         &self.uris.0[endpoint.index()]
     }
 
+    /// A backend named `name` at `url` with default settings, for unit tests.
     #[cfg(test)]
-    pub(crate) fn for_tests(raw: &crate::config::raw::RawBackend) -> Self {
-        let base: Uri = raw.url.parse().expect("test URL");
+    pub(crate) fn for_tests(name: &str, url: &str) -> Self {
+        let base: Uri = url.parse().expect("test URL");
         Self {
             fingerprint: [0; 32],
             identity: [0; 32],
-            name: BackendName::new(&raw.name),
-            url: raw.url.clone(),
+            name: BackendName::new(name),
+            url: url.to_owned(),
             uris: EndpointUris::new(&base).expect("test URIs"),
             auth: None,
             weight: 1,
@@ -152,7 +160,7 @@ impl Backend {
             load_metrics: None,
             timeouts: Timeouts::DEFAULT,
             ejection: EjectionPolicy::DEFAULT,
-            client: crate::proxy::client::build(&base, Timeouts::DEFAULT_CONNECT, None).expect("test client"),
+            client: super::client::build(&base, Timeouts::DEFAULT_CONNECT, None).expect("test client"),
             state: Arc::default(),
             probes_started: AtomicBool::new(false),
         }
