@@ -206,9 +206,11 @@ async fn limiter_and_backend_state_survive_an_unrelated_reload() {
     let gw = gateway()
         .backend("gpu", &sim.url())
         .backend("down", &closed)
+        // `down` first, so that the first request ejects it whatever the balancer draws.
         .route_with(RawRoute {
             model: LLAMA.into(),
-            backends: vec!["down".into(), "gpu".into()],
+            backends: vec!["down".into()],
+            fallback: vec!["gpu".into()],
             ..RawRoute::default()
         })
         .key_limited("team-a", &["*"], Some(6), None) // a burst of 1, then one every 10 s
