@@ -5,7 +5,9 @@
 //! than its estimate and later requests wait until the debt is refilled. Pure arithmetic on
 //! instants passed in, so it is tested exactly.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct TokenBucket {

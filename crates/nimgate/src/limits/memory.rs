@@ -4,13 +4,14 @@
 
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota as GovernorQuota, RateLimiter};
+use tokio::time::Instant;
 
 use super::bucket::TokenBucket;
 use super::quota::{Quota, Window};
@@ -25,14 +26,26 @@ pub fn request_burst(requests_per_minute: u64) -> u32 {
     u32::try_from(requests_per_minute.div_ceil(6)).unwrap_or(u32::MAX).max(1)
 }
 
-type Gcra = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+/// Governor's time source: tokio's clock, which tests pause and advance, so that every limit
+/// here runs on one clock with the token buckets beside it.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> Self::Instant {
+        Instant::now().into_std()
+    }
+}
+
+type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
 
 struct RequestLimit {
     per_minute: u64,
     burst: u32,
     interval: Duration,
     gcra: Gcra,
-    clock: DefaultClock,
     /// Remaining burst after the last decision and when it was made, for `peek`.
     last: Mutex<(Instant, u32)>,
 }
@@ -45,13 +58,11 @@ impl RequestLimit {
         let quota = GovernorQuota::with_period(interval)
             .unwrap_or_else(|| GovernorQuota::per_second(NonZeroU32::MAX))
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        let clock = DefaultClock::default();
         Self {
             per_minute,
             burst,
             interval,
-            gcra: RateLimiter::direct_with_clock(quota, clock.clone()).with_middleware(),
-            clock,
+            gcra: RateLimiter::direct_with_clock(quota, TokioClock).with_middleware(),
             last: Mutex::new((Instant::now(), burst)),
         }
     }
@@ -78,7 +89,7 @@ impl RequestLimit {
                 if let Ok(mut last) = self.last.lock() {
                     *last = (now, 0);
                 }
-                Err(not_until.wait_time_from(self.clock.now()))
+                Err(not_until.wait_time_from(TokioClock.now()))
             }
         }
     }
@@ -227,8 +238,8 @@ mod tests {
         assert_eq!(request_burst(1), 1);
     }
 
-    #[test]
-    fn the_request_limit_admits_its_burst_then_refuses_with_the_interval() {
+    #[tokio::test(start_paused = true)]
+    async fn the_request_limit_admits_its_burst_then_refuses_with_the_interval() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
         let l = limits(Some(60), None);
@@ -242,6 +253,7 @@ mod tests {
                     retry_after <= Duration::from_secs(1) && retry_after > Duration::from_millis(900),
                     "{retry_after:?}"
                 );
+                assert_eq!(retry_after, Duration::from_secs(1), "one interval, on a clock that does not move");
                 assert_eq!(quota.requests.unwrap().remaining, 0);
                 assert_eq!(quota.requests.unwrap().limit, 60);
             }
@@ -249,6 +261,12 @@ mod tests {
         }
         // Another key is unaffected.
         admitted(store.decide(&KeyName::new("other"), &l, 0));
+        // One interval later, one more request.
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(matches!(store.decide(&key, &l, 0), Decision::Refused { .. }));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let (_, quota) = admitted(store.decide(&key, &l, 0));
+        assert_eq!(quota.requests.unwrap().remaining, 0);
     }
 
     #[test]
@@ -266,8 +284,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_token_refusal_consumes_no_request_and_a_request_refusal_no_tokens() {
+    #[tokio::test(start_paused = true)]
+    async fn a_token_refusal_consumes_no_request_and_a_request_refusal_no_tokens() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
         let l = limits(Some(6), Some(100)); // burst 1 request
@@ -285,8 +303,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn state_survives_unchanged_limits_and_resets_on_changed_ones() {
+    #[tokio::test(start_paused = true)]
+    async fn state_survives_unchanged_limits_and_resets_on_changed_ones() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
         admitted(store.decide(&key, &limits(None, Some(100)), 80));

@@ -7,6 +7,8 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use super::backend::Backend;
 
 /// Backends per route (pool and fallback together) that a request can tell apart as tried.
@@ -35,7 +37,7 @@ impl Tried {
 pub fn two_choices(
     members: &[Arc<Backend>],
     tried: Tried,
-    now: &mut Option<u64>,
+    now: &mut Option<Instant>,
     any_full: &mut bool,
     random: &mut impl FnMut() -> u64,
 ) -> Option<usize> {

@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct RetryBudget {
@@ -67,8 +67,8 @@ impl RetryBudget {
 mod tests {
     use super::*;
 
-    #[test]
-    fn retries_are_a_share_of_requests() {
+    #[tokio::test(start_paused = true)]
+    async fn retries_are_a_share_of_requests() {
         let budget = RetryBudget::new(0.1, 0);
         let mut retries = 0;
         for _ in 0..100 {
@@ -80,18 +80,20 @@ mod tests {
         assert_eq!(retries, 10);
     }
 
-    #[test]
-    fn the_per_second_allowance_refills_with_time() {
+    #[tokio::test(start_paused = true)]
+    async fn the_per_second_allowance_refills_with_time() {
         let budget = RetryBudget::new(0.0, 100);
         let at_start = (0..200).filter(|_| budget.withdraw()).count();
-        // A second's allowance, plus what refilled while this thread ran (or was descheduled).
         assert!((100..=120).contains(&at_start), "one second's allowance to start with: {at_start}");
-        std::thread::sleep(std::time::Duration::from_millis(30));
-        assert!(budget.withdraw());
+        assert_eq!(at_start, 100, "exactly, on a clock that does not move");
+        tokio::time::advance(std::time::Duration::from_millis(9)).await;
+        assert!(!budget.withdraw(), "0.9 of a retry refilled");
+        tokio::time::advance(std::time::Duration::from_millis(21)).await;
+        assert_eq!((0..10).filter(|_| budget.withdraw()).count(), 3, "3 refilled in 30 ms");
     }
 
-    #[test]
-    fn savings_are_capped() {
+    #[tokio::test(start_paused = true)]
+    async fn savings_are_capped() {
         let budget = RetryBudget::new(1.0, 0);
         for _ in 0..1000 {
             budget.deposit();

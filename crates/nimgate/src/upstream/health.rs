@@ -10,21 +10,33 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::metrics::Metrics;
 
 /// Errors kept per backend for the admin API.
 const RECENT_ERRORS: usize = 10;
 
-/// Milliseconds since the process's first use of this clock; 0 is never a deadline.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+/// What a backend's clock readings count from: its state's creation. Readings are whole
+/// milliseconds since, plus one, so that 0 is never a reading (and means "never" in the
+/// atomics). Tokio's clock, so that tests pause and advance it.
+#[derive(Debug, Clone, Copy)]
+struct Epoch(Instant);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Epoch {
+    fn ms(self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.0).as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
 }
 
 /// Wakes requests queued for room on one backend: one per freed slot (the longest waiting,
@@ -178,11 +190,12 @@ pub struct NimLoad {
 /// A backend's run-time state.
 #[derive(Debug, Default)]
 pub struct BackendState {
+    epoch: Epoch,
     inflight: AtomicU32,
     consecutive_failures: AtomicU32,
     /// Ejections in a row without a success between them: the backoff's exponent.
     ejections: AtomicU32,
-    /// `now_ms()` until which the backend is out; 0 when it is in.
+    /// The reading (`now_ms()`) until which the backend is out; 0 when it is in.
     ejected_until: AtomicU64,
     /// The active health check's verdict (true without a health check).
     unhealthy: AtomicBool,
@@ -241,19 +254,25 @@ impl BackendState {
         self.room.one_slot();
     }
 
-    /// Out of rotation: ejected or failing its health check.
-    pub fn is_out(&self, now: &mut Option<u64>) -> bool {
+    /// The clock now, as this state counts it.
+    fn now_ms(&self) -> u64 {
+        self.epoch.ms(Instant::now())
+    }
+
+    /// Out of rotation: ejected or failing its health check. `now` is read once for the
+    /// backends of one pick, and only if one of them has been ejected.
+    pub fn is_out(&self, now: &mut Option<Instant>) -> bool {
         if self.unhealthy.load(Ordering::Relaxed) {
             return true;
         }
         let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && until > *now.get_or_insert_with(now_ms)
+        until != 0 && until > self.epoch.ms(*now.get_or_insert_with(Instant::now))
     }
 
     /// Milliseconds of ejection left.
     pub fn ejected_for_ms(&self) -> u64 {
         let until = self.ejected_until.load(Ordering::Relaxed);
-        until.saturating_sub(now_ms())
+        until.saturating_sub(self.now_ms())
     }
 
     pub fn is_healthy(&self) -> bool {
@@ -285,7 +304,7 @@ impl BackendState {
                     waiting: self.nim_waiting.load(Ordering::Relaxed),
                     kv_cache_usage: self.nim_kv_millionths.load(Ordering::Relaxed) as f64 / 1e6,
                 },
-                now_ms().saturating_sub(at),
+                self.now_ms().saturating_sub(at),
             )
         })
     }
@@ -298,7 +317,7 @@ impl BackendState {
                 self.nim_running.store(load.running, Ordering::Relaxed);
                 self.nim_waiting.store(load.waiting, Ordering::Relaxed);
                 self.nim_kv_millionths.store((load.kv_cache_usage.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
-                self.nim_read_at.store(now_ms(), Ordering::Relaxed);
+                self.nim_read_at.store(self.now_ms(), Ordering::Relaxed);
             }
             None => self.nim_read_at.store(0, Ordering::Relaxed),
         }
@@ -348,12 +367,13 @@ impl BackendState {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.remember(kind, message);
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < policy.after || self.ejected_until.load(Ordering::Relaxed) > now_ms() {
+        let now = self.now_ms();
+        if failures < policy.after || self.ejected_until.load(Ordering::Relaxed) > now {
             return None;
         }
         let n = self.ejections.fetch_add(1, Ordering::Relaxed);
         let backoff = policy.backoff(n);
-        self.ejected_until.store(now_ms() + backoff.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until.store(now.saturating_add(millis(backoff)), Ordering::Relaxed);
         Some(backoff)
     }
 
@@ -362,7 +382,7 @@ impl BackendState {
     fn eject_for(&self, duration: Duration, kind: FailureKind, message: &str) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         self.remember(kind, message);
-        self.ejected_until.fetch_max(now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+        self.ejected_until.fetch_max(self.now_ms().saturating_add(millis(duration)), Ordering::Relaxed);
     }
 
     pub fn remember(&self, kind: FailureKind, message: &str) {
@@ -390,6 +410,10 @@ impl BackendState {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,15 +429,17 @@ mod tests {
         assert_eq!(POLICY.backoff(u32::MAX), Duration::from_millis(350));
     }
 
-    #[test]
-    fn consecutive_failures_eject_and_probation_re_ejects_at_once() {
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_and_probation_re_ejects_at_once() {
         let state = BackendState::default();
         let mut now = None;
         assert_eq!(state.record_failure(FailureKind::Connect, "refused", &POLICY), None);
         assert!(!state.is_out(&mut now));
         assert_eq!(state.record_failure(FailureKind::Connect, "refused", &POLICY), Some(Duration::from_millis(100)));
         assert!(state.is_out(&mut None));
-        std::thread::sleep(Duration::from_millis(120));
+        tokio::time::advance(Duration::from_millis(99)).await;
+        assert!(state.is_out(&mut None), "out for the whole backoff");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(!state.is_out(&mut None), "back on probation");
         assert_eq!(
             state.record_failure(FailureKind::Reset, "reset", &POLICY),
