@@ -384,6 +384,43 @@ async fn backend_model_lists_are_cached_not_fetched_per_call() {
 }
 
 #[tokio::test]
+async fn concurrent_model_lists_share_one_backend_fetch() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that takes 200 ms to list its models, counting how often it is asked.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&asked);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let body = r#"{"object":"list","data":[{"id":"nvidia/a","object":"model"}]}"#;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let gw = gateway().backend("slow", &url).route("nvidia/*", &["slow"]).key("all", &["*"]).start().await;
+    let mut lists = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = gw.client("all");
+        lists.spawn(async move { client.get("/v1/models").await });
+    }
+    while let Some(reply) = lists.join_next().await {
+        assert_eq!(reply.unwrap().json()["data"][0]["id"], "nvidia/a");
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "eight callers, one fetch");
+}
+
+#[tokio::test]
 async fn health_endpoints_answer_without_a_key() {
     let sim = sim_serving(&[LLAMA]).await;
     let gw = gateway().sim_route(LLAMA, &[&sim]).key("team-a", &["*"]).start().await;

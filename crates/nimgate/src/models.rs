@@ -1,16 +1,19 @@
 //! `GET /v1/models`: the models a key may use, in OpenAI's list shape. Exact routes name their
 //! model; a glob route lists what its backends report under `/v1/models` that the glob sends
 //! to it. Backend answers are cached for a few seconds per snapshot, because SDKs and UIs poll
-//! this endpoint and it must not turn into a fan-out storm on the backends.
+//! this endpoint and it must not turn into a fan-out storm on the backends: concurrent requests
+//! that find no fresh list share one fetch.
 
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
+use tokio::sync::OnceCell;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::api::Endpoint;
 use crate::auth::Key;
@@ -35,8 +38,10 @@ pub struct Catalog {
 #[derive(Debug)]
 struct Cached {
     snapshot: Weak<Snapshot>,
+    /// When its fetch began.
     at: Instant,
-    ids: Arc<[String]>,
+    /// Filled by the first request to get here; the others wait for that fetch.
+    ids: Arc<OnceCell<Arc<[String]>>>,
 }
 
 impl Default for Catalog {
@@ -49,17 +54,8 @@ impl Default for Catalog {
 impl Catalog {
     /// The JSON body listing the models `key` may use.
     pub async fn list(&self, snapshot: &Arc<Snapshot>, key: &Key, request_id: &HeaderValue) -> Bytes {
-        let ids = match self.cached(snapshot) {
-            Some(ids) => ids,
-            None => {
-                let ids: Arc<[String]> = routed_models(snapshot, request_id).await.into();
-                if let Ok(mut cache) = self.cache.lock() {
-                    *cache =
-                        Some(Cached { snapshot: Arc::downgrade(snapshot), at: Instant::now(), ids: Arc::clone(&ids) });
-                }
-                ids
-            }
-        };
+        let cell = self.entry(snapshot);
+        let ids = cell.get_or_init(|| async { routed_models(snapshot, request_id).await.into() }).await;
         let data: Vec<serde_json::Value> = ids
             .iter()
             .filter(|id| key.allows(id))
@@ -71,11 +67,18 @@ impl Catalog {
         Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string())
     }
 
-    fn cached(&self, snapshot: &Arc<Snapshot>) -> Option<Arc<[String]>> {
-        let cache = self.cache.lock().ok()?;
-        let cached = cache.as_ref()?;
-        let same = Weak::ptr_eq(&cached.snapshot, &Arc::downgrade(snapshot));
-        (same && cached.at.elapsed() < CACHE_TTL).then(|| Arc::clone(&cached.ids))
+    /// The list of `snapshot` that is fresh, or a new one to fill. The lock is held only to
+    /// look and swap: the fetch is awaited outside it.
+    fn entry(&self, snapshot: &Arc<Snapshot>) -> Arc<OnceCell<Arc<[String]>>> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(cached) = cache.as_ref() {
+            if Weak::ptr_eq(&cached.snapshot, &Arc::downgrade(snapshot)) && cached.at.elapsed() < CACHE_TTL {
+                return Arc::clone(&cached.ids);
+            }
+        }
+        let ids = Arc::new(OnceCell::new());
+        *cache = Some(Cached { snapshot: Arc::downgrade(snapshot), at: Instant::now(), ids: Arc::clone(&ids) });
+        ids
     }
 }
 
