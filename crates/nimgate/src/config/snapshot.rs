@@ -70,23 +70,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// `rate_limits:`: where limiter state lives and what happens when that store is unreachable.
+/// `rate_limits:`, as far as this version acts on it: the memory store is the only one (the
+/// shared store and its `on_store_error` policy are #15; validation checks their values).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitSettings {
-    pub store: LimitStore,
-    pub on_store_error: OnStoreError,
     /// Completion tokens reserved at admission for a request without `max_tokens`.
     pub default_max_tokens: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LimitStore {
-    Memory,
-    Redis { url: String },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnStoreError {
-    Allow,
-    Deny,
 }

@@ -16,7 +16,7 @@ use super::raw::{
     RawServer,
 };
 use super::snapshot::{
-    ConfigMeta, LimitStore, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, ServerSettings, Snapshot,
+    ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot,
 };
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
@@ -498,8 +498,8 @@ impl Validator<'_> {
     }
 
     fn rate_limits(&mut self, raw: &RawRateLimits) -> RateLimitSettings {
-        let store = match raw.store.as_deref().unwrap_or("memory") {
-            "memory" => LimitStore::Memory,
+        match raw.store.as_deref().unwrap_or("memory") {
+            "memory" => {}
             "redis" => {
                 let url = raw.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
@@ -508,26 +508,20 @@ impl Validator<'_> {
                 // Refused rather than silently served from memory, which would multiply every
                 // limit by the number of replicas.
                 self.problem("rate_limits.store", "the redis store is not available in this version yet; use memory");
-                LimitStore::Redis { url }
             }
+            other => self.problem("rate_limits.store", format!("unknown store `{other}`: use memory or redis")),
+        }
+        match raw.on_store_error.as_deref().unwrap_or("allow") {
+            "allow" | "deny" => {}
             other => {
-                self.problem("rate_limits.store", format!("unknown store `{other}`: use memory or redis"));
-                LimitStore::Memory
+                self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny"))
             }
-        };
-        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("allow") {
-            "allow" => OnStoreError::Allow,
-            "deny" => OnStoreError::Deny,
-            other => {
-                self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny"));
-                OnStoreError::Allow
-            }
-        };
+        }
         let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if default_max_tokens == 0 {
             self.problem("rate_limits.default_max_tokens", "must be at least 1");
         }
-        RateLimitSettings { store, on_store_error, default_max_tokens }
+        RateLimitSettings { default_max_tokens }
     }
 
     fn name(&mut self, at: &str, name: &str, what: &str) {
