@@ -537,7 +537,11 @@ fn timeouts(change: impl FnOnce(&mut RawTimeouts)) -> Option<RawTimeouts> {
 
 /// The text of a whole streamed answer.
 async fn stream_text(client: &TestClient, model: &str) -> String {
-    let response = client.chat_stream(model).await;
+    answer_text(client.chat_stream(model).await).await
+}
+
+/// The text of a whole streamed answer already begun.
+async fn answer_text(response: http::Response<hyper::body::Incoming>) -> String {
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
     all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect()
@@ -569,8 +573,21 @@ async fn a_reset_before_the_answer_is_retried_on_another_backend() {
 
 #[tokio::test]
 async fn a_first_byte_timeout_is_retried_on_another_backend() {
-    let hang = Failures { hang: true, ..Failures::default() };
-    let (hanging, healthy, gw) = failing_beside_healthy(hang, timeouts(|t| t.first_byte = Some("200ms".into()))).await;
+    let hanging =
+        sim(SimOptions { failures: Failures { hang: true, ..Failures::default() }, ..SimOptions::default() }).await;
+    let healthy = sim_serving(&[LLAMA]).await;
+    // The hanging backend first and the healthy one as fallback: every request meets the
+    // hang until the hanging backend is ejected, whatever the balancer would draw.
+    let gw = gateway()
+        .backend_with(RawBackend {
+            timeouts: timeouts(|t| t.first_byte = Some("200ms".into())),
+            ..backend("failing", &hanging.url())
+        })
+        .backend("healthy", &healthy.url())
+        .route_with(route(LLAMA, &["failing"], &["healthy"]))
+        .key("team-a", &["*"])
+        .start()
+        .await;
     let client = gw.client("team-a");
     for _ in 0..6 {
         let started = Instant::now();
@@ -617,7 +634,8 @@ async fn a_connect_timeout_fails_fast_and_is_retried_elsewhere() {
         })
         .backend("healthy", &healthy.url())
         .route_with(route("alone", &["blackhole"], &[]))
-        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("either", &["blackhole", "healthy"], &[]) })
+        // The black hole first, so that every request meets it.
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("either", &["blackhole"], &["healthy"]) })
         .key("team-a", &["*"])
         .with(balancing(|b| b.eject_after = Some(1000)))
         .start()
@@ -669,6 +687,87 @@ async fn a_stream_that_closes_without_done_ends_with_an_error_event() {
     assert_eq!(value(&s, "nimgate_upstream_errors_total{backend=\"gpu\",kind=\"stream_broken\"}"), 1.0);
     let state = gw.admin_backend("gpu").await;
     assert_eq!(state["recent_errors"][0]["kind"], "stream_broken", "{state}");
+}
+
+/// The gateway's log lines, as JSON, written into memory by a subscriber set as the default of
+/// the test's thread: `#[tokio::test]` runs the gateway's tasks on that thread too.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// The `fields` of each line logged with `message`.
+    fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|line| line["fields"]["message"] == message)
+            .map(|line| line["fields"].clone())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn a_backend_ejected_for_broken_streams_is_logged_like_one_ejected_for_failed_requests() {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _capture = tracing_subscriber::fmt().json().with_writer(move || writer.clone()).set_default();
+    let truncating = sim(SimOptions {
+        gated_chunks: true,
+        failures: Failures { end_after_chunks: Some(1), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await;
+    let erroring = Failures { error_rate: 1.0, error_status: 500, ..Failures::default() };
+    let erroring = sim(SimOptions { failures: erroring, ..SimOptions::default() }).await;
+    let gw = gateway()
+        .backend("streams", &truncating.url())
+        .backend("requests", &erroring.url())
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("s", &["streams"], &[]) })
+        .route_with(RawRoute { upstream_model: Some(LLAMA.into()), ..route("r", &["requests"], &[]) })
+        .key("team-a", &["*"])
+        .with(balancing(|b| b.eject_after = Some(2)))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    // An answered head trusts a backend again: both heads come before either stream breaks,
+    // so the two breaks are consecutive failures.
+    let streams = [client.chat_stream("s").await, client.chat_stream("s").await];
+    truncating.release_chunks(2);
+    for response in streams {
+        assert_eq!(final_error_code(&answer_text(response).await), "upstream_unavailable");
+    }
+    for _ in 0..2 {
+        assert_eq!(client.chat("r").await.status, 500);
+    }
+    let ejections = logs.with_message("backend ejected after consecutive failures");
+    let [streams, requests] = ["streams", "requests"].map(|name| {
+        let found: Vec<_> = ejections.iter().filter(|fields| fields["backend"] == name).collect();
+        assert_eq!(found.len(), 1, "one ejection of {name} logged: {ejections:#?}");
+        found[0].clone()
+    });
+    let names = |fields: &serde_json::Value| {
+        let mut names: Vec<_> = fields.as_object().unwrap().keys().cloned().collect();
+        names.sort();
+        names
+    };
+    assert_eq!(names(&streams), ["backend", "cause", "ejected_for", "failures", "message"], "{streams}");
+    assert_eq!(names(&streams), names(&requests), "the same fields: {streams} {requests}");
+    assert_eq!((&streams["failures"], &streams["ejected_for"]), (&requests["failures"], &requests["ejected_for"]));
+    assert_eq!(streams["failures"], 2);
+    assert_eq!(streams["cause"], "the backend closed the stream before it was complete");
+    assert_eq!(requests["cause"], "answered 500 Internal Server Error");
 }
 
 #[tokio::test]

@@ -189,6 +189,8 @@ fn to_origin_form(request: &mut Request<Full<Bytes>>, host: &HeaderValue) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[test]
@@ -209,15 +211,37 @@ mod tests {
         assert_eq!(&*c.shared.authority, "127.0.0.1:8000");
     }
 
+    /// A listener in front of `to` that counts the TCP connections made through it and
+    /// passes their bytes on unchanged. Returns its URL and the count.
+    async fn counting_relay(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let mut backend = TcpStream::connect(to).await.unwrap();
+                tokio::spawn(async move { tokio::io::copy_bidirectional(&mut client, &mut backend).await });
+            }
+        });
+        (url, accepted)
+    }
+
     #[tokio::test]
     async fn connections_are_reused_and_a_closed_one_is_skipped() {
-        let sim = nim_sim::Sim::start(nim_sim::SimOptions::default()).await.unwrap();
-        let connections = Connections::new(&sim.url().parse().unwrap(), Duration::from_secs(1)).unwrap();
-        let get = || {
-            let mut request = Request::new(Full::new(Bytes::new()));
-            *request.uri_mut() = format!("{}/v1/models", sim.url()).parse().unwrap();
+        // Gated: a stream's answer stays unfinished, its chunks never let go.
+        let options = nim_sim::SimOptions { gated_chunks: true, ..nim_sim::SimOptions::default() };
+        let sim = nim_sim::Sim::start(options).await.unwrap();
+        let (url, accepted) = counting_relay(sim.addr()).await;
+        let connections = Connections::new(&url.parse().unwrap(), Duration::from_secs(1)).unwrap();
+        let request = |method: http::Method, path: &str, body: &'static str| {
+            let mut request = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
+            *request.method_mut() = method;
+            *request.uri_mut() = format!("{url}{path}").parse().unwrap();
             request
         };
+        let get = || request(http::Method::GET, "/v1/models", "");
         for _ in 0..3 {
             let (response, lease) = connections.send(get()).await.unwrap();
             assert_eq!(response.status(), 200);
@@ -225,13 +249,20 @@ mod tests {
             drop(lease);
             assert_eq!(connections.idle(), 1, "one connection, given back after each answer");
         }
-        // An answer left unread closes its connection instead of giving it back dirty.
-        let (response, lease) = connections.send(get()).await.unwrap();
+        assert_eq!(accepted.load(Ordering::Relaxed), 1, "the three answers came on one connection");
+        // An answer left unread closes its connection instead of giving it back dirty: the
+        // next request goes out on a new one. A stream, so that its body is truly unread: a
+        // small answer hyper had already read whole leaves a clean connection, rightly reused.
+        let stream = r#"{"model":"meta/llama-3.1-8b-instruct","messages":[],"stream":true}"#;
+        let (response, lease) =
+            connections.send(request(http::Method::POST, "/v1/chat/completions", stream)).await.unwrap();
+        assert_eq!(response.status(), 200);
         drop(response);
         drop(lease);
         tokio::task::yield_now().await;
         let (response, _lease) = connections.send(get()).await.unwrap();
         assert_eq!(response.status(), 200);
+        assert_eq!(accepted.load(Ordering::Relaxed), 2, "the unread answer's connection was not reused");
     }
 
     #[tokio::test]
