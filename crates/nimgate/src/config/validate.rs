@@ -15,9 +15,7 @@ use super::raw::{
     RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging, RawRateLimits, RawRoute,
     RawServer,
 };
-use super::snapshot::{
-    ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot,
-};
+use super::snapshot::{ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot};
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
@@ -513,9 +511,7 @@ impl Validator<'_> {
         }
         match raw.on_store_error.as_deref().unwrap_or("allow") {
             "allow" | "deny" => {}
-            other => {
-                self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny"))
-            }
+            other => self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny")),
         }
         let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if default_max_tokens == 0 {
