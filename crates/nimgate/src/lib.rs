@@ -87,7 +87,16 @@ pub struct Running {
     server: ServerHandle,
     admin: AdminHandle,
     _watch: Option<FileWatch>,
-    _sighup: Option<tokio::task::JoinHandle<()>>,
+    _sighup: Option<AbortOnDrop>,
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Running {
@@ -115,10 +124,7 @@ impl Running {
     pub async fn shutdown(self) {
         let Self { server, admin, _watch, _sighup, .. } = self;
         server.shutdown().await;
-        drop(admin);
-        if let Some(task) = _sighup {
-            task.abort();
-        }
+        drop((admin, _watch, _sighup));
     }
 }
 
@@ -157,7 +163,9 @@ pub async fn start(launch: Launch) -> std::io::Result<Running> {
         }
     });
     let sighup = match (hangups, &reloader) {
-        (Some(hangups), Some(reloader)) => Some(tokio::spawn(reload::on_sighup(hangups, Arc::clone(reloader)))),
+        (Some(hangups), Some(reloader)) => {
+            Some(AbortOnDrop(tokio::spawn(reload::on_sighup(hangups, Arc::clone(reloader)))))
+        }
         _ => None,
     };
     let server = ServerHandle::spawn(Arc::clone(&gateway), listener)?;
