@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::Gateway;
 use crate::error::GatewayError;
+use crate::gateway::Gateway;
 use crate::metrics::BackendGauges;
 use crate::reload::{self, Reloader, Trigger};
 use crate::streaming::ResponseBody;

@@ -11,11 +11,11 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::Gateway;
 use crate::api::{self, Endpoint, Resource};
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::exchange::{Ending, Exchange};
+use crate::gateway::Gateway;
 use crate::request;
 use crate::streaming::{self, Origin, ResponseBody};
 use crate::upstream::{self, Outgoing};

@@ -23,8 +23,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::task::JoinHandle;
 
-use crate::Gateway;
 use crate::config::{self, ConfigError, ConfigMeta, EnvSource, Snapshot};
+use crate::gateway::Gateway;
 
 /// Quiet time after the last file event before reloading: editors and the kubelet write in
 /// several steps.

@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{Gateway, handler};
+use crate::gateway::Gateway;
+use crate::handler;
 
 /// A client must finish its TLS handshake within this.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
