@@ -40,6 +40,7 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         }
     }
 }
+
 /// A client gets this long to send its whole body once the headers are in.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 

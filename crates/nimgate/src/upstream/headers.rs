@@ -104,6 +104,7 @@ pub fn request(backend: &Backend, endpoint: Endpoint, mut headers: HeaderMap, bo
     *request.headers_mut() = headers;
     request
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
