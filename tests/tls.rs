@@ -129,6 +129,43 @@ async fn the_gateway_serves_tls_with_h2_by_alpn() {
     assert!(String::from_utf8_lossy(&body).contains("chat.completion"));
 }
 
+#[tokio::test]
+async fn a_tls_client_that_goes_silent_after_its_handshake_is_closed_by_the_first_bytes_deadline() {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let backend = sim_serving(&[LLAMA]).await;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&backend])
+        .key("team-a", &["*"])
+        .with(|raw| {
+            raw.server.header_read_timeout = Some("400ms".into());
+            raw.server.tls =
+                Some(RawTls { cert: pki.cert_file.display().to_string(), key: pki.key_file.display().to_string() })
+        })
+        .start()
+        .await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&pki.ca_pem)));
+    let tcp = tokio::net::TcpStream::connect(gw.running.addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut tls = connector.connect("localhost".try_into().unwrap(), tcp).await.expect("the handshake completes");
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(3), tls.read(&mut buffer)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the silent TLS connection stayed open: {read:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+fn client_tls(ca_pem: &str) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// A client that trusts only `ca_pem` (h2 or HTTP/1.1 by ALPN), one fresh connection per
 /// request so that each sees the certificate served at that moment.
 fn https_client_trusting(
@@ -137,15 +174,7 @@ fn https_client_trusting(
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 > {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = client_tls(ca_pem);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_only()

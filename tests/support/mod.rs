@@ -441,3 +441,37 @@ pub fn value(samples: &HashMap<String, f64>, series: &str) -> f64 {
         panic!("no sample {series}; the family has {known:#?}")
     })
 }
+
+/// A hostile or odd backend on loopback: answers every request, after `delay`, with `status`,
+/// `headers` and `body` as given (absurd usage, odd `Retry-After`s, ...). Returns its URL.
+pub async fn answering_backend(delay: Duration, status: u16, headers: &[(&str, &str)], body: &str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let url = format!("http://{}", listener.local_addr().expect("bound"));
+    let headers: Vec<(String, String)> = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+    let answer = Arc::new((status, headers, Bytes::from(body.to_owned())));
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let answer = Arc::clone(&answer);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let answer = Arc::clone(&answer);
+                    async move {
+                        // Read the request whole, as a backend would, before answering.
+                        let _ = request.into_body().collect().await;
+                        tokio::time::sleep(delay).await;
+                        let mut response = http::Response::builder().status(answer.0);
+                        for (name, value) in &answer.1 {
+                            response = response.header(name, value);
+                        }
+                        Ok::<_, std::convert::Infallible>(
+                            response.body(Full::new(answer.2.clone())).expect("valid test answer"),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(socket);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    url
+}

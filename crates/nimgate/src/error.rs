@@ -39,6 +39,12 @@ pub enum GatewayError {
     RequestTooLarge { limit: u64 },
     #[error("request body was not received within {}s", .0.as_secs())]
     RequestTimeout(Duration),
+    #[error("request line and headers are larger than the limit of {limit} bytes")]
+    HeaderTooLarge { limit: usize },
+    /// The gateway holds as many request bodies as `server.max_buffered_body_bytes` allows
+    /// and none finished in time to make room.
+    #[error("the gateway is reading too many request bodies at once; retry shortly")]
+    Overloaded,
     #[error("backend `{backend}` could not be reached: {cause}")]
     UpstreamUnavailable { backend: BackendName, cause: String },
     #[error("backend `{backend}` did not answer within {}", humantime::format_duration(*.after))]
@@ -127,6 +133,10 @@ impl GatewayError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "request_too_large")
             }
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "request_timeout"),
+            Self::HeaderTooLarge { .. } => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "invalid_request_error", "request_header_too_large")
+            }
+            Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "server_overloaded"),
             Self::UpstreamUnavailable { .. } | Self::AnswerBroken { timed_out: false, .. } => {
                 (StatusCode::BAD_GATEWAY, "server_error", "upstream_unavailable")
             }
@@ -182,7 +192,7 @@ impl GatewayError {
                 refused.quota.write_headers(headers);
             }
             // SDKs retry a 503 after Retry-After: capacity frees in about a second.
-            Self::NoHealthyBackend(_) => {
+            Self::NoHealthyBackend(_) | Self::Overloaded => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -242,6 +252,8 @@ mod tests {
             (GatewayError::RateLimited(refused()), 429, "rate_limit_error", "rate_limit_exceeded"),
             (GatewayError::RequestTooLarge { limit: 10 }, 413, "invalid_request_error", "request_too_large"),
             (GatewayError::RequestTimeout(Duration::from_secs(60)), 408, "invalid_request_error", "request_timeout"),
+            (GatewayError::HeaderTooLarge { limit: 1024 }, 431, "invalid_request_error", "request_header_too_large"),
+            (GatewayError::Overloaded, 503, "server_error", "server_overloaded"),
             (
                 GatewayError::UpstreamUnavailable { backend: a(), cause: "refused".into() },
                 502,

@@ -12,6 +12,7 @@ use crate::config::Snapshot;
 use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::models::Catalog;
+use crate::request::BodyBudget;
 use crate::upstream::probe;
 
 /// The running gateway's shared state: the snapshot in force and what outlives it.
@@ -22,6 +23,8 @@ pub struct Gateway {
     catalog: Catalog,
     limiter: Arc<Limiter>,
     metrics: Arc<Metrics>,
+    /// Sized at start (`server.max_buffered_body_bytes`; a change needs a restart).
+    body_budget: BodyBudget,
 }
 
 impl Gateway {
@@ -29,12 +32,14 @@ impl Gateway {
     /// called on a tokio runtime.
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
         probe::start(&snapshot.backends);
+        let body_budget = BodyBudget::new(snapshot.server.max_buffered_body_bytes);
         Arc::new(Self {
             config: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             catalog: Catalog::default(),
             limiter: Arc::new(Limiter::default()),
             metrics: Arc::new(Metrics::new()),
+            body_budget,
         })
     }
 
@@ -69,6 +74,11 @@ impl Gateway {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The memory request bodies being read may take, over all connections.
+    pub fn body_budget(&self) -> &BodyBudget {
+        &self.body_budget
     }
 
     /// The key limiter; its state outlives snapshots.

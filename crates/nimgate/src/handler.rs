@@ -29,6 +29,9 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
     let label = served.map_or("other", |(_, label)| label);
     let mut exchange = Exchange::new(request::request_id(request.headers()), request.method().clone(), label, started);
     let result = match served {
+        _ if head_size(&request) > snapshot.server.max_header_bytes => {
+            Err(GatewayError::HeaderTooLarge { limit: snapshot.server.max_header_bytes })
+        }
         Some((resource, _)) if *request.method() == resource.method() => {
             dispatch(&gateway, &snapshot, resource, request, &mut exchange).await
         }
@@ -81,9 +84,17 @@ async fn infer(
 ) -> Result<Response<ResponseBody>, GatewayError> {
     let key = snapshot.keys.authenticate(request.headers())?;
     exchange.key = Some(Arc::clone(key));
+    // Before a byte of the body is read: a key its limits would refuse whatever it sends.
+    gateway.limiter().precheck(key).await?;
 
     let (parts, body) = request.into_parts();
-    let body = request::read_capped(body, &parts.headers, snapshot.server.max_body_bytes).await?;
+    let mut lease = gateway.body_budget().lease(snapshot.server.header_read_timeout);
+    let read = request::read_capped(body, &parts.headers, snapshot.server.max_body_bytes, &mut lease).await;
+    if lease.waited {
+        let result = if read.is_ok() { "admitted" } else { "refused" };
+        gateway.metrics().body_budget_waits.with_label_values(&[result]).inc();
+    }
+    let body = read?;
     let head = request::peek(&body)?;
     exchange.model = Some(head.model.as_ref().into());
 
@@ -104,7 +115,10 @@ async fn infer(
         request_id: &exchange.request_id,
         body: request::outgoing(route, &head, &body),
     };
-    let answer = upstream::send(&route.pool, &outgoing, exchange.started, gateway.metrics(), model).await?;
+    let answer = upstream::send(&route.pool, &outgoing, exchange.started, gateway.metrics(), model).await;
+    // The body has gone upstream (or never will): its room is free for others.
+    drop(lease);
+    let answer = answer?;
     exchange.answered_by(&answer);
 
     let origin = Origin {
@@ -116,6 +130,12 @@ async fn infer(
         estimate,
     };
     Ok(streaming::forward(answer, admission.and_then(|a| a.permit), origin))
+}
+
+/// The request line and headers as they came, near enough: what `max_header_bytes` bounds.
+fn head_size<B>(request: &Request<B>) -> usize {
+    let line = request.method().as_str().len() + request.uri().path_and_query().map_or(1, |p| p.as_str().len()) + 11;
+    request.headers().iter().fold(line, |size, (name, value)| size + name.as_str().len() + value.len() + 4)
 }
 
 fn health(status: StatusCode, state: &'static str) -> Response<ResponseBody> {

@@ -56,6 +56,12 @@ pub struct Metrics {
     rate_limited: IntCounterVec,
     tokens: IntCounterVec,
     pub connections: IntGauge,
+    /// Client connections the gateway closed on a deadline, by reason.
+    pub connections_expired: IntCounterVec,
+    /// Times the listener paused accepting because `max_connections` were open.
+    pub connection_limit_reached: IntCounter,
+    /// Requests that waited for, or were refused, room in the request body budget.
+    pub body_budget_waits: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -90,6 +96,30 @@ impl Metrics {
         }
         let connections = IntGauge::new("active_connections", "Client connections open now.").expect("valid");
         r.register(Box::new(connections.clone())).expect("registered once");
+        let connections_expired = counter(
+            r,
+            "connections_expired_total",
+            "Client connections closed by a deadline: first_bytes, header_read, idle, write_stalled.",
+            &["reason"],
+        );
+        for reason in ["first_bytes", "header_read", "idle", "write_stalled"] {
+            connections_expired.with_label_values(&[reason]);
+        }
+        let connection_limit_reached = IntCounter::new(
+            "connection_limit_reached_total",
+            "Times the listener stopped accepting because server.max_connections were open.",
+        )
+        .expect("valid");
+        r.register(Box::new(connection_limit_reached.clone())).expect("registered once");
+        let body_budget_waits = counter(
+            r,
+            "body_budget_waits_total",
+            "Requests whose body had to wait for room in server.max_buffered_body_bytes, by result (admitted, refused).",
+            &["result"],
+        );
+        for result in ["admitted", "refused"] {
+            body_budget_waits.with_label_values(&[result]);
+        }
         let build =
             IntGaugeVec::new(Opts::new("build_info", "The running build (always 1)."), &["version"]).expect("valid");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -151,6 +181,9 @@ impl Metrics {
                 &["model", "key", "kind"],
             ),
             connections,
+            connections_expired,
+            connection_limit_reached,
+            body_budget_waits,
             registry,
         }
     }

@@ -77,6 +77,8 @@ struct Fixed {
     listen: SocketAddr,
     admin_listen: SocketAddr,
     logging: config::LoggingSettings,
+    max_connections: usize,
+    max_buffered_body_bytes: u64,
 }
 
 /// Loads and validates the file at `path` as the first snapshot (version 1).
@@ -118,6 +120,8 @@ impl Reloader {
             listen: snapshot.server.listen,
             admin_listen: snapshot.server.admin_listen,
             logging: snapshot.logging.clone(),
+            max_connections: snapshot.server.max_connections,
+            max_buffered_body_bytes: snapshot.server.max_buffered_body_bytes,
         };
         Arc::new(Self {
             gateway,
@@ -144,6 +148,12 @@ impl Reloader {
         }
         if snapshot.logging != self.fixed.logging {
             fields.push("logging");
+        }
+        if snapshot.server.max_connections != self.fixed.max_connections {
+            fields.push("server.max_connections");
+        }
+        if snapshot.server.max_buffered_body_bytes != self.fixed.max_buffered_body_bytes {
+            fields.push("server.max_buffered_body_bytes");
         }
         fields
     }

@@ -46,6 +46,21 @@ pub struct RawServer {
     pub max_body_bytes: Option<u64>,
     pub drain_timeout: Option<String>,
     pub allow_anonymous: Option<bool>,
+    /// The environment variable holding the bearer token every admin endpoint then requires.
+    pub admin_token_env: Option<String>,
+    /// A client must send the first bytes of a connection (TLS handshake and protocol
+    /// detection included) and each complete request head within this.
+    pub header_read_timeout: Option<String>,
+    /// An open connection with no request in flight is closed after this; so is one whose
+    /// client has taken no byte of its answer for this long.
+    pub idle_timeout: Option<String>,
+    /// Request line and headers together; 431 beyond.
+    pub max_header_bytes: Option<u64>,
+    /// Client connections held at once; more wait in the listen backlog.
+    pub max_connections: Option<u32>,
+    /// Request bodies being read and held, over all connections; a body that would go
+    /// beyond waits for room (up to `header_read_timeout`), then gets 503.
+    pub max_buffered_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

@@ -48,6 +48,36 @@ pub struct ServerSettings {
     pub max_body_bytes: u64,
     pub drain_timeout: Duration,
     pub allow_anonymous: bool,
+    /// The admin API's bearer token, read from `admin_token_env` (never shown).
+    pub admin_token: Option<AdminToken>,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub max_connections: usize,
+    pub max_buffered_body_bytes: u64,
+}
+
+/// A secret compared in constant time and never printed.
+#[derive(Clone)]
+pub struct AdminToken(Arc<[u8]>);
+
+impl AdminToken {
+    pub fn new(token: &str) -> Self {
+        Self(token.as_bytes().into())
+    }
+
+    /// Whether `presented` is the token. Compares digests so that the time taken does not
+    /// tell how much of a guess was right.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        Sha256::digest(presented) == Sha256::digest(&self.0)
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(redacted)")
+    }
 }
 
 /// `logging:`.

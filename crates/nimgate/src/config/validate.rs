@@ -15,7 +15,9 @@ use super::raw::{
     RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging, RawRateLimits, RawRoute,
     RawServer,
 };
-use super::snapshot::{ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot};
+use super::snapshot::{
+    AdminToken, ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot,
+};
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
@@ -36,6 +38,15 @@ pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000_000;
 /// Completion tokens reserved for a request without `max_tokens`: a typical chat answer.
 pub const DEFAULT_MAX_TOKENS: u64 = 512;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Room for 25 maximal requests at once (with the default `max_body_bytes`).
+pub const DEFAULT_MAX_BUFFERED_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// The longest duration any setting takes. Longer ones are mistakes (`300000000000y`) that
+/// would overflow the clock arithmetic of every request.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 const DEFAULT_HEALTH: (&str, Duration) = ("/v1/health/ready", Duration::from_secs(5));
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
@@ -105,6 +116,32 @@ impl Validator<'_> {
                 })
                 .ok()
         });
+        let admin_token = raw
+            .admin_token_env
+            .as_deref()
+            .and_then(|var| self.env_secret("server.admin_token_env", var))
+            .map(|token| AdminToken::new(&token));
+        let header_read_timeout = self.duration_or(
+            "server.header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            DEFAULT_HEADER_READ_TIMEOUT,
+        );
+        let idle_timeout = self.duration_or("server.idle_timeout", raw.idle_timeout.as_deref(), DEFAULT_IDLE_TIMEOUT);
+        let max_header_bytes = raw.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if !(1024..=16 * 1024 * 1024).contains(&max_header_bytes) {
+            self.problem("server.max_header_bytes", "must be between 1024 and 16777216");
+        }
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            self.problem("server.max_connections", "must be at least 1");
+        }
+        let max_buffered_body_bytes = raw.max_buffered_body_bytes.unwrap_or(DEFAULT_MAX_BUFFERED_BODY_BYTES);
+        if max_buffered_body_bytes < max_body_bytes {
+            self.problem(
+                "server.max_buffered_body_bytes",
+                format!("must be at least server.max_body_bytes ({max_body_bytes}), or no request of that size could be read"),
+            );
+        }
         ServerSettings {
             listen,
             admin_listen,
@@ -112,6 +149,12 @@ impl Validator<'_> {
             max_body_bytes,
             drain_timeout,
             allow_anonymous: raw.allow_anonymous.unwrap_or(false),
+            admin_token,
+            header_read_timeout,
+            idle_timeout,
+            max_header_bytes: usize::try_from(max_header_bytes).unwrap_or(usize::MAX),
+            max_connections: max_connections as usize,
+            max_buffered_body_bytes,
         }
     }
 
@@ -577,6 +620,7 @@ impl Validator<'_> {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text.trim()) {
         Ok(d) if d.is_zero() => Err(format!("`{text}` must be greater than zero")),
+        Ok(d) if d > MAX_DURATION => Err(format!("`{text}` is too long: at most 7 days (168h)")),
         Ok(d) => Ok(d),
         Err(_) => Err(format!("invalid duration `{text}`: write it like 250ms, 5s or 2m")),
     }
@@ -740,6 +784,43 @@ keys:
             "routes[1].model: invalid glob `nvidia/[x`",
         );
         assert_problem(&with("models: [\"meta/*\"]", "models: [\"meta/{a\"]"), "keys[1].models[0]: invalid glob");
+    }
+
+    #[test]
+    fn absurd_durations_are_refused_instead_of_overflowing_every_request() {
+        assert_problem(
+            &with(
+                "url: \"http://127.0.0.1:8000\" }",
+                "url: \"http://127.0.0.1:8000\", timeouts: { total: 300000000000y } }",
+            ),
+            "backends[0].timeouts.total: `300000000000y` is too long: at most 7 days (168h)",
+        );
+        assert!(parse_duration("168h").is_ok());
+    }
+
+    #[test]
+    fn connection_settings_have_defaults_and_bounds() {
+        let s = check(GOOD).unwrap();
+        assert_eq!(s.server.header_read_timeout, DEFAULT_HEADER_READ_TIMEOUT);
+        assert_eq!(s.server.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!((s.server.max_header_bytes, s.server.max_connections), (65536, 10_000));
+        assert!(s.server.admin_token.is_none());
+        let server =
+            |fields: &str| with("listen: \"127.0.0.1:8080\"", &format!("listen: \"127.0.0.1:8080\", {fields}"));
+        assert_problem(&server("max_connections: 0"), "server.max_connections: must be at least 1");
+        assert_problem(&server("max_header_bytes: 100"), "server.max_header_bytes: must be between 1024 and 16777216");
+        assert_problem(
+            &server("max_body_bytes: 2000, max_buffered_body_bytes: 1000"),
+            "server.max_buffered_body_bytes: must be at least server.max_body_bytes (2000), or no request of that size could be read",
+        );
+        assert_problem(
+            &server("admin_token_env: NO_SUCH_TOKEN"),
+            "server.admin_token_env: environment variable NO_SUCH_TOKEN is not set",
+        );
+        let s = check(&server("admin_token_env: NIM_KEY")).unwrap();
+        let token = s.server.admin_token.unwrap();
+        assert!(token.matches(b"nvapi-secret") && !token.matches(b"nvapi-secreT"));
+        assert_eq!(format!("{token:?}"), "AdminToken(redacted)");
     }
 
     #[test]

@@ -4,10 +4,26 @@
 //! difference is refunded or charged, so the level may go below zero after an answer longer
 //! than its estimate and later requests wait until the debt is refilled. Pure arithmetic on
 //! instants passed in, so it is tested exactly.
+//!
+//! Usage comes from backends, which may report anything: the debt is capped at
+//! `MAX_DEBT_MINUTES` of budget, and every duration computed saturates instead of panicking.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// The most a key can owe: this many minutes of its budget. A backend reporting absurd usage
+/// locks the key out for at most this long (plus the minute it takes to refill).
+pub const MAX_DEBT_MINUTES: f64 = 10.0;
+
+/// `seconds` as a duration, saturating (negative: zero; huge, infinite or NaN: a day).
+fn seconds(seconds: f64) -> Duration {
+    const CEILING: Duration = Duration::from_secs(86_400);
+    if seconds.is_nan() {
+        return CEILING;
+    }
+    Duration::try_from_secs_f64(seconds.max(0.0)).map_or(CEILING, |d| d.min(CEILING))
+}
 
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -40,14 +56,15 @@ impl TokenBucket {
             self.level -= wanted;
             Ok(wanted as u64)
         } else {
-            Err(Duration::from_secs_f64((wanted - self.level) / self.per_second))
+            Err(seconds((wanted - self.level) / self.per_second))
         }
     }
 
     /// Replaces a reservation with what was really used.
     pub fn settle(&mut self, reserved: u64, used: u64, now: Instant) {
         self.refill(now);
-        self.level = (self.level + reserved as f64 - used as f64).min(self.capacity);
+        let floor = -MAX_DEBT_MINUTES * self.capacity;
+        self.level = (self.level + reserved as f64 - used as f64).clamp(floor, self.capacity);
     }
 
     /// Whole tokens available now (0 while in debt).
@@ -56,10 +73,16 @@ impl TokenBucket {
         self.level.max(0.0).floor() as u64
     }
 
+    /// Time until the bucket holds `tokens` (zero when it does now).
+    pub fn until_holding(&mut self, tokens: u64, now: Instant) -> Duration {
+        self.refill(now);
+        seconds(((tokens as f64).min(self.capacity) - self.level) / self.per_second)
+    }
+
     /// Time until the bucket is full again.
     pub fn until_full(&mut self, now: Instant) -> Duration {
         self.refill(now);
-        Duration::from_secs_f64(((self.capacity - self.level) / self.per_second).max(0.0))
+        seconds((self.capacity - self.level) / self.per_second)
     }
 }
 
@@ -100,6 +123,26 @@ mod tests {
         b.try_reserve(60, t0).unwrap();
         assert_eq!(b.try_reserve(10_000, t0), Err(Duration::from_secs(6)));
         assert_eq!(b.try_reserve(10_000, t0 + Duration::from_secs(6)), Ok(600));
+    }
+
+    #[test]
+    fn absurd_usage_caps_the_debt_and_never_panics() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(TPM, t0);
+        b.try_reserve(10, t0).unwrap();
+        b.settle(10, u64::MAX, t0);
+        // Ten minutes of debt plus the minute of the request's own estimate, not 10^17 s.
+        assert_eq!(b.try_reserve(600, t0), Err(Duration::from_secs(660)));
+        assert_eq!(b.until_full(t0), Duration::from_secs(660));
+        assert_eq!(b.remaining(t0 + Duration::from_secs(660)), 600);
+    }
+
+    #[test]
+    fn durations_saturate() {
+        assert_eq!(seconds(f64::INFINITY), Duration::from_secs(86_400));
+        assert_eq!(seconds(f64::NAN), Duration::from_secs(86_400));
+        assert_eq!(seconds(-5.0), Duration::ZERO);
+        assert_eq!(seconds(1e300), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! change, so a config reload that leaves a key alone leaves its budget alone.
 
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -39,15 +39,29 @@ impl Clock for TokioClock {
     }
 }
 
+/// Locks `mutex` even when a panic poisoned it: the state inside is plain numbers, valid at
+/// every step, and a limit that stopped counting after a panic would fail open.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    at: Instant,
+    remaining: u32,
+    next_free: Instant,
+}
 
 struct RequestLimit {
     per_minute: u64,
     burst: u32,
     interval: Duration,
     gcra: Gcra,
-    /// Remaining burst after the last decision and when it was made, for `peek`.
-    last: Mutex<(Instant, u32)>,
+    /// Remaining burst after the last decision and when it was made, for `peek`, and when
+    /// the next request will be admitted if that remaining was zero.
+    last: Mutex<Last>,
 }
 
 impl RequestLimit {
@@ -63,7 +77,7 @@ impl RequestLimit {
             burst,
             interval,
             gcra: RateLimiter::direct_with_clock(quota, TokioClock).with_middleware(),
-            last: Mutex::new((Instant::now(), burst)),
+            last: Mutex::new(Last { at: Instant::now(), remaining: burst, next_free: Instant::now() }),
         }
     }
 
@@ -80,22 +94,27 @@ impl RequestLimit {
         match self.gcra.check() {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
-                if let Ok(mut last) = self.last.lock() {
-                    *last = (now, remaining);
-                }
+                let next_free = if remaining == 0 { now + self.interval } else { now };
+                *lock(&self.last) = Last { at: now, remaining, next_free };
                 Ok(self.window(remaining))
             }
             Err(not_until) => {
-                if let Ok(mut last) = self.last.lock() {
-                    *last = (now, 0);
-                }
-                Err(not_until.wait_time_from(TokioClock.now()))
+                let wait = not_until.wait_time_from(TokioClock.now());
+                *lock(&self.last) = Last { at: now, remaining: 0, next_free: now + wait };
+                Err(wait)
             }
         }
     }
 
+    /// How long until a request would be admitted, when it would not be now (consuming
+    /// nothing).
+    fn busy_for(&self, now: Instant) -> Option<Duration> {
+        let last = *lock(&self.last);
+        (last.remaining == 0 && now < last.next_free).then(|| last.next_free - now)
+    }
+
     fn peek(&self) -> Window {
-        let (at, remaining) = self.last.lock().map_or((Instant::now(), self.burst), |last| *last);
+        let Last { at, remaining, .. } = *lock(&self.last);
         let refilled = (at.elapsed().as_secs_f64() / self.interval.as_secs_f64()) as u64;
         let remaining = (u64::from(remaining) + refilled).min(u64::from(self.burst)) as u32;
         self.window(remaining)
@@ -152,8 +171,7 @@ impl MemoryStore {
         // taken from the GCRA cannot be given back.
         let mut reserved = 0;
         if let Some(bucket) = &state.tokens {
-            // A poisoned lock means a panic elsewhere; fail open rather than refuse every request.
-            let Ok(mut bucket) = bucket.lock() else { return Decision::Admitted { reserved: 0, quota } };
+            let mut bucket = lock(bucket);
             match bucket.try_reserve(tokens, now) {
                 Ok(amount) => reserved = amount,
                 Err(wait) => {
@@ -169,10 +187,9 @@ impl MemoryStore {
                 Ok(window) => quota.requests = Some(window),
                 Err(wait) => {
                     if let Some(bucket) = &state.tokens {
-                        if let Ok(mut bucket) = bucket.lock() {
-                            bucket.settle(reserved, 0, now);
-                            quota.tokens = state.token_window(&mut bucket, now);
-                        }
+                        let mut bucket = lock(bucket);
+                        bucket.settle(reserved, 0, now);
+                        quota.tokens = state.token_window(&mut bucket, now);
                     }
                     quota.requests = Some(requests.window(0));
                     return Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota };
@@ -193,20 +210,43 @@ impl MemoryStore {
     /// The key's quota now, consuming nothing (for responses refused before admission).
     pub fn peek(&self, key: &KeyName, limits: &Limits) -> Quota {
         let state = self.state(key, limits);
-        let now = Instant::now();
-        let tokens =
-            state.tokens.as_ref().and_then(|b| b.lock().ok().and_then(|mut b| state.token_window(&mut b, now)));
-        Quota { requests: state.requests.as_ref().map(RequestLimit::peek), tokens }
+        self.quota_of(&state, Instant::now())
     }
 
-    /// Replaces a reservation with the tokens really used.
+    /// Replaces a reservation with the tokens really used, in the bucket it was taken from:
+    /// when a reload changed the key's limits since, that bucket is gone and so is the
+    /// reservation (settling into the new one, or recreating the old, would be wrong).
     pub fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
-        let state = self.state(key, limits);
-        if let Some(bucket) = &state.tokens {
-            if let Ok(mut bucket) = bucket.lock() {
-                bucket.settle(reserved, used, Instant::now());
-            }
+        let Some(state) = self.keys.get(key).map(|s| Arc::clone(&s)) else { return };
+        if state.limits != *limits {
+            return;
         }
+        if let Some(bucket) = &state.tokens {
+            lock(bucket).settle(reserved, used, Instant::now());
+        }
+    }
+
+    /// Refuses a request that no body could make admissible: its key has no request left
+    /// now, or no token at all. Consumes nothing; `admit` decides on the body's estimate.
+    pub fn precheck(&self, key: &KeyName, limits: &Limits) -> Option<Decision> {
+        let state = self.state(key, limits);
+        let now = Instant::now();
+        if let Some(wait) = state.requests.as_ref().and_then(|r| r.busy_for(now)) {
+            let quota = self.quota_of(&state, now);
+            return Some(Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota });
+        }
+        let bucket = state.tokens.as_ref()?;
+        let wait = lock(bucket).until_holding(1, now);
+        (!wait.is_zero()).then(|| Decision::Refused {
+            limit: LimitKind::Tokens,
+            retry_after: wait,
+            quota: self.quota_of(&state, now),
+        })
+    }
+
+    fn quota_of(&self, state: &KeyState, now: Instant) -> Quota {
+        let tokens = state.tokens.as_ref().and_then(|b| state.token_window(&mut lock(b), now));
+        Quota { requests: state.requests.as_ref().map(RequestLimit::peek), tokens }
     }
 
     /// Forgets keys not in `keep` (state of removed keys must not pile up across reloads).
@@ -228,6 +268,21 @@ mod tests {
             Decision::Admitted { reserved, quota } => (reserved, quota),
             other => panic!("refused: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lock_poisoned_by_a_panic_does_not_turn_the_token_limit_off() {
+        let store = MemoryStore::default();
+        let (key, limits) = (KeyName::new("k"), limits(None, Some(100)));
+        admitted(store.admit(&key, &limits, 100));
+        let state = store.state(&key, &limits);
+        let poisoner = std::thread::spawn(move || {
+            let _held = state.tokens.as_ref().unwrap().lock();
+            panic!("a panic while the bucket is locked");
+        });
+        assert!(poisoner.join().is_err());
+        assert!(matches!(store.admit(&key, &limits, 10), Decision::Refused { limit: LimitKind::Tokens, .. }));
+        assert!(store.precheck(&key, &limits).is_some(), "the precheck refuses the spent key too");
     }
 
     #[test]

@@ -53,6 +53,16 @@ pub struct Refused {
     pub quota: Quota,
 }
 
+impl Refused {
+    fn new(key: &Key, limit: LimitKind, retry_after: Duration, quota: Quota) -> Self {
+        let per_minute = match limit {
+            LimitKind::Requests => key.limits.requests_per_minute,
+            LimitKind::Tokens => key.limits.tokens_per_minute,
+        };
+        Self { limit, per_minute: per_minute.unwrap_or(0), retry_after, quota }
+    }
+}
+
 /// The limiter of the running gateway.
 pub struct Limiter {
     store: Store,
@@ -107,13 +117,22 @@ impl Limiter {
                 });
                 Ok(Some(Admission { quota, permit }))
             }
-            Decision::Refused { limit, retry_after, quota } => {
-                let per_minute = match limit {
-                    LimitKind::Requests => key.limits.requests_per_minute,
-                    LimitKind::Tokens => key.limits.tokens_per_minute,
-                };
-                Err(Refused { limit, per_minute: per_minute.unwrap_or(0), retry_after, quota })
-            }
+            Decision::Refused { limit, retry_after, quota } => Err(Refused::new(key, limit, retry_after, quota)),
+        }
+    }
+
+    /// Refuses, before its body is read, a request of `key` that its limits could not admit
+    /// whatever the body: no request left now, or no token. Consumes nothing.
+    pub async fn precheck(&self, key: &Key) -> Result<(), Refused> {
+        if key.limits.is_unlimited() {
+            return Ok(());
+        }
+        let decision = match &self.store {
+            Store::Memory(store) => store.precheck(&key.name, &key.limits),
+        };
+        match decision {
+            Some(Decision::Refused { limit, retry_after, quota }) => Err(Refused::new(key, limit, retry_after, quota)),
+            _ => Ok(()),
         }
     }
 
@@ -141,8 +160,10 @@ impl Limiter {
     }
 }
 
-/// A token reservation held while a request runs. `settle` replaces it with the real usage;
-/// dropped unsettled, the reservation (already taken from the budget) stands as the charge.
+/// A token reservation held while a request runs. `settle` replaces it with the real usage.
+/// Dropped unsettled, no upstream answer started (the answer's meter always settles once it
+/// has one): the reservation is refunded, so a key is not charged for a 502, 503 or 504, and
+/// SDK retries during an outage do not use up its budget.
 #[derive(Debug)]
 pub struct Permit {
     limiter: Arc<Limiter>,
@@ -158,9 +179,18 @@ impl Permit {
     }
 
     /// Charges `used` tokens instead of the reservation (refunding or charging the difference).
-    pub fn settle(self, used: u64) {
-        if used != self.reserved {
-            self.limiter.settle(&self.key, &self.limits, self.reserved, used);
+    pub fn settle(mut self, used: u64) {
+        let reserved = std::mem::take(&mut self.reserved);
+        if used != reserved {
+            self.limiter.settle(&self.key, &self.limits, reserved, used);
+        }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.reserved > 0 {
+            self.limiter.settle(&self.key, &self.limits, self.reserved, 0);
         }
     }
 }

@@ -100,7 +100,7 @@ fn write_openai_duration(d: Duration, out: &mut [u8; 32]) -> usize {
 
 /// `Retry-After`: whole seconds until admission, rounded up, at least 1.
 pub fn retry_after_secs(wait: Duration) -> u64 {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let secs = wait.as_secs().saturating_add(u64::from(wait.subsec_nanos() > 0));
     secs.max(1)
 }
 

@@ -116,7 +116,7 @@ impl Metering {
         let (used, source) = match (self.success, usage, &self.counter) {
             (false, _, _) => (0, "error answer"),
             (true, Some(usage), _) => (usage.total(), "reported"),
-            (true, None, Some(counter)) => (self.prompt_estimate + counter.events(), "estimated"),
+            (true, None, Some(counter)) => (self.prompt_estimate.saturating_add(counter.events()), "estimated"),
             (true, None, None) => (permit.reserved(), "reservation"),
         };
         tracing::debug!(reserved = permit.reserved(), used, source, "tokens settled");

@@ -36,6 +36,7 @@ use crate::exchange::{Ending, Exchange};
 use crate::limits::Permit;
 use crate::metrics::Metrics;
 use crate::request::TokenEstimate;
+use crate::server::activity::Active;
 use crate::upstream::headers::strip_response_headers;
 use crate::upstream::{Answer, FailureKind, Lease, Outcome, Slot, root_cause};
 pub use meter::Meter;
@@ -48,6 +49,8 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct ResponseBody {
     kind: Kind,
+    /// The request's place on its client connection, given up with the body.
+    active: Option<Active>,
 }
 
 #[derive(Debug)]
@@ -157,12 +160,17 @@ impl Drop for Observe {
 impl ResponseBody {
     /// A body written by the gateway.
     pub fn full(bytes: Bytes) -> Self {
-        Self { kind: Kind::Full(Some(bytes)) }
+        Self { kind: Kind::Full(Some(bytes)), active: None }
     }
 
     /// An upstream body, forwarded as it arrives.
     pub fn upstream(body: Incoming, forwarding: Forwarding) -> Self {
-        Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))) }
+        Self { kind: Kind::Upstream(Box::pin(Forwarded::new(body, forwarding))), active: None }
+    }
+
+    /// Keeps the request counted as in flight on its connection until the body is done.
+    pub fn hold(&mut self, active: Active) {
+        self.active = Some(active);
     }
 
     /// Hands the request's record to an upstream body, which finishes it at its end (with the

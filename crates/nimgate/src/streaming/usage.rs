@@ -25,7 +25,7 @@ pub struct Usage {
 impl Usage {
     /// What the request costs: `total_tokens`, or prompt plus completion when it is absent.
     pub fn total(&self) -> u64 {
-        self.total_tokens.unwrap_or(self.prompt_tokens + self.completion_tokens)
+        self.total_tokens.unwrap_or(self.prompt_tokens.saturating_add(self.completion_tokens))
     }
 }
 

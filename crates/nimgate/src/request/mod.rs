@@ -4,6 +4,8 @@
 //! tree. The same bytes are what goes upstream, changed only by splices at known offsets (a
 //! route's model alias, the stream usage nimgate asks for on the client's behalf).
 
+mod budget;
+
 use std::borrow::Cow;
 use std::ops::Range;
 use std::time::Duration;
@@ -20,6 +22,7 @@ use crate::error::GatewayError;
 use crate::routing::Route;
 use crate::upstream::UpstreamBody;
 use crate::upstream::headers::X_REQUEST_ID;
+pub use budget::{BodyBudget, BodyLease};
 
 /// The longest client-chosen request id nimgate keeps; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -46,19 +49,32 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads `body` whole, refusing it with 413 once it exceeds `max_bytes`: at once when the
 /// `Content-Length` in `headers` is over, or as soon as the bytes received are, without reading
-/// the rest into memory.
-pub async fn read_capped(body: Incoming, headers: &HeaderMap, max_bytes: u64) -> Result<Bytes, GatewayError> {
+/// the rest into memory. Every byte is read into room taken first from the gateway's body
+/// budget (`lease`, kept by the caller while it needs the bytes).
+pub async fn read_capped(
+    body: Incoming,
+    headers: &HeaderMap,
+    max_bytes: u64,
+    lease: &mut BodyLease,
+) -> Result<Bytes, GatewayError> {
     let content_length = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
     if content_length.is_some_and(|declared| declared > max_bytes) {
         return Err(GatewayError::RequestTooLarge { limit: max_bytes });
     }
-    match tokio::time::timeout(BODY_READ_TIMEOUT, collect(body, content_length, max_bytes)).await {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect(body, content_length, max_bytes, lease)).await {
         Ok(result) => result,
         Err(_) => Err(GatewayError::RequestTimeout(BODY_READ_TIMEOUT)),
     }
 }
 
-async fn collect(mut body: Incoming, content_length: Option<u64>, max_bytes: u64) -> Result<Bytes, GatewayError> {
+async fn collect(
+    mut body: Incoming,
+    content_length: Option<u64>,
+    max_bytes: u64,
+    lease: &mut BodyLease,
+) -> Result<Bytes, GatewayError> {
+    // Room is taken for bytes received, not for a declared length: a client that only
+    // declares 10 MiB must not hold 10 MiB of everyone's budget.
     // The common case is one frame: keep it as is, no copy.
     let mut first: Option<Bytes> = None;
     let mut joined: Option<BytesMut> = None;
@@ -66,9 +82,12 @@ async fn collect(mut body: Incoming, content_length: Option<u64>, max_bytes: u64
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| GatewayError::InvalidRequest(format!("could not read the request body: {e}")))?;
         let Ok(data) = frame.into_data() else { continue };
-        total += data.len() as u64;
+        total = total.saturating_add(data.len() as u64);
         if total > max_bytes {
             return Err(GatewayError::RequestTooLarge { limit: max_bytes });
+        }
+        if total > lease.bytes() {
+            lease.grow(total - lease.bytes()).await?;
         }
         match (&mut first, &mut joined) {
             (None, None) => first = Some(data),
@@ -209,8 +228,9 @@ pub struct TokenEstimate {
 }
 
 impl TokenEstimate {
+    /// Saturating: `max_tokens` is the client's number and may be near `u64::MAX`.
     pub fn total(&self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
@@ -340,6 +360,13 @@ fn strip_position(e: &serde_json::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_max_tokens_near_the_top_of_u64_saturates_the_estimate_instead_of_wrapping() {
+        let body = format!(r#"{{"model":"m","max_tokens":{}}}"#, u64::MAX - 1);
+        let estimate = peek(body.as_bytes()).unwrap().token_estimate(1 << 20, true, 512);
+        assert_eq!(estimate.total(), u64::MAX);
+    }
 
     fn message(body: &str) -> String {
         peek(body.as_bytes()).unwrap_err().to_string()

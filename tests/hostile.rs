@@ -1,0 +1,223 @@
+//! Keys and backends that try to break a limit or the gateway's memory: over-limit keys
+//! sending big bodies, many unfinished bodies on one h2 connection, `max_tokens` near
+//! `u64::MAX`, a backend reporting absurd usage, and outages that must not cost a key its
+//! token budget. Real sockets throughout; hostile backends are small servers on loopback.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nimgate_tests::*;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LLAMA: &str = "meta/llama-3.1-8b-instruct";
+const MIB: usize = 1024 * 1024;
+
+#[tokio::test]
+async fn a_key_over_its_limit_is_refused_before_its_body_is_read() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team", &["*"], Some(1), None).start().await;
+    assert_eq!(gw.client("team").chat(LLAMA).await.status, 200);
+
+    // The next request declares 1 MiB and sends a few bytes of it: its 429 comes at once.
+    let mut stream = TcpStream::connect(gw.running.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nContent-Length: {MIB}\r\n\r\n{{\"model\":",
+        secret("team")
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer))
+        .await
+        .expect("the refusal does not wait for the body")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+    assert!(text.contains("rate_limit_exceeded") && text.to_ascii_lowercase().contains("retry-after"), "{text}");
+}
+
+/// A request body that sends all but its last byte, then never ends.
+struct Unfinished {
+    chunk: Option<Bytes>,
+}
+
+impl Body for Unfinished {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.chunk.take() {
+            Some(chunk) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
+            None => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(MIB as u64)
+    }
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[tokio::test]
+async fn unfinished_bodies_on_one_h2_connection_hold_no_more_than_the_body_budget() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let budget = 4 * MIB as u64;
+    let gw = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key("team", &["*"])
+        .max_body_bytes(MIB as u64)
+        .with(|raw| {
+            raw.server.max_buffered_body_bytes = Some(budget);
+            raw.server.header_read_timeout = Some("1s".into());
+        })
+        .start()
+        .await;
+    let before = resident_bytes();
+    let io = TokioIo::new(TcpStream::connect(gw.running.addr()).await.unwrap());
+    let (sender, connection) =
+        hyper::client::conn::http2::Builder::new(TokioExecutor::new()).handshake::<_, Unfinished>(io).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let chunk = Bytes::from(vec![b' '; MIB - 1]);
+    let mut requests = Vec::new();
+    for _ in 0..64 {
+        let mut sender = sender.clone();
+        let request = http::Request::post(format!("{}/v1/chat/completions", gw.url))
+            .header("authorization", format!("Bearer {}", secret("team")))
+            .body(Unfinished { chunk: Some(chunk.clone()) })
+            .unwrap();
+        requests.push(tokio::spawn(async move {
+            let response = sender.send_request(request).await.ok()?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some((status, String::from_utf8_lossy(&body).into_owned()))
+        }));
+    }
+    // Those that found no room within header_read_timeout are refused; the rest wait for
+    // their last byte.
+    let started = Instant::now();
+    let mut refused = 0;
+    for request in &mut requests {
+        let deadline = tokio::time::Instant::from_std(started + Duration::from_secs(3));
+        if let Ok(Ok(Some((status, body)))) = tokio::time::timeout_at(deadline, request).await {
+            assert_eq!(status, 503, "{body}");
+            assert!(body.contains("server_overloaded"), "{body}");
+            refused += 1;
+        }
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    println!("64 unfinished 1 MiB bodies, budget 4 MiB: {refused} refused, RSS grew {} KiB", grown / 1024);
+    assert!(refused >= 56, "only {refused} of 64 refused within {:?}", started.elapsed());
+    assert!(gw.gateway.body_budget().available() as u64 <= budget);
+    let (_, samples) = scrape(&gw).await;
+    assert!(value(&samples, "nimgate_body_budget_waits_total{result=\"refused\"}") >= 56.0);
+    // The client leaves (hyper's h2 client closes its socket once nothing uses it): every
+    // byte of room comes back.
+    for request in &requests {
+        request.abort();
+    }
+    connection.abort();
+    drop(sender);
+    eventually("the budget is whole again", Duration::from_secs(5), || async {
+        gw.gateway.body_budget().available() as u64 == budget
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_max_tokens_near_u64_max_cannot_wrap_a_token_limit() {
+    // A backend that takes its time (nim-sim refuses such a max_tokens itself).
+    let answer = json!({"id": "x", "object": "chat.completion", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 5}});
+    let url = answering_backend(
+        Duration::from_millis(300),
+        200,
+        &[("content-type", "application/json")],
+        &answer.to_string(),
+    )
+    .await;
+    let gw = gateway()
+        .backend("slow", &url)
+        .route(LLAMA, &["slow"])
+        .key_limited("team", &["*"], None, Some(1000))
+        .start()
+        .await;
+    let client = gw.client("team");
+    let mut body = chat_body(LLAMA, false);
+    body["max_tokens"] = json!(u64::MAX - 1);
+    let replies = (0..8).map(|_| {
+        let (client, body) = (client.clone(), body.clone());
+        tokio::spawn(async move { client.post_json("/v1/chat/completions", &body).await.status.as_u16() })
+    });
+    let mut statuses = Vec::new();
+    for reply in replies {
+        statuses.push(reply.await.unwrap());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 429, 429, 429, 429, 429, 429, 429]);
+}
+
+#[tokio::test]
+async fn a_backend_reporting_absurd_usage_neither_panics_nor_opens_nor_locks_out_the_key() {
+    let max = u64::MAX;
+    let answer = json!({
+        "id": "x", "object": "chat.completion", "model": LLAMA,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": max, "completion_tokens": max}
+    });
+    let url =
+        answering_backend(Duration::ZERO, 200, &[("content-type", "application/json")], &answer.to_string()).await;
+    let gw = gateway()
+        .backend("liar", &url)
+        .route(LLAMA, &["liar"])
+        .key_limited("team", &["*"], None, Some(600))
+        .start()
+        .await;
+    let client = gw.client("team");
+    assert_eq!(client.chat(LLAMA).await.status, 200);
+    for _ in 0..3 {
+        let reply = client.chat(LLAMA).await;
+        reply.assert_error(429, "rate_limit_exceeded");
+        let retry_after: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+        // Ten minutes of debt at most, plus the time to refill this request's estimate.
+        assert!((60..=720).contains(&retry_after), "Retry-After: {retry_after}");
+    }
+}
+
+#[tokio::test]
+async fn requests_failing_before_any_upstream_answer_cost_no_tokens() {
+    let dead = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let gw = gateway()
+        .backend("dead", &dead)
+        .route(LLAMA, &["dead"])
+        .key_limited("team", &["*"], None, Some(1000))
+        .with(|raw| raw.balancing.eject_after = Some(1000))
+        .start()
+        .await;
+    let client = gw.client("team");
+    // Each reserves about 530 tokens (the prompt and 512 default completion tokens).
+    for _ in 0..6 {
+        let reply = client.chat(LLAMA).await;
+        reply.assert_error(502, "upstream_unavailable");
+    }
+    // The last answer's headers show only its own reservation out (refunded after them).
+    let reply = client.chat(LLAMA).await;
+    let remaining: u64 = reply.header("x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    assert!(remaining >= 400, "outage retries used up the key's budget: {remaining} left");
+}
