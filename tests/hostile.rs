@@ -221,3 +221,58 @@ async fn requests_failing_before_any_upstream_answer_cost_no_tokens() {
     let remaining: u64 = reply.header("x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
     assert!(remaining >= 400, "outage retries used up the key's budget: {remaining} left");
 }
+
+/// A backend whose stream never ends an event: 200 KiB of `data:` lines without a blank line,
+/// in small writes, then silence.
+async fn endless_event_backend() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                while !String::from_utf8_lossy(&request).contains("\r\n\r\n") {
+                    let Ok(n) = socket.read(&mut buffer).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                let line = "data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n";
+                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                for _ in 0..(200 * 1024 / line.len()) {
+                    if socket.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_stream_without_event_ends_reaches_the_client_as_it_comes() {
+    let gw = gateway()
+        .backend("endless", &endless_event_backend().await)
+        .route(LLAMA, &["endless"])
+        .key("team", &["*"])
+        .start()
+        .await;
+    let response = gw.client("team").chat_stream(LLAMA).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut received = 0;
+    while received < 100 * 1024 {
+        let frame = next_frame(&mut body, Duration::from_secs(3))
+            .await
+            .unwrap_or_else(|| panic!("held back: only {received} bytes reached the client"));
+        received += frame.len();
+    }
+}

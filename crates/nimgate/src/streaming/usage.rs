@@ -44,8 +44,9 @@ fn key_starts_in(tail: &[u8], next: &[u8]) -> bool {
     let window = &window[..tail.len() + take];
     (0..tail.len()).any(|i| window[i..].starts_with(USAGE_KEY))
 }
-/// A usage object longer than this is not a usage object; the carry is dropped.
-const MAX_CARRY: usize = 64 * 1024;
+/// A usage object longer than this is not a usage object; the carry is dropped. Small, since
+/// an unfinished object is parsed again whenever a `}` arrives.
+const MAX_CARRY: usize = 4 * 1024;
 
 /// Finds the last `"usage": {...}` object in a byte stream fed frame by frame.
 #[derive(Debug, Default)]
@@ -65,6 +66,9 @@ impl UsageScanner {
             let keep = self.scan(bytes);
             self.carry.clear();
             self.carry.extend_from_slice(&bytes[keep..]);
+        } else if self.carry.len() >= USAGE_KEY.len() && memchr::memchr(b'}', bytes).is_none() {
+            // An object still open: it cannot have ended without a `}`.
+            self.carry.extend_from_slice(bytes);
         } else {
             let mut joined = std::mem::take(&mut self.carry);
             joined.extend_from_slice(bytes);
@@ -129,45 +133,103 @@ fn skip_whitespace(buf: &[u8], from: usize) -> Option<usize> {
 /// client did not ask for it. Complete events pass at once, untouched and uncopied; only an
 /// event cut by a frame boundary waits for the rest of itself, so that the usage event can be
 /// seen whole. Once it has been removed, everything passes straight through.
+///
+/// Linear whatever the backend sends: each frame is searched for event ends once, each byte
+/// is copied at most twice, and an event still open past `MAX_EVENT` bytes (no usage event is
+/// that long) is forwarded as it comes until it ends, so that a stream without blank lines is
+/// neither held back from the client nor rescanned per frame.
 #[derive(Debug, Default)]
 pub struct UsageEventStripper {
     carry: BytesMut,
+    /// Inside an event longer than `MAX_EVENT`, forwarded as it comes.
+    overlong: bool,
     removed: bool,
 }
+
+/// The longest event the stripper holds back waiting for its end. A usage-only event is a few
+/// hundred bytes.
+pub const MAX_EVENT: usize = 4 * 1024;
 
 impl UsageEventStripper {
     /// The bytes to forward for `frame` (empty when all of it waits for the next frame).
     pub fn process(&mut self, frame: Bytes) -> Bytes {
-        let data = if self.carry.is_empty() {
-            frame
-        } else {
-            self.carry.extend_from_slice(&frame);
-            self.carry.split().freeze()
-        };
         if self.removed {
-            return data;
+            return self.join(frame);
         }
-        let end = last_event_end(&data);
-        if end < data.len() {
-            self.carry.extend_from_slice(&data[end..]);
-        }
-        let complete = data.slice(..end);
-        match usage_only_event(&complete) {
+        let Some(end) = events_end(&self.carry, &frame) else {
+            // The event goes on past this frame.
+            if self.overlong {
+                return frame;
+            }
+            self.carry.extend_from_slice(&frame);
+            if self.carry.len() > MAX_EVENT {
+                self.overlong = true;
+                return self.carry.split().freeze();
+            }
+            return Bytes::new();
+        };
+        let complete = self.join(frame.slice(..end));
+        let rest = frame.slice(end..);
+        // The end of an overlong event is no event of its own: it is not looked at.
+        let skip = if std::mem::take(&mut self.overlong) { last_event_end_from(&complete).unwrap_or(0) } else { 0 };
+        let out = match usage_only_event(&complete[skip..]) {
             None => complete,
             Some(event) => {
                 self.removed = true;
-                let mut out = BytesMut::with_capacity(complete.len() - event.len());
+                let event = event.start + skip..event.end + skip;
+                let mut out = BytesMut::with_capacity(complete.len() - event.len() + rest.len());
                 out.extend_from_slice(&complete[..event.start]);
                 out.extend_from_slice(&complete[event.end..]);
-                out.freeze()
+                if !rest.is_empty() {
+                    out.extend_from_slice(&rest);
+                }
+                return out.freeze();
             }
+        };
+        if rest.len() > MAX_EVENT {
+            // A long unfinished event after the complete ones: forwarded with them.
+            self.overlong = true;
+            let mut joined = BytesMut::with_capacity(out.len() + rest.len());
+            joined.extend_from_slice(&out);
+            joined.extend_from_slice(&rest);
+            return joined.freeze();
         }
+        self.carry.extend_from_slice(&rest);
+        out
+    }
+
+    /// `bytes` after what is held, as one buffer (no copy when nothing is held).
+    fn join(&mut self, bytes: Bytes) -> Bytes {
+        if self.carry.is_empty() {
+            return bytes;
+        }
+        self.carry.extend_from_slice(&bytes);
+        self.carry.split().freeze()
     }
 
     /// What is still held when the stream ends (an unterminated last event), to forward as is.
     pub fn finish(&mut self) -> Bytes {
         self.carry.split().freeze()
     }
+}
+
+/// Where the complete events end in `frame`, the bytes after `held`: just past the last blank
+/// line, which may begin in the last bytes held. Only the new bytes are searched.
+fn events_end(held: &[u8], frame: &[u8]) -> Option<usize> {
+    let inside = last_event_end(frame);
+    if inside > 0 {
+        return Some(inside);
+    }
+    // A blank line cut by the frame boundary ends in the frame's first three bytes.
+    let before = &held[held.len().saturating_sub(3)..];
+    let mut window = [0u8; 6];
+    let after = frame.len().min(3);
+    window[..before.len()].copy_from_slice(before);
+    window[before.len()..before.len() + after].copy_from_slice(&frame[..after]);
+    (before.len()..before.len() + after)
+        .rev()
+        .find(|&i| window[i] == b'\n' && ends_blank_line(&window[..before.len() + after], i))
+        .map(|i| i - before.len() + 1)
 }
 
 /// The offset just past the last blank line (`\n\n` or `\r\n\r\n`) in `data`, or 0. Runs on
@@ -188,20 +250,21 @@ fn ends_blank_line(data: &[u8], i: usize) -> bool {
     (i >= 1 && data[i - 1] == b'\n') || (i >= 3 && &data[i - 3..i] == b"\r\n\r")
 }
 
-/// The byte range of the usage-only event in `events` (complete events only), if any.
+/// The byte range of the usage-only event in `events` (complete events only), if any. Each
+/// event is searched once: after a `"usage"` key, the search goes on from its event's end.
 fn usage_only_event(events: &[u8]) -> Option<Range<usize>> {
     let mut pos = 0;
     while let Some(found) = USAGE_FINDER.find(&events[pos..]) {
         let at = pos + found;
-        pos = at + USAGE_KEY.len();
-        if !matches!(object_after_key(events, pos), Some(Ok(_))) {
-            continue;
-        }
-        let start = last_event_end(&events[..at]);
+        let start = pos + last_event_end(&events[pos..at]);
         let end = at + last_event_end_from(&events[at..])?;
-        if is_usage_only(&events[start..end]) {
+        if end - start <= MAX_EVENT
+            && matches!(object_after_key(events, at + USAGE_KEY.len()), Some(Ok(_)))
+            && is_usage_only(&events[start..end])
+        {
             return Some(start..end);
         }
+        pos = end;
     }
     None
 }
@@ -369,6 +432,40 @@ mod tests {
         let out = stripper.process(frame.clone());
         assert_eq!(out.as_ptr(), frame.as_ptr());
         assert_eq!(out.len(), frame.len());
+    }
+
+    #[test]
+    fn a_stream_without_event_ends_is_forwarded_as_it_comes_holding_little() {
+        // 32 MB of one endless "event" (lines, never a blank one), in 1 KiB frames.
+        let frame = Bytes::from("data: {\"usage\": {\"x\": 1}\n".repeat(40));
+        let mut stripper = UsageEventStripper::default();
+        let mut forwarded = 0;
+        for i in 0..32 * 1024 {
+            forwarded += stripper.process(frame.clone()).len();
+            let fed = (i + 1) * frame.len();
+            assert!(fed - forwarded <= MAX_EVENT, "held {} bytes after {fed}", fed - forwarded);
+        }
+        forwarded += stripper.finish().len();
+        assert_eq!(forwarded, 32 * 1024 * frame.len());
+        // Then a real stream resumes, and its usage event is still found.
+        let tail = "\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n";
+        let out = stripper.process(Bytes::from(tail));
+        assert_eq!(out, "\n\ndata: [DONE]\n\n");
+    }
+
+    #[test]
+    fn one_byte_frames_are_joined_without_rescanning() {
+        let event = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\n\ndata: [DONE]\n\n";
+        let mut stripper = UsageEventStripper::default();
+        let mut scanner = UsageScanner::default();
+        let mut out = Vec::new();
+        for byte in event.bytes() {
+            out.extend_from_slice(&stripper.process(Bytes::copy_from_slice(&[byte])));
+            scanner.feed(&[byte]);
+        }
+        out.extend_from_slice(&stripper.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), "data: [DONE]\n\n");
+        assert_eq!(scanner.usage().map(|u| u.prompt_tokens), Some(1));
     }
 
     #[test]
