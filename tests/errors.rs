@@ -106,8 +106,10 @@ async fn a_refused_connection_gets_502_upstream_unavailable_at_once() {
     let reply = gw.client("team-a").chat(LLAMA).await;
     let message = reply.assert_error(502, "upstream_unavailable");
     assert_eq!(reply.json()["error"]["type"], "server_error");
-    assert!(message.contains("dead"), "{message}");
-    assert!(!message.contains("127.0.0.1"), "no internal addresses in client errors: {message}");
+    // No backend name, address or OS error reaches the client (they are in the access log).
+    for internal in ["dead", "127.0.0.1", "os error", "refused"] {
+        assert!(!message.contains(internal), "{internal} in a client error: {message}");
+    }
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
@@ -147,7 +149,7 @@ async fn a_backend_too_slow_to_answer_gets_504_after_its_first_byte_timeout() {
     let started = Instant::now();
     let reply = gw.client("team-a").chat(LLAMA).await;
     let message = reply.assert_error(504, "upstream_timeout");
-    assert!(message.contains("300ms"), "{message}");
+    assert!(!message.contains("slow"), "no backend name in a client error: {message}");
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(3), "{took:?}");
     eventually("the abandoned upstream request is cancelled", Duration::from_secs(5), || async {

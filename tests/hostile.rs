@@ -111,9 +111,12 @@ async fn unfinished_bodies_on_one_h2_connection_hold_no_more_than_the_body_budge
     // their last byte.
     let started = Instant::now();
     let mut refused = 0;
+    while requests.iter().filter(|r| r.is_finished()).count() < 60 && started.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for request in &mut requests {
-        let deadline = tokio::time::Instant::from_std(started + Duration::from_secs(3));
-        if let Ok(Ok(Some((status, body)))) = tokio::time::timeout_at(deadline, request).await {
+        if request.is_finished() {
+            let (status, body) = request.await.unwrap().expect("an answer");
             assert_eq!(status, 503, "{body}");
             assert!(body.contains("server_overloaded"), "{body}");
             refused += 1;
@@ -122,6 +125,7 @@ async fn unfinished_bodies_on_one_h2_connection_hold_no_more_than_the_body_budge
     let grown = resident_bytes().saturating_sub(before);
     println!("64 unfinished 1 MiB bodies, budget 4 MiB: {refused} refused, RSS grew {} KiB", grown / 1024);
     assert!(refused >= 56, "only {refused} of 64 refused within {:?}", started.elapsed());
+    assert!(grown < 40 * MIB as u64, "RSS grew {grown} bytes with a 4 MiB body budget");
     assert!(gw.gateway.body_budget().available() as u64 <= budget);
     let (_, samples) = scrape(&gw).await;
     assert!(value(&samples, "nimgate_body_budget_waits_total{result=\"refused\"}") >= 56.0);
@@ -275,4 +279,26 @@ async fn a_stream_without_event_ends_reaches_the_client_as_it_comes() {
             .unwrap_or_else(|| panic!("held back: only {received} bytes reached the client"));
         received += frame.len();
     }
+}
+
+#[tokio::test]
+async fn a_model_string_cannot_forge_colour_or_flood_a_text_log_line() {
+    let logs = Logs::default();
+    let _capture = logs.capture_text();
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key("team", &["meta/*"]).start().await;
+    let forged = format!(
+        "evil\n2026-12-03T00:00:00Z  INFO nimgate::access: request key=admin status=200\u{1b}[2J\u{0}{}",
+        "m".repeat(1 << 20)
+    );
+    let reply = gw.client("team").post_json("/v1/chat/completions", &json!({"model": forged, "messages": []})).await;
+    let message = reply.assert_error(404, "model_not_found");
+    assert!(message.len() < 1024, "the error repeats at most a clipped model: {} bytes", message.len());
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("nimgate::access")).collect();
+    assert_eq!(lines.len(), 1, "one access line, no forged one: {text}");
+    let line = lines[0];
+    assert!(line.len() < 4096, "a {} byte log line", line.len());
+    assert!(!line.chars().any(|c| c.is_control()), "raw control characters logged: {line:?}");
+    assert!(line.contains("evil\\n2026"), "the model is shown, escaped: {line}");
 }

@@ -475,3 +475,50 @@ pub async fn answering_backend(delay: Duration, status: u16, headers: &[(&str, &
     });
     url
 }
+
+/// The gateway's log lines, written into memory by a subscriber set as the default of the
+/// test's thread: `#[tokio::test]` runs the gateway's tasks on that thread too.
+#[derive(Clone, Default)]
+pub struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's logs as JSON lines until the guard is dropped.
+    pub fn capture_json(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        tracing::subscriber::set_default(tracing_subscriber::fmt().json().with_writer(move || writer.clone()).finish())
+    }
+
+    /// Captures this thread's logs as plain text lines (the default format, no colours).
+    pub fn capture_text(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish(),
+        )
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The `fields` of each JSON line logged with `message`.
+    pub fn with_message(&self, message: &str) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .filter(|line| line["fields"]["message"] == message)
+            .map(|line| line["fields"].clone())
+            .collect()
+    }
+}

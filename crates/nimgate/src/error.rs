@@ -45,13 +45,15 @@ pub enum GatewayError {
     /// and none finished in time to make room.
     #[error("the gateway is reading too many request bodies at once; retry shortly")]
     Overloaded,
-    #[error("backend `{backend}` could not be reached: {cause}")]
+    // Upstream failures tell clients what happened in general words; which backend, the OS
+    // error and ejection timers stay in the access log (`detail`) and `/admin/backends`.
+    #[error("the model's backend could not be reached; retry later")]
     UpstreamUnavailable { backend: BackendName, cause: String },
-    #[error("backend `{backend}` did not answer within {}", humantime::format_duration(*.after))]
+    #[error("the model's backend did not answer in time")]
     UpstreamTimeout { backend: BackendName, after: Duration },
     /// Every backend of the route and its fallback is out (ejected, failing its health
     /// check) or full, and the wait for room ended.
-    #[error("no backend can take this request: {0}")]
+    #[error("no backend can take this request now; retry shortly")]
     NoHealthyBackend(String),
     /// The upstream answer broke after its head went out (reset, stalled, cut short): told
     /// in the answer's last SSE event, since the status can no longer change.
@@ -146,6 +148,21 @@ impl GatewayError {
             Self::NoHealthyBackend(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "no_healthy_backend"),
             Self::ReloadUnavailable => (StatusCode::CONFLICT, "invalid_request_error", "reload_unavailable"),
             Self::ConfigRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", "invalid_config"),
+        }
+    }
+
+    /// What operators need and clients must not see: the backend and the cause of an upstream
+    /// failure, the state of every backend of a refused route.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Self::UpstreamUnavailable { backend, cause } => {
+                Some(format!("backend `{backend}` could not be reached: {cause}"))
+            }
+            Self::UpstreamTimeout { backend, after } => {
+                Some(format!("backend `{backend}` did not answer within {}", humantime::format_duration(*after)))
+            }
+            Self::NoHealthyBackend(states) => Some(states.clone()),
+            _ => None,
         }
     }
 
@@ -355,8 +372,23 @@ mod tests {
         for (error, status, ..) in every_variant() {
             assert_eq!(error.to_string().contains("rate limit"), status == 429, "{error}");
         }
-        let message =
-            GatewayError::UpstreamTimeout { backend: BackendName::new("a"), after: Duration::from_secs(1) }.to_string();
-        assert!(message.contains("1s"));
+    }
+
+    #[test]
+    fn clients_get_general_words_and_operators_the_detail() {
+        let timeout =
+            GatewayError::UpstreamTimeout { backend: BackendName::new("gpu-7"), after: Duration::from_secs(1) };
+        let unreachable = GatewayError::UpstreamUnavailable {
+            backend: BackendName::new("gpu-7"),
+            cause: "connection refused (os error 111)".into(),
+        };
+        let full = GatewayError::NoHealthyBackend("gpu-7 ejected for 4999 ms more".into());
+        for error in [&timeout, &unreachable, &full] {
+            let body = String::from_utf8_lossy(&error.body()).into_owned();
+            assert!(!body.contains("gpu-7") && !body.contains("os error") && !body.contains("ms more"), "{body}");
+            assert!(error.detail().unwrap().contains("gpu-7"));
+        }
+        assert_eq!(timeout.detail().unwrap(), "backend `gpu-7` did not answer within 1s");
+        assert!(GatewayError::ModelNotFound("m".into()).detail().is_none());
     }
 }

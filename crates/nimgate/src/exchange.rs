@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::auth::Key;
 use crate::error::GatewayError;
 use crate::limits::{Admission, Limiter, Quota};
+use crate::logsafe::Clean;
 use crate::metrics::{Metrics, NONE};
 use crate::routing::Route;
 use crate::upstream::headers::X_REQUEST_ID;
@@ -147,7 +148,7 @@ impl Exchange {
                     method = %self.method,
                     path = self.path,
                     key = self.key.as_ref().map_or("-", |k| k.name.as_str()),
-                    model = self.model.as_deref().unwrap_or("-"),
+                    model = %Clean(self.model.as_deref().unwrap_or("-")),
                     route = self.route.as_ref().map_or("-", |r| r.pattern.as_str()),
                     backend = self.backend.as_ref().map_or("-", BackendName::as_str),
                     attempts = self.attempts,
@@ -163,8 +164,10 @@ impl Exchange {
             };
         }
         match ending.error {
-            Some(e) if e.status().is_server_error() => access!(warn, code = e.code(), error = %e, "request failed"),
-            Some(e) => access!(info, code = e.code(), error = %e, "request refused"),
+            Some(e) if e.status().is_server_error() => {
+                access!(warn, code = e.code(), error = %Clean(e), detail = e.detail().as_deref().map(|d| tracing::field::display(Clean(d))), "request failed")
+            }
+            Some(e) => access!(info, code = e.code(), error = %Clean(e), "request refused"),
             None if ending.cause.is_some() => {
                 access!(warn, error = ending.cause.unwrap_or_default(), "answer broken after its head was sent")
             }

@@ -16,6 +16,7 @@ use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::exchange::{Ending, Exchange};
 use crate::gateway::Gateway;
+use crate::logsafe;
 use crate::request;
 use crate::streaming::{self, Origin, ResponseBody};
 use crate::upstream::{self, Outgoing};
@@ -96,12 +97,13 @@ async fn infer(
     }
     let body = read?;
     let head = request::peek(&body)?;
-    exchange.model = Some(head.model.as_ref().into());
+    let model = logsafe::clip(&head.model);
+    exchange.model = Some(model.as_ref().into());
 
-    let route = snapshot.routes.find(&head.model).ok_or_else(|| GatewayError::ModelNotFound(head.model.to_string()))?;
+    let route = snapshot.routes.find(&head.model).ok_or_else(|| GatewayError::ModelNotFound(model.to_string()))?;
     exchange.route = Some(Arc::clone(route));
     if !key.allows(&head.model) {
-        return Err(GatewayError::ModelNotAllowed(head.model.to_string()));
+        return Err(GatewayError::ModelNotAllowed(model.to_string()));
     }
 
     let estimate = head.token_estimate(body.len(), endpoint.completes(), snapshot.rate_limits.default_max_tokens);

@@ -17,7 +17,8 @@
 //! - `upstream`: everything about talking to backends (pools, balancing, health, retries,
 //!   clients and connections, header rules, backends carried across reloads).
 //! - `error`: `GatewayError`, the contract's table, and the only writer of an error body.
-//! - `api`: the paths nimgate serves; `metrics`: the Prometheus registry; `tls`: PEM loading.
+//! - `api`: the paths nimgate serves; `metrics`: the Prometheus registry; `tls`: PEM loading;
+//!   `logsafe`: client strings cut and escaped for log lines.
 //!
 //! `start` and `run` below are the one place the gateway is put together: the binary, the demo
 //! and the test support all go through them.
@@ -32,6 +33,7 @@ pub mod gateway;
 pub mod glob;
 pub mod handler;
 pub mod limits;
+pub mod logsafe;
 pub mod metrics;
 pub mod models;
 pub mod reload;

@@ -270,8 +270,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lock_poisoned_by_a_panic_does_not_turn_the_token_limit_off() {
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_poisoned_by_a_panic_does_not_turn_the_token_limit_off() {
         let store = MemoryStore::default();
         let (key, limits) = (KeyName::new("k"), limits(None, Some(100)));
         admitted(store.admit(&key, &limits, 100));

@@ -432,11 +432,17 @@ impl Forwarded {
             *this.cause = Some(broken.message.clone());
             if *this.sse {
                 let timed_out = broken.kind == FailureKind::Timeout;
-                let event = GatewayError::AnswerBroken { timed_out, message: broken.message }.sse_event();
+                // The client hears what happened in general words; the cause is logged.
+                let message = if timed_out {
+                    "the answer stalled or ran past its time limit and was cut short"
+                } else {
+                    "the backend's answer broke before it was complete"
+                };
+                let event = GatewayError::AnswerBroken { timed_out, message: message.into() }.sse_event();
                 *this.bytes += event.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(event))));
             }
-            return Poll::Ready(Some(Err(broken.message.into())));
+            return Poll::Ready(Some(Err("the backend's answer broke before it was complete".into())));
         }
     }
 }
