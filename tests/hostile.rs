@@ -302,3 +302,47 @@ async fn a_model_string_cannot_forge_colour_or_flood_a_text_log_line() {
     assert!(!line.chars().any(|c| c.is_control()), "raw control characters logged: {line:?}");
     assert!(line.contains("evil\\n2026"), "the model is shown, escaped: {line}");
 }
+
+#[tokio::test]
+async fn the_admin_api_wants_its_token_and_refuses_what_a_browser_sends() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let file = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key("team", &["*"])
+        .env("ADMIN_TOKEN", "s3cret-admin")
+        .with(|raw| raw.server.admin_token_env = Some("ADMIN_TOKEN".into()))
+        .start_from_file()
+        .await;
+    let admin_url = &file.gw.admin_url;
+    for path in ["/metrics", "/admin/backends", "/admin/config"] {
+        let reply = TestClient::new(admin_url, None).get(path).await;
+        reply.assert_error(401, "invalid_api_key");
+        assert_eq!(reply.header("www-authenticate"), Some("Bearer"));
+        let wrong = TestClient::new(admin_url, Some("Bearer guess".into())).get(path).await;
+        wrong.assert_error(401, "invalid_api_key");
+        assert_eq!(TestClient::new(admin_url, Some("Bearer s3cret-admin".into())).get(path).await.status, 200);
+    }
+    let admin = TestClient::new(admin_url, Some("Bearer s3cret-admin".into()));
+    // A page's cross-origin "simple" POST, even one carrying the token, reloads nothing.
+    let forged = admin.request(
+        http::Method::POST,
+        "/admin/reload",
+        "",
+        &[("origin", "https://evil.example"), ("content-type", "text/plain")],
+    );
+    admin.fetch(forged).await.assert_error(403, "admin_forbidden");
+    let config = admin.get("/admin/config").await.json();
+    assert_eq!(config["version"], 1, "no reload happened");
+    assert!(!config.to_string().contains("s3cret-admin"), "the token is never shown");
+    assert_eq!(admin.post("/admin/reload", "").await.status, 200);
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_refuses_requests_by_a_rebindable_name() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key("team", &["*"]).start().await;
+    let admin = gw.admin_client();
+    assert_eq!(admin.get("/metrics").await.status, 200, "by IP address");
+    let rebound = admin.request(http::Method::GET, "/admin/config", "", &[("host", "attacker.example:9090")]);
+    admin.fetch(rebound).await.assert_error(403, "admin_forbidden");
+}

@@ -8,7 +8,11 @@
 //! - `POST /admin/reload`: reload the config file; 200 with the new version, or 422 with every
 //!   problem (the configuration in force stays).
 //!
-//! It shows names and URLs, never credentials.
+//! It shows names and URLs, never credentials. With `server.admin_token_env` set, every
+//! endpoint needs `Authorization: Bearer TOKEN` (401 without). Requests a browser makes (they
+//! carry `Origin`) are refused whatever they carry, so that no web page can drive a reload;
+//! without a token, so are requests by host name (`Host: evil.example` resolving to loopback:
+//! DNS rebinding): IP literals, `localhost` and single-label names (Kubernetes services) pass.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -24,6 +28,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::auth;
+use crate::config::AdminToken;
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
 use crate::metrics::BackendGauges;
@@ -89,6 +95,7 @@ async fn answer(
     reloader: Option<&Reloader>,
     request: &Request<Incoming>,
 ) -> Result<Response<ResponseBody>, GatewayError> {
+    guard(&gateway.snapshot().server.admin_token, request.headers())?;
     let path = request.uri().path();
     let allowed = match path {
         "/metrics" | "/admin/backends" | "/admin/config" => Method::GET,
@@ -136,6 +143,35 @@ async fn answer(
             )
         }
     })
+}
+
+/// Refuses browser-driven requests, requests without the admin token when one is set, and
+/// requests by a host name when none is.
+fn guard(token: &Option<AdminToken>, headers: &http::HeaderMap) -> Result<(), GatewayError> {
+    if headers.contains_key(http::header::ORIGIN) || headers.contains_key("sec-fetch-mode") {
+        return Err(GatewayError::AdminForbidden("the admin API does not serve requests made by a browser"));
+    }
+    match token {
+        Some(token) => match auth::bearer_token(headers) {
+            Ok(presented) if token.matches(presented.as_bytes()) => Ok(()),
+            _ => Err(GatewayError::AdminUnauthenticated),
+        },
+        None if host_is_not_a_name(headers) => Ok(()),
+        None => Err(GatewayError::AdminForbidden(
+            "the admin API answers requests by IP address, localhost or a single-label name; set server.admin_token_env to reach it by another name",
+        )),
+    }
+}
+
+/// Whether `Host` is absent, an IP literal, `localhost` or a single-label name: nothing a
+/// public DNS name can rebind.
+fn host_is_not_a_name(headers: &http::HeaderMap) -> bool {
+    let Some(host) = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()) else { return true };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => return v6.split_once(']').is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok()),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok() || name.eq_ignore_ascii_case("localhost") || !name.contains('.')
 }
 
 fn backends(gateway: &Gateway) -> Value {
@@ -190,4 +226,33 @@ fn json_response(status: StatusCode, value: &Value) -> Response<ResponseBody> {
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        pairs.iter().map(|(n, v)| (http::HeaderName::from_static(n), HeaderValue::from_str(v).unwrap())).collect()
+    }
+
+    #[test]
+    fn browsers_and_rebound_names_are_refused_and_the_token_is_required_when_set() {
+        let none = None;
+        for ok in ["127.0.0.1:9090", "localhost:9090", "[::1]:9090", "10.0.3.7:9090", "nimgate-admin:9090"] {
+            assert!(guard(&none, &headers(&[("host", ok)])).is_ok(), "{ok}");
+        }
+        assert!(guard(&none, &headers(&[])).is_ok());
+        for refused in ["evil.example:9090", "127.0.0.1.nip.io", "[::1"] {
+            assert!(matches!(guard(&none, &headers(&[("host", refused)])), Err(GatewayError::AdminForbidden(_))));
+        }
+        let cross_origin = headers(&[("host", "127.0.0.1:9090"), ("origin", "https://evil.example")]);
+        assert!(matches!(guard(&none, &cross_origin), Err(GatewayError::AdminForbidden(_))));
+
+        let token = Some(AdminToken::new("s3cret"));
+        let by_name = |auth: &str| headers(&[("host", "nimgate.example.com"), ("authorization", auth)]);
+        assert!(guard(&token, &by_name("Bearer s3cret")).is_ok(), "a token makes names safe");
+        assert!(matches!(guard(&token, &by_name("Bearer wrong")), Err(GatewayError::AdminUnauthenticated)));
+        assert!(matches!(guard(&token, &headers(&[])), Err(GatewayError::AdminUnauthenticated)));
+    }
 }

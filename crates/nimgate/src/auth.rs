@@ -131,7 +131,8 @@ pub fn digest_hex(key: &str) -> String {
     hex::encode(digest(key.as_bytes()))
 }
 
-fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthFailure> {
+/// The token of an `Authorization: Bearer TOKEN` header.
+pub fn bearer_token(headers: &HeaderMap) -> Result<&str, AuthFailure> {
     let value = headers.get(AUTHORIZATION).ok_or(AuthFailure::Missing)?;
     let value = value.to_str().map_err(|_| AuthFailure::Malformed)?;
     let (scheme, token) = value.split_once(' ').ok_or(AuthFailure::Malformed)?;

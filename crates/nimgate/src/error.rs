@@ -59,6 +59,13 @@ pub enum GatewayError {
     /// in the answer's last SSE event, since the status can no longer change.
     #[error("{message}")]
     AnswerBroken { timed_out: bool, message: String },
+    /// Admin listener: `server.admin_token_env` is set and the request lacks the token.
+    #[error("the admin API needs `Authorization: Bearer` with the token in server.admin_token_env")]
+    AdminUnauthenticated,
+    /// Admin listener: a request a browser made (an `Origin`), or one by a host name while no
+    /// admin token is set (a DNS-rebinding page): refused.
+    #[error("{0}")]
+    AdminForbidden(&'static str),
     /// Admin listener: a path it does not serve.
     #[error(
         "no such admin endpoint: {0} (there are GET /metrics, GET /admin/backends, GET /admin/config, POST /admin/reload)"
@@ -121,7 +128,10 @@ impl GatewayError {
     fn status_type_code(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_request"),
-            Self::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key"),
+            Self::Unauthenticated(_) | Self::AdminUnauthenticated => {
+                (StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key")
+            }
+            Self::AdminForbidden(_) => (StatusCode::FORBIDDEN, "permission_error", "admin_forbidden"),
             Self::ModelNotAllowed(_) => (StatusCode::FORBIDDEN, "permission_error", "model_not_allowed"),
             Self::ModelNotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", "model_not_found"),
             Self::UnknownPath(_) | Self::UnknownAdminPath(_) => {
@@ -204,6 +214,9 @@ impl GatewayError {
             Self::MethodNotAllowed { allow, .. } => {
                 headers.insert(ALLOW, HeaderValue::from_static(allow));
             }
+            Self::AdminUnauthenticated => {
+                headers.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
             Self::RateLimited(refused) => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(refused.retry_after)));
                 refused.quota.write_headers(headers);
@@ -269,6 +282,8 @@ mod tests {
             (GatewayError::RateLimited(refused()), 429, "rate_limit_error", "rate_limit_exceeded"),
             (GatewayError::RequestTooLarge { limit: 10 }, 413, "invalid_request_error", "request_too_large"),
             (GatewayError::RequestTimeout(Duration::from_secs(60)), 408, "invalid_request_error", "request_timeout"),
+            (GatewayError::AdminUnauthenticated, 401, "authentication_error", "invalid_api_key"),
+            (GatewayError::AdminForbidden("no"), 403, "permission_error", "admin_forbidden"),
             (GatewayError::HeaderTooLarge { limit: 1024 }, 431, "invalid_request_error", "request_header_too_large"),
             (GatewayError::Overloaded, 503, "server_error", "server_overloaded"),
             (

@@ -144,6 +144,13 @@ pub async fn start(launch: Launch) -> std::io::Result<Running> {
         Some(bound) => bound,
         None => (server::bind(snapshot.server.listen).await?, server::bind(snapshot.server.admin_listen).await?),
     };
+    let admin_addr = admin_listener.local_addr()?;
+    if !admin_addr.ip().is_loopback() && snapshot.server.admin_token.is_none() {
+        tracing::warn!(
+            admin_listen = %admin_addr,
+            "the admin API listens beyond loopback without a token: whoever reaches it can read the config and reload it; set server.admin_token_env"
+        );
+    }
     tracing::info!(
         config = source.as_ref().map(|(path, _)| path.display().to_string()),
         listen = %listener.local_addr()?, admin_listen = %admin_listener.local_addr()?,

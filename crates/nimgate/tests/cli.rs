@@ -37,6 +37,18 @@ fn check_config_accepts_the_shipped_examples() {
 }
 
 #[test]
+fn the_shipped_examples_hold_no_key_anyone_could_guess() {
+    let guessable = ["password", "1", "123456", "secret", "changeme", "admin", "test", "key", "nimgate", "demo", ""];
+    for file in ["config/nimgate.yaml", "config/demo.yaml"] {
+        let text = std::fs::read_to_string(repo_file(file)).unwrap();
+        for guess in guessable {
+            let digest = nimgate::auth::digest_hex(guess);
+            assert!(!text.contains(&digest), "{file} holds the digest of {guess:?}");
+        }
+    }
+}
+
+#[test]
 fn check_config_lists_every_problem_with_its_path_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.yaml");
