@@ -346,3 +346,48 @@ async fn without_a_token_the_admin_api_refuses_requests_by_a_rebindable_name() {
     let rebound = admin.request(http::Method::GET, "/admin/config", "", &[("host", "attacker.example:9090")]);
     admin.fetch(rebound).await.assert_error(403, "admin_forbidden");
 }
+
+#[tokio::test]
+async fn one_upstream_429_does_not_take_a_lone_backend_out_of_every_route() {
+    let url = answering_backend(
+        Duration::ZERO,
+        429,
+        &[("retry-after", "300"), ("content-type", "application/json")],
+        r#"{"error":{"message":"slow down"}}"#,
+    )
+    .await;
+    let gw = gateway().backend("busy", &url).route(LLAMA, &["busy"]).key("team", &["*"]).start().await;
+    let client = gw.client("team");
+    let reply = client.chat(LLAMA).await;
+    assert_eq!(reply.status, 429, "the backend's own answer");
+    assert_eq!(reply.header("retry-after"), Some("300"));
+    assert_eq!(gw.admin_backend("busy").await["ejected"], false, "one refusal ejects nothing");
+    assert_eq!(client.chat(LLAMA).await.status, 429);
+    // The third refusal in a row takes it out, for 30 s at most, not the 300 s it asked.
+    assert_eq!(client.chat(LLAMA).await.status, 429);
+    let state = gw.admin_backend("busy").await;
+    assert_eq!(state["ejected"], true);
+    assert!(state["ejected_for_ms"].as_u64().unwrap() <= 30_000, "{state}");
+}
+
+#[tokio::test]
+async fn a_nonsense_or_dated_retry_after_is_read_or_dropped_not_passed_on_raw() {
+    let nonsense = answering_backend(Duration::ZERO, 429, &[("retry-after", "-5")], "{}").await;
+    let dated = {
+        let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(20));
+        answering_backend(Duration::ZERO, 503, &[("retry-after", &at)], "{}").await
+    };
+    let gw = gateway()
+        .backend("nonsense", &nonsense)
+        .backend("dated", &dated)
+        .route("a", &["nonsense"])
+        .route("b", &["dated"])
+        .key("team", &["*"])
+        .start()
+        .await;
+    let reply = gw.client("team").chat("a").await;
+    assert_eq!((reply.status.as_u16(), reply.header("retry-after")), (429, None));
+    let reply = gw.client("team").chat("b").await;
+    let secs: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!((18..=20).contains(&secs), "an HTTP-date read as seconds: {secs}");
+}

@@ -136,9 +136,17 @@ pub enum Outcome<'a> {
     /// A connect error, reset, timeout, 5xx or broken stream: counts toward ejection.
     Failed { kind: FailureKind, cause: &'a str },
     /// The backend said it is overloaded (429, or 503 with `Retry-After`): out of rotation
-    /// for `out_for`.
-    Overloaded { status: Overload, out_for: Duration },
+    /// for `out_for` (at most `OVERLOAD_EJECTION_CAP`) when another backend of the request's
+    /// pool can serve meanwhile, or when it has refused `OVERLOADS_BEFORE_EJECTION` requests
+    /// in a row. A single refusal does not take a backend out of every route that uses it.
+    Overloaded { status: Overload, out_for: Duration, others_can_serve: bool },
 }
+
+/// The longest an upstream's `Retry-After` keeps a backend out of rotation: its own number
+/// is a hint about one client, not a verdict on every route.
+pub const OVERLOAD_EJECTION_CAP: Duration = Duration::from_secs(30);
+/// Refusals in a row that take out a backend even when nothing else can serve.
+pub const OVERLOADS_BEFORE_EJECTION: u32 = 3;
 
 /// The answers by which a backend says it is overloaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +201,8 @@ pub struct BackendState {
     epoch: Epoch,
     inflight: AtomicU32,
     consecutive_failures: AtomicU32,
+    /// 429s (and 503s with `Retry-After`) in a row.
+    consecutive_overloads: AtomicU32,
     /// Ejections in a row without a success between them: the backoff's exponent.
     ejections: AtomicU32,
     /// The reading (`now_ms()`) until which the backend is out; 0 when it is in.
@@ -342,10 +352,22 @@ impl BackendState {
                     );
                 }
             }
-            Outcome::Overloaded { status, out_for } => {
+            Outcome::Overloaded { status, out_for, others_can_serve } => {
                 metrics.upstream_error(backend, status.kind().as_str());
-                self.eject_for(out_for, status.kind(), status.message());
-                tracing::info!(backend, ?out_for, "backend answered {}: out of rotation for a while", status.code());
+                let overloads = self.consecutive_overloads.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.remember(status.kind(), status.message());
+                if others_can_serve || overloads >= OVERLOADS_BEFORE_EJECTION {
+                    let out_for = out_for.min(OVERLOAD_EJECTION_CAP);
+                    self.eject_for(out_for);
+                    tracing::info!(
+                        backend,
+                        ?out_for,
+                        overloads,
+                        "backend answered {}: out of rotation for a while",
+                        status.code()
+                    );
+                }
             }
         }
     }
@@ -354,6 +376,9 @@ impl BackendState {
     fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.consecutive_overloads.load(Ordering::Relaxed) != 0 {
+            self.consecutive_overloads.store(0, Ordering::Relaxed);
         }
         if self.ejections.load(Ordering::Relaxed) != 0 {
             self.ejections.store(0, Ordering::Relaxed);
@@ -379,9 +404,7 @@ impl BackendState {
 
     /// Takes the backend out for `duration` (an upstream's `Retry-After`), keeping a longer
     /// ejection already in force.
-    fn eject_for(&self, duration: Duration, kind: FailureKind, message: &str) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        self.remember(kind, message);
+    fn eject_for(&self, duration: Duration) {
         self.ejected_until.fetch_max(self.now_ms().saturating_add(millis(duration)), Ordering::Relaxed);
     }
 

@@ -203,6 +203,12 @@ impl Pool {
     }
 
     /// Why nothing could be picked, for the 503's message: each backend's state.
+    /// Whether a backend of this pool other than `this` is in rotation now.
+    pub fn others_in_rotation(&self, this: &Backend) -> bool {
+        let mut now = None;
+        self.primary.iter().chain(&self.fallback).any(|b| !std::ptr::eq(&**b, this) && !b.state.is_out(&mut now))
+    }
+
     pub fn describe(&self) -> String {
         let mut now = None;
         let states: Vec<String> = self
@@ -318,7 +324,11 @@ mod tests {
         let held = p.try_acquire(Tried::default()).unwrap();
         assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::Full);
         drop(held);
-        let overloaded = Outcome::Overloaded { status: Overload::TooManyRequests, out_for: Duration::from_secs(60) };
+        let overloaded = Outcome::Overloaded {
+            status: Overload::TooManyRequests,
+            out_for: Duration::from_secs(60),
+            others_can_serve: true,
+        };
         a.observe(overloaded, &crate::metrics::Metrics::new());
         assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::AllOut);
         assert!(p.describe().contains("a ejected for"), "{}", p.describe());

@@ -7,7 +7,7 @@
 //! retry decision rests on facts; `GatewayError` is made from `UpstreamError` where it leaves
 //! this module.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::RETRY_AFTER;
@@ -164,7 +164,7 @@ pub async fn send(
             Ok((response, lease)) => (Ok(response), lease),
             Err(e) => (Err(e), Lease::default()),
         };
-        let (retry_reason, outcome) = match judge(backend, outcome, metrics) {
+        let (retry_reason, outcome) = match judge(pool, backend, outcome, metrics) {
             Attempt::Final(response) => {
                 return Ok(Answer { slot, response, lease, usage_requested, attempts, deadline });
             }
@@ -194,9 +194,14 @@ pub async fn send(
 
 /// Sorts an attempt's outcome for the retry decision and reports it to the backend's passive
 /// health: connect errors, resets, timeouts and 5xx count toward ejection; a 429, or a 503 with
-/// `Retry-After`, takes the backend out for that long (a 429 without it for the ejection base).
-fn judge(backend: &Backend, outcome: Result<Response<Incoming>, AttemptError>, metrics: &Metrics) -> Attempt {
-    let response = match outcome {
+/// `Retry-After`, may take the backend out for that long (`Outcome::Overloaded`).
+fn judge(
+    pool: &Pool,
+    backend: &Backend,
+    outcome: Result<Response<Incoming>, AttemptError>,
+    metrics: &Metrics,
+) -> Attempt {
+    let mut response = match outcome {
         Ok(response) => response,
         Err(e) => {
             backend.observe(Outcome::Failed { kind: e.kind(), cause: &e.cause() }, metrics);
@@ -204,19 +209,25 @@ fn judge(backend: &Backend, outcome: Result<Response<Incoming>, AttemptError>, m
         }
     };
     let status = response.status();
-    // Only an overloaded backend's answer says how long to stay away.
+    // Only an overloaded backend's answer says how long to stay away; what reaches the
+    // client is the value as read, in whole seconds, or nothing when it made no sense.
     let retry_after = match status.as_u16() {
-        429 | 503 => retry_after(response.headers()).map(|d| d.min(backend.ejection.max)),
+        429 | 503 => normalize_retry_after(response.headers_mut(), SystemTime::now()),
         _ => None,
+    };
+    let overloaded = |status, out_for| Outcome::Overloaded {
+        status,
+        out_for: Duration::min(out_for, backend.ejection.max),
+        others_can_serve: pool.others_in_rotation(backend),
     };
     match (status.as_u16(), retry_after) {
         (429, _) => {
-            let out_for = retry_after.unwrap_or(backend.ejection.base);
-            backend.observe(Outcome::Overloaded { status: Overload::TooManyRequests, out_for }, metrics);
+            backend
+                .observe(overloaded(Overload::TooManyRequests, retry_after.unwrap_or(backend.ejection.base)), metrics);
             Attempt::Retryable(response)
         }
         (503, Some(out_for)) => {
-            backend.observe(Outcome::Overloaded { status: Overload::UnavailableWithRetryAfter, out_for }, metrics);
+            backend.observe(overloaded(Overload::UnavailableWithRetryAfter, out_for), metrics);
             Attempt::Retryable(response)
         }
         (500..=599, _) => {
@@ -231,10 +242,24 @@ fn judge(backend: &Backend, outcome: Result<Response<Incoming>, AttemptError>, m
     }
 }
 
-/// `Retry-After` in seconds (the HTTP-date form is rare from inference servers and ignored).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let secs: u64 = headers.get(RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
-    Some(Duration::from_secs(secs.max(1)))
+/// The longest `Retry-After` passed on to a client.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Reads `Retry-After` (whole seconds, or an HTTP-date counted from `now`) and writes it back
+/// as whole seconds between 1 and an hour; removes a value that is neither (`-5`, `soon`).
+fn normalize_retry_after(headers: &mut HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?;
+    let parsed = value.to_str().ok().map(str::trim).and_then(|text| match text.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => httpdate::parse_http_date(text).ok().map(|at| at.duration_since(now).unwrap_or_default()),
+    });
+    let Some(wait) = parsed else {
+        headers.remove(RETRY_AFTER);
+        return None;
+    };
+    let wait = wait.clamp(Duration::from_secs(1), MAX_RETRY_AFTER);
+    headers.insert(RETRY_AFTER, HeaderValue::from(wait.as_secs()));
+    Some(wait)
 }
 
 /// Why nothing could take the request, with each backend's state.
@@ -265,5 +290,33 @@ pub async fn send_one(
         Ok(Err(ClientError::Connect(cause))) => Err(AttemptError::Connect { backend: backend.name.clone(), cause }),
         Ok(Err(ClientError::Failed(cause))) => Err(AttemptError::Failed { backend: backend.name.clone(), cause }),
         Err(_) => Err(AttemptError::Timeout { backend: backend.name.clone(), after }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normalized(value: &str, now: SystemTime) -> (Option<Duration>, Option<String>) {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+        let wait = normalize_retry_after(&mut headers, now);
+        (wait, headers.get(RETRY_AFTER).map(|v| v.to_str().unwrap().to_owned()))
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_an_http_date_and_passed_on_sane() {
+        let now = httpdate::parse_http_date("Thu, 03 Dec 2026 06:00:00 GMT").unwrap();
+        assert_eq!(normalized("7", now), (Some(Duration::from_secs(7)), Some("7".into())));
+        assert_eq!(normalized(" 0 ", now), (Some(Duration::from_secs(1)), Some("1".into())));
+        assert_eq!(
+            normalized("Thu, 03 Dec 2026 06:00:42 GMT", now),
+            (Some(Duration::from_secs(42)), Some("42".into()))
+        );
+        assert_eq!(normalized("Wed, 02 Dec 2026 06:00:00 GMT", now).1, Some("1".into()), "a date past is now");
+        assert_eq!(normalized("99999999999999", now), (Some(MAX_RETRY_AFTER), Some("3600".into())));
+        for nonsense in ["-5", "soon", "1.5"] {
+            assert_eq!(normalized(nonsense, now), (None, None), "{nonsense}");
+        }
     }
 }
