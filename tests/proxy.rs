@@ -192,12 +192,21 @@ async fn hop_by_hop_headers_are_stripped_and_others_forwarded() {
             ("x-hop-secret", "1"),
             ("keep-alive", "timeout=5"),
             ("x-team", "search"),
+            // Identity claims a client must not be able to make to a backend.
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-host", "admin.internal"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=10.0.0.1"),
+            ("x-real-ip", "10.0.0.1"),
         ],
     );
     assert_eq!(client.fetch(request).await.status, 200);
     let headers = &sim.recorded()[0].headers;
     assert!(headers.get("x-hop-secret").is_none());
     assert!(headers.get("keep-alive").is_none());
+    for spoofed in ["x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "forwarded", "x-real-ip"] {
+        assert!(headers.get(spoofed).is_none(), "{spoofed} reached the backend");
+    }
     assert_eq!(headers["x-team"], "search");
     assert_eq!(headers["content-type"], "application/json");
 }

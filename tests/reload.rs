@@ -448,3 +448,22 @@ async fn a_change_of_tuning_keeps_a_backends_in_flight_count_and_ejection() {
     assert_eq!(gw.admin_reload().await.status, 200);
     assert_eq!(gw.gw.admin_backend("down").await["ejected"], false);
 }
+
+#[tokio::test]
+async fn a_busy_log_file_beside_the_config_does_not_defer_a_reload() {
+    let (_sim, gw) = setup().await;
+    let log = gw.path.with_file_name("access.log");
+    let writing = tokio::spawn(async move {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        loop {
+            writeln!(file, "a log line").unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.write(&changed(base(&gw)));
+    // Sooner than the 2 s that bound a debounce: the log's events are not waited for at all.
+    assert_changes_visible(&gw, Duration::from_millis(1500)).await;
+    writing.abort();
+}

@@ -137,6 +137,7 @@ pub async fn start(launch: Launch) -> std::io::Result<Running> {
     // Taken over first: until a handler is registered, SIGHUP's default action ends the
     // process, and a config-reloader sidecar may send one as soon as the pod starts.
     let hangups = sighup.then(reload::hangup_signals).flatten();
+    snapshot.log_warnings();
     if snapshot.server.allow_anonymous {
         tracing::warn!("server.allow_anonymous is on: requests without a known key are served");
     }

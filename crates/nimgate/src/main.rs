@@ -90,6 +90,9 @@ fn check_config(path: &Path) -> anyhow::Result<ExitCode> {
         Ok(snapshot) => {
             println!("{}: ok", path.display());
             println!("{}", summary(&snapshot));
+            for warning in &snapshot.warnings {
+                println!("  warning: {warning}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -29,6 +29,8 @@ use crate::gateway::Gateway;
 /// Quiet time after the last file event before reloading: editors and the kubelet write in
 /// several steps.
 const DEBOUNCE: Duration = Duration::from_millis(200);
+/// The longest a stream of changes defers a reload.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
 /// What set off a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +208,7 @@ impl Reloader {
         for field in &applied.restart_needed {
             tracing::warn!(field, "changed in the config file, but only a restart applies it");
         }
+        snapshot.log_warnings();
         self.gateway.replace(snapshot);
         self.gateway.metrics().config_reloads.with_label_values(&["ok"]).inc();
         self.applied.notify_one();
@@ -280,12 +283,10 @@ fn watched_dirs(reloader: &Reloader) -> Vec<PathBuf> {
 /// Starts watching `reloader`'s file and the TLS files it names. After every reload, by
 /// whatever trigger, the watch follows the TLS files to their new directories.
 pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
-    let (events, mut received) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (events, mut received) = tokio::sync::mpsc::unbounded_channel::<Vec<PathBuf>>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        // Any change in the directory may be ours (the file, its replacement, `..data`):
-        // the reload compares the bytes.
         Ok(event) if !matches!(event.kind, EventKind::Access(_)) => {
-            let _ = events.send(());
+            let _ = events.send(event.paths);
         }
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "config file watch error"),
@@ -298,13 +299,20 @@ pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
         loop {
             tokio::select! {
                 event = received.recv() => {
-                    if event.is_none() {
-                        return;
+                    let Some(paths) = event else { return };
+                    if !concerns_us(&reloader, &paths) {
+                        continue;
                     }
-                    // Debounce: wait until the directory has been quiet for a moment.
+                    // Debounce: wait until our files have been quiet for a moment, but no
+                    // longer than MAX_DEBOUNCE (an editor or a swap makes several events).
+                    let due = tokio::time::Instant::now() + MAX_DEBOUNCE;
+                    let mut quiet = tokio::time::Instant::now() + DEBOUNCE;
                     loop {
-                        match tokio::time::timeout(DEBOUNCE, received.recv()).await {
-                            Ok(Some(())) => continue,
+                        match tokio::time::timeout_at(quiet.min(due), received.recv()).await {
+                            Ok(Some(paths)) if concerns_us(&reloader, &paths) => {
+                                quiet = tokio::time::Instant::now() + DEBOUNCE;
+                            }
+                            Ok(Some(_)) => {}
                             Ok(None) => return,
                             Err(_) => break,
                         }
@@ -318,6 +326,20 @@ pub fn watch(reloader: Arc<Reloader>) -> notify::Result<FileWatch> {
         }
     });
     Ok(FileWatch { task })
+}
+
+/// Whether an event on `paths` may be a change of the config file or a TLS file: their own
+/// names, or a Kubernetes volume's `..data` swap (names starting with `..`). Anything else in
+/// the directory (a log file written beside the config) is no reason to reload, nor to wait.
+fn concerns_us(reloader: &Reloader, paths: &[PathBuf]) -> bool {
+    let mut ours: Vec<std::ffi::OsString> = reloader.path().file_name().map(ToOwned::to_owned).into_iter().collect();
+    if let Some(raw) = reloader.gateway.snapshot().meta.source.clone() {
+        ours.extend(tls_files(&raw).iter().filter_map(|f| f.file_name().map(ToOwned::to_owned)));
+    }
+    paths.iter().any(|path| match path.file_name() {
+        Some(name) => name.to_string_lossy().starts_with("..") || ours.iter().any(|o| o == name),
+        None => true,
+    })
 }
 
 /// Moves the watch to `wanted`: new directories added, those no longer named dropped.

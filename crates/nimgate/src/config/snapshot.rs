@@ -25,6 +25,18 @@ pub struct Snapshot {
     pub logging: LoggingSettings,
     /// Where this snapshot came from, for `/admin/config`.
     pub meta: ConfigMeta,
+    /// Settings that are valid but probably not what the operator wants (a credential sent
+    /// over plain http): logged when the snapshot is put in force, printed by `check-config`.
+    pub warnings: Vec<crate::config::Problem>,
+}
+
+impl Snapshot {
+    /// Logs the snapshot's warnings, one line each.
+    pub fn log_warnings(&self) {
+        for warning in &self.warnings {
+            tracing::warn!(field = %warning.path, "{}", warning.message);
+        }
+    }
 }
 
 /// The version and origin of a snapshot.

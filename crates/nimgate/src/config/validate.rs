@@ -64,7 +64,7 @@ pub fn validate(raw: &RawConfig, env: &EnvSource) -> Result<Snapshot, ConfigErro
 /// Validates `raw` to replace `previous`: its backends keep their live parts where their
 /// settings allow (`upstream::registry`).
 pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigError> {
-    let mut v = Validator { problems: Vec::new(), env, previous };
+    let mut v = Validator { problems: Vec::new(), warnings: Vec::new(), env, previous };
     let server = v.server(&raw.server);
     let balancing = v.balancing(&raw.balancing);
     let backends = v.backends(&raw.backends, &balancing);
@@ -84,11 +84,13 @@ pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapsh
         balancing,
         logging,
         meta: ConfigMeta::default(),
+        warnings: v.warnings,
     })
 }
 
 struct Validator<'a> {
     problems: Vec<Problem>,
+    warnings: Vec<Problem>,
     env: &'a EnvSource,
     previous: Option<&'a Snapshot>,
 }
@@ -244,6 +246,12 @@ impl Validator<'_> {
                 }
             }
         });
+        if auth.is_some() && base.as_ref().is_some_and(|uri| uri.scheme_str() == Some("http") && !is_loopback(uri)) {
+            self.warnings.push(Problem::new(
+                format!("{at}.api_key_env"),
+                "the credential goes to this backend over plain http, readable on the network: use https",
+            ));
+        }
         let weight = b.weight.unwrap_or(1);
         if weight == 0 {
             self.problem(format!("{at}.weight"), "must be at least 1");
@@ -304,10 +312,12 @@ impl Validator<'_> {
     }
 
     fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {
+        // Messages repeat the URL without any password it carries.
+        let shown = redacted_url(url);
         let uri: Uri = match url.parse() {
             Ok(uri) => uri,
             Err(e) => {
-                self.problem(at, format!("invalid URL `{url}`: {e}"));
+                self.problem(at, format!("invalid URL `{shown}`: {e}"));
                 return None;
             }
         };
@@ -320,13 +330,13 @@ impl Validator<'_> {
                 Some("must not have a query string".to_owned())
             }
             (Some("http" | "https"), Some(_)) if uri.path().trim_end_matches('/').ends_with("/v1") => Some(format!(
-                "`{url}` ends in /v1, but nimgate appends the request path (/v1/chat/completions): drop the /v1"
+                "`{shown}` ends in /v1, but nimgate appends the request path (/v1/chat/completions): drop the /v1"
             )),
             (Some("http" | "https"), Some(_)) => None,
             (Some(scheme), _) if scheme != "http" && scheme != "https" => {
-                Some(format!("unsupported scheme `{scheme}` in `{url}`: use http or https"))
+                Some(format!("unsupported scheme `{scheme}` in `{shown}`: use http or https"))
             }
-            _ => Some(format!("`{url}` is not an absolute URL like http://127.0.0.1:8000")),
+            _ => Some(format!("`{shown}` is not an absolute URL like http://127.0.0.1:8000")),
         };
         match problem {
             Some(message) => {
@@ -544,7 +554,8 @@ impl Validator<'_> {
             "redis" => {
                 let url = raw.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
                 if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    self.problem("rate_limits.redis_url", format!("`{url}` is not a redis:// or rediss:// URL"));
+                    let shown = redacted_url(&url);
+                    self.problem("rate_limits.redis_url", format!("`{shown}` is not a redis:// or rediss:// URL"));
                 }
                 // Refused rather than silently served from memory, which would multiply every
                 // limit by the number of replicas.
@@ -613,6 +624,22 @@ impl Validator<'_> {
                 default
             }
         }
+    }
+}
+
+/// Whether `uri`'s host is this machine (a sidecar's NIM on localhost).
+fn is_loopback(uri: &Uri) -> bool {
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `url` with any `user:password@` replaced, for messages.
+fn redacted_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
     }
 }
 
@@ -796,6 +823,19 @@ keys:
             "backends[0].timeouts.total: `300000000000y` is too long: at most 7 days (168h)",
         );
         assert!(parse_duration("168h").is_ok());
+    }
+
+    #[test]
+    fn credentials_in_urls_are_never_repeated_and_a_key_over_plain_http_is_warned_of() {
+        let leaky = with("http://127.0.0.1:8000\" }", "ftp://admin:hunter2@nim:21\" }");
+        let problems = check(&leaky).unwrap_err().join("\n");
+        assert!(problems.contains("ftp://***@nim:21") && !problems.contains("hunter2"), "{problems}");
+        assert_eq!(redacted_url("https://u:p@h/x@y"), "https://***@h/x@y");
+        let s = check(&with("https://nim.example.com", "http://nim.example.com")).unwrap();
+        assert_eq!(s.warnings.len(), 1);
+        assert_eq!(s.warnings[0].path, "backends[1].api_key_env");
+        let local = check(&with("https://nim.example.com", "http://localhost:8000")).unwrap();
+        assert!(local.warnings.is_empty(), "a sidecar's NIM on localhost is fine");
     }
 
     #[test]

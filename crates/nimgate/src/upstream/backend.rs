@@ -128,7 +128,9 @@ impl Backend {
     /// How loaded it is, for the balancer: requests in flight from here plus those NIM
     /// reports waiting, per unit of weight (in thousandths).
     pub fn load_score(&self) -> u64 {
-        (u64::from(self.state.inflight()) + self.state.nim_waiting()) * 1000 / u64::from(self.weight.max(1))
+        // Saturating: `nim_waiting` is the backend's own number.
+        u64::from(self.state.inflight()).saturating_add(self.state.nim_waiting()).saturating_mul(1000)
+            / u64::from(self.weight.max(1))
     }
 
     /// Reports what an exchange with this backend came to: its passive health, the error

@@ -33,7 +33,9 @@ impl Tried {
 
 /// The power of two choices over `members` in rotation, with room and not in `tried`: two
 /// draws of `random` weighted by `weight`, the lower load score wins. `any_full` is set when a
-/// member was skipped only for being full. Allocation-free: two passes over a short slice.
+/// member was skipped only for being full. Allocation-free: one pass decides who may be drawn
+/// (a bit each; pools have at most `MAX_POOL_MEMBERS`), so a backend that gains or loses room
+/// meanwhile cannot change the weights drawn from.
 pub fn two_choices(
     members: &[Arc<Backend>],
     tried: Tried,
@@ -41,10 +43,11 @@ pub fn two_choices(
     any_full: &mut bool,
     random: &mut impl FnMut() -> u64,
 ) -> Option<usize> {
+    let mut eligible = Tried::default();
     let mut total = 0u64;
-    let mut eligible = 0;
+    let mut count = 0;
     let mut last = 0;
-    for (i, b) in members.iter().enumerate() {
+    for (i, b) in members.iter().enumerate().take(MAX_POOL_MEMBERS) {
         if tried.contains(i) || b.state.is_out(now) {
             continue;
         }
@@ -52,19 +55,20 @@ pub fn two_choices(
             *any_full = true;
             continue;
         }
-        total += u64::from(b.weight);
-        eligible += 1;
+        eligible.add(i);
+        total = total.saturating_add(u64::from(b.weight));
+        count += 1;
         last = i;
     }
-    match eligible {
+    match count {
         0 => return None,
         1 => return Some(last),
         _ => {}
     }
     let mut draw = |exclude: Option<usize>, total: u64| -> usize {
-        let mut point = random() % total;
+        let mut point = random() % total.max(1);
         for (i, b) in members.iter().enumerate() {
-            if Some(i) == exclude || tried.contains(i) || b.state.is_out(now) || !b.has_room() {
+            if Some(i) == exclude || !eligible.contains(i) {
                 continue;
             }
             let w = u64::from(b.weight);
@@ -76,7 +80,11 @@ pub fn two_choices(
         last
     };
     let a = draw(None, total);
-    let b = draw(Some(a), total - u64::from(members[a].weight));
+    let rest = total.saturating_sub(u64::from(members[a].weight));
+    if rest == 0 {
+        return Some(a);
+    }
+    let b = draw(Some(a), rest);
     Some(if members[b].load_score() < members[a].load_score() { b } else { a })
 }
 
@@ -134,6 +142,26 @@ mod tests {
         // With `a` busy, the pair (a, c) goes to `c`.
         members[0].state.try_take_slot(None);
         assert_eq!(choose(&[0, 3]), 2);
+    }
+
+    #[test]
+    fn a_backend_gaining_room_during_the_draw_changes_nothing() {
+        let mut full = Backend::for_tests("full", "http://127.0.0.1:1");
+        (full.weight, full.max_concurrency) = (5, Some(1));
+        let members = [Arc::new(full), backend("b", 1), backend("c", 1)];
+        assert!(members[0].state.try_take_slot(Some(1)));
+        // The draw frees the full backend's slot: the weights drawn from must not change.
+        let mut calls = 0;
+        let mut freeing = || {
+            calls += 1;
+            if calls == 1 {
+                members[0].state.release_slot();
+            }
+            1
+        };
+        let mut any_full = false;
+        let chosen = two_choices(&members, Tried::default(), &mut None, &mut any_full, &mut freeing);
+        assert!(matches!(chosen, Some(1 | 2)) && any_full, "{chosen:?}");
     }
 
     #[test]

@@ -19,9 +19,11 @@ use crate::api::Endpoint;
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The client's headers as they go upstream: without hop-by-hop headers (and those the
-/// client's `Connection` names), `Host`, `Authorization`, `Content-Length`, `Expect` and
+/// client's `Connection` names), `Host`, `Authorization`, `Content-Length`, `Expect`,
 /// `Accept-Encoding` (usage is read from the answer's bytes, which must then not be
-/// compressed), with the request id added. The backend credential is added by `request`.
+/// compressed) and the forwarding headers by which a client could claim another address or
+/// origin to a backend that trusts them (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), with the
+/// request id added. The backend credential is added by `request`.
 pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
     let listed = connection_listed(client);
     let mut headers = HeaderMap::with_capacity(client.len() + 3);
@@ -42,6 +44,18 @@ fn is_dropped_request_header(name: &HeaderName) -> bool {
         || name == EXPECT
         || name == ACCEPT_ENCODING
         || is_hop_by_hop(name)
+        || is_forwarding(name)
+}
+
+/// `Forwarded`, `X-Forwarded-*` and `X-Real-IP`. Names are lowercase; most headers are
+/// ruled out by their first byte.
+fn is_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    match name.as_bytes().first() {
+        Some(b'x') => name.starts_with("x-forwarded-") || name == "x-real-ip",
+        Some(b'f') => name == "forwarded",
+        _ => false,
+    }
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

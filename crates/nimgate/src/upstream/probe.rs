@@ -173,9 +173,10 @@ pub fn parse_nim_load(page: &[u8]) -> Result<NimLoad, String> {
             continue;
         }
         match name {
-            "num_requests_running" => load.running += value as u64,
+            // `as` saturates a float beyond u64; the sums saturate too (a NIM may report anything).
+            "num_requests_running" => load.running = load.running.saturating_add(value as u64),
             "num_requests_waiting" => {
-                load.waiting += value as u64;
+                load.waiting = load.waiting.saturating_add(value as u64);
                 saw_waiting = true;
             }
             "gpu_cache_usage_perc" => {
@@ -191,6 +192,12 @@ pub fn parse_nim_load(page: &[u8]) -> Result<NimLoad, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn absurd_figures_saturate() {
+        let load = parse_nim_load(b"num_requests_waiting 1e300\nnum_requests_waiting 18446744073709551615\n").unwrap();
+        assert_eq!(load.waiting, u64::MAX);
+    }
 
     #[test]
     fn reads_nim_and_vllm_style_pages() {
