@@ -467,3 +467,37 @@ async fn a_busy_log_file_beside_the_config_does_not_defer_a_reload() {
     assert_changes_visible(&gw, Duration::from_millis(1500)).await;
     writing.abort();
 }
+
+#[tokio::test]
+async fn a_request_admitted_under_old_limits_settles_nothing_into_the_new_ones() {
+    let slow =
+        sim(SimOptions { models: vec![LLAMA.into()], ttft: Duration::from_millis(500), ..SimOptions::default() }).await;
+    let long = sim(SimOptions { models: vec![MISTRAL.into()], tokens: 2000, ..SimOptions::default() }).await;
+    let file = gateway()
+        .backend("slow", &slow.url())
+        .backend("long", &long.url())
+        .route_with(route(LLAMA, "slow"))
+        .route_with(route(MISTRAL, "long"))
+        .key_limited("team-a", &["*"], None, Some(1000))
+        .start_from_file()
+        .await;
+    let client = file.gw.client("team-a");
+    let admitted_before = tokio::spawn({
+        let client = client.clone();
+        async move { client.chat(LLAMA).await.status }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut raw = base(&file);
+    raw.keys[0].limits = Some(RawLimits { requests_per_minute: None, tokens_per_minute: Some(5000) });
+    file.write(&raw);
+    assert_eq!(file.admin_reload().await.status, 200);
+    // Under the new limit: an answer of about 2,000 tokens.
+    assert_eq!(client.chat(MISTRAL).await.status, 200);
+    // The request admitted under the old limit ends now; its settlement must not replace the
+    // new bucket (which would forget the 2,000 tokens just spent).
+    assert_eq!(admitted_before.await.unwrap(), 200);
+    let reply = client.chat(MISTRAL).await;
+    assert_eq!(reply.header("x-ratelimit-limit-tokens"), Some("5000"));
+    let remaining: u64 = reply.header("x-ratelimit-remaining-tokens").unwrap().parse().unwrap();
+    assert!(remaining < 3500, "the tokens spent under the new limit were forgotten: {remaining} left");
+}
