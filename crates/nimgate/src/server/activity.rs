@@ -1,21 +1,22 @@
 //! What one client connection is doing, as its watchdog needs to know it: requests in flight,
 //! when it last fell idle, when a new request head started arriving, and since when the
 //! client has refused to take bytes. Written by the connection's I/O (`Tracked`) and by each
-//! request's `Active` guard, read by `watchdog`; all of it lock-free, and only the idle phase
-//! and a blocked write read the clock, so a busy connection pays two atomic adds per request.
+//! request's `Active` guard, read by `watchdog`; all of it lock-free. A request costs its
+//! connection a few atomic operations and two clock reads (its head's first byte, its end),
+//! and wakes no one.
 //!
 //! Times are milliseconds since the connection was accepted, plus one, so that 0 means "not
 //! now" in the same word.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// One connection's activity.
@@ -31,8 +32,10 @@ pub struct Activity {
     head_started: AtomicU64,
     /// When a write first found the client's socket full, until a write goes through.
     write_blocked: AtomicU64,
-    /// Wakes the watchdog when a deadline may have moved closer.
-    changed: Notify,
+    /// Set by the watchdog (idle, or the drain): the connection should finish gracefully.
+    stop: AtomicBool,
+    /// The connection task's waker, to tell it so.
+    waker: Mutex<Option<Waker>>,
 }
 
 /// The fields of `Activity` read at one moment, in milliseconds as stored.
@@ -55,7 +58,8 @@ impl Activity {
             idle_since: AtomicU64::new(1),
             head_started: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
-            changed: Notify::new(),
+            stop: AtomicBool::new(false),
+            waker: Mutex::new(None),
         })
     }
 
@@ -86,9 +90,19 @@ impl Activity {
         }
     }
 
-    /// Resolves when something the watchdog decides on has changed.
-    pub async fn changed(&self) {
-        self.changed.notified().await;
+    /// Asks the connection to finish gracefully (its task is told, wherever it waits).
+    pub fn stop_gracefully(&self) {
+        self.stop.store(true, Ordering::Release);
+        let waker = self.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once `stop_gracefully` has been called. Cheap to poll again and again (the
+    /// connection task polls it on every wake-up): an atomic load and a waker comparison.
+    pub fn stopped(&self) -> Stopped<'_> {
+        Stopped { activity: self, registered: None }
     }
 
     /// A request's head is in: it is in flight until the returned guard is dropped (with
@@ -100,24 +114,23 @@ impl Activity {
         Active(Arc::clone(self))
     }
 
+    // Nothing here wakes the watchdog, which looks again on its own often enough
+    // (`watchdog::verdict`): a request costs no wake-up and no timer reset.
     fn request_ended(&self) {
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle_since.store(self.stamp(Instant::now()), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
     fn read_some(&self) {
         if self.in_flight.load(Ordering::Acquire) == 0 && self.head_started.load(Ordering::Acquire) == 0 {
             self.head_started.store(self.stamp(Instant::now()), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
     fn write_pending(&self) {
         if self.write_blocked.load(Ordering::Acquire) == 0 {
             self.write_blocked.store(self.stamp(Instant::now()), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 
@@ -125,6 +138,32 @@ impl Activity {
         if self.write_blocked.load(Ordering::Relaxed) != 0 {
             self.write_blocked.store(0, Ordering::Release);
         }
+    }
+}
+
+/// `Activity::stopped`.
+pub struct Stopped<'a> {
+    activity: &'a Activity,
+    registered: Option<Waker>,
+}
+
+impl Future for Stopped<'_> {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.activity.stop.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let waker = cx.waker().clone();
+            *self.activity.waker.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(waker.clone());
+            self.registered = Some(waker);
+            // A stop between the first look and the registration would otherwise be missed.
+            if self.activity.stop.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
     }
 }
 

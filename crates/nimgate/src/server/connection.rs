@@ -1,8 +1,8 @@
 //! One client connection, from accept to close: the TLS handshake (ALPN picks h2 or
 //! HTTP/1.1) or, in plain text, the h2 preface told apart from an HTTP/1.1 request line; then
-//! hyper serves the protocol chosen, with the connection's watchdog beside it and the drain
-//! signal above both. Everything before the first request head counts against
-//! `header_read_timeout`, so a socket that sends nothing, `P`, or half a preface is closed.
+//! hyper serves the protocol chosen. Its watchdog (a task of its own) keeps the deadlines:
+//! everything before the first request head counts against `header_read_timeout`, so a socket
+//! that sends nothing, `P`, or half a preface is closed.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,11 +18,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use super::activity::{Activity, Tracked};
-use super::watchdog::{self, Deadlines, Expiry};
 use crate::gateway::Gateway;
 use crate::handler;
 
@@ -37,27 +35,25 @@ enum Protocol {
     H2,
 }
 
-/// A client connection's settings, read from the snapshot when it was accepted.
+/// A client connection just accepted, with what it is served under.
 pub struct Accepted {
     pub gateway: Arc<Gateway>,
     pub stream: TcpStream,
     pub peer: SocketAddr,
     pub tls: Option<TlsAcceptor>,
-    pub shutdown: watch::Receiver<bool>,
+    pub max_header_bytes: usize,
+    /// Watched by the connection's watchdog, which also closes a connection that does not
+    /// open (its first-bytes deadline).
+    pub activity: Arc<Activity>,
 }
 
 impl Accepted {
     pub async fn serve(self) {
-        let Self { gateway, stream, peer, tls, mut shutdown } = self;
+        let Self { gateway, stream, peer, tls, max_header_bytes, activity } = self;
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
         }
-        let server = gateway.snapshot().server.clone();
-        let deadlines = Deadlines { header_read: server.header_read_timeout, idle: server.idle_timeout };
-        let activity = Activity::new(tokio::time::Instant::now());
-        let first_bytes_due = activity.accepted() + deadlines.header_read;
         let mut io = Tracked::new(stream, Arc::clone(&activity));
-        let metrics = Arc::clone(gateway.metrics());
         let opening = async {
             match tls {
                 None => {
@@ -73,34 +69,29 @@ impl Accepted {
             }
         };
         let opened = tokio::select! {
-            opened = tokio::time::timeout_at(first_bytes_due, opening) => opened,
-            _ = shutdown.wait_for(|&stopping| stopping) => return,
+            opened = opening => opened,
+            () = activity.stopped() => return,
         };
         let opened = match opened {
-            Ok(Ok(opened)) => opened,
-            Ok(Err(e)) => {
+            Ok(opened) => opened,
+            Err(e) => {
                 tracing::debug!(%peer, error = %e, "connection closed before its first request");
                 return;
             }
-            Err(_) => {
-                metrics.connections_expired.with_label_values(&[Expiry::FirstBytes.as_str()]).inc();
-                tracing::debug!(%peer, "no request head within header_read_timeout: closed");
-                return;
-            }
         };
-        let serving = Serving { gateway, activity, deadlines, max_header_bytes: server.max_header_bytes, peer };
+        let serving = Serving { gateway, activity, max_header_bytes, peer };
         match opened {
             Opened::Plain(mut io, protocol) => {
                 if protocol == Protocol::Http1 {
                     io.watch_heads();
                 }
-                serving.run(io, protocol, shutdown).await;
+                serving.run(io, protocol).await;
             }
             Opened::Tls(mut tls, protocol) => {
                 if protocol == Protocol::Http1 {
                     tls.get_mut().0.watch_heads();
                 }
-                serving.run(*tls, protocol, shutdown).await;
+                serving.run(*tls, protocol).await;
             }
         }
     }
@@ -135,13 +126,12 @@ async fn detect(io: &mut Tracked<TcpStream>) -> io::Result<Protocol> {
 struct Serving {
     gateway: Arc<Gateway>,
     activity: Arc<Activity>,
-    deadlines: Deadlines,
     max_header_bytes: usize,
     peer: SocketAddr,
 }
 
 impl Serving {
-    async fn run<IO>(self, io: IO, protocol: Protocol, shutdown: watch::Receiver<bool>)
+    async fn run<IO>(self, io: IO, protocol: Protocol)
     where
         IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
@@ -163,7 +153,7 @@ impl Serving {
                 // Head deadlines are the watchdog's; hyper's own would also close idle
                 // keep-alive connections after `header_read_timeout`.
                 builder.header_read_timeout(None).keep_alive(true).max_buf_size(h1_buffer_limit(self.max_header_bytes));
-                self.drive(builder.serve_connection(io, service), shutdown).await;
+                self.drive(builder.serve_connection(io, service)).await;
             }
             Protocol::H2 => {
                 let mut builder = http2::Builder::new(TokioExecutor::new());
@@ -171,47 +161,25 @@ impl Serving {
                     .timer(TokioTimer::new())
                     .keep_alive_interval(H2_KEEP_ALIVE)
                     .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
-                self.drive(builder.serve_connection(io, service), shutdown).await;
+                self.drive(builder.serve_connection(io, service)).await;
             }
         }
     }
 
-    /// Serves until the connection ends, the watchdog ends it, or the drain does.
-    async fn drive<C: Connection>(self, connection: C, mut shutdown: watch::Receiver<bool>) {
-        let Self { gateway, activity, deadlines, peer, .. } = self;
+    /// Serves until the connection ends; asked to stop (idle, or the drain), lets what is in
+    /// flight finish. The watchdog's own task enforces every deadline (aborting this one).
+    async fn drive<C: Connection>(self, connection: C) {
+        let Self { activity, peer, .. } = self;
         tokio::pin!(connection);
-        let watchdog = watchdog::watch(&activity, deadlines);
-        tokio::pin!(watchdog);
-        let mut closing = false;
-        let mut draining = false;
-        let grace = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(grace);
-        loop {
-            tokio::select! {
-                ended = connection.as_mut() => {
-                    if let Err(e) = ended {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
-                expiry = &mut watchdog, if !closing => {
-                    gateway.metrics().connections_expired.with_label_values(&[expiry.as_str()]).inc();
-                    tracing::debug!(%peer, reason = expiry.as_str(), "connection closed by its deadline");
-                    if !expiry.graceful() {
-                        return;
-                    }
-                    // Nothing is in flight: hyper closes at once (h2 after its GOAWAY); a
-                    // client that does not let it is dropped after a head's time.
-                    connection.as_mut().shut_down();
-                    closing = true;
-                    grace.as_mut().reset(tokio::time::Instant::now() + deadlines.header_read);
-                }
-                () = &mut grace, if closing => return,
-                _ = shutdown.wait_for(|&stopping| stopping), if !draining => {
-                    connection.as_mut().shut_down();
-                    draining = true;
-                }
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = activity.stopped() => {
+                connection.as_mut().shut_down();
+                connection.await
             }
+        };
+        if let Err(e) = ended {
+            tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
     }
 }

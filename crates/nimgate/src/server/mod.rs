@@ -13,12 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::gateway::Gateway;
+use activity::Activity;
 use connection::Accepted;
+use watchdog::Deadlines;
 
 /// Binds the gateway's listener, with a message an operator can act on when it fails.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, std::io::Error> {
@@ -51,14 +53,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl 
         };
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let gateway = Arc::clone(&gateway);
-                    let shutdown = stop_watch.clone();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        serve_connection(gateway, stream, peer, shutdown).await;
-                    });
-                }
+                Ok((stream, peer)) => serve_connection(Arc::clone(&gateway), stream, peer, stop_watch.clone(), slot),
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::error!(error = %e, "accept failed");
@@ -81,13 +76,36 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl 
     }
 }
 
-async fn serve_connection(gateway: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, shutdown: watch::Receiver<bool>) {
-    let connections = gateway.metrics().connections.clone();
-    connections.inc();
-    let _open = scopeguard(move || connections.dec());
-    // Read per connection, so that a reloaded certificate serves the next one.
-    let tls = gateway.snapshot().server.tls.clone().map(TlsAcceptor::from);
-    Accepted { gateway, stream, peer, tls, shutdown }.serve().await;
+/// Serves one connection on a task of its own, with its watchdog on another. `slot` (of
+/// `max_connections`) is given back when the connection's task ends, however it ends.
+fn serve_connection(
+    gateway: Arc<Gateway>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
+) {
+    // Read per connection, so that a reload (a new certificate, new timeouts) serves the next.
+    let server = gateway.snapshot().server.clone();
+    let deadlines = Deadlines { header_read: server.header_read_timeout, idle: server.idle_timeout };
+    let activity = Activity::new(tokio::time::Instant::now());
+    let metrics = Arc::clone(gateway.metrics());
+    let connections = metrics.connections.clone();
+    let accepted = Accepted {
+        gateway,
+        stream,
+        peer,
+        tls: server.tls.map(TlsAcceptor::from),
+        max_header_bytes: server.max_header_bytes,
+        activity: Arc::clone(&activity),
+    };
+    let connection = tokio::spawn(async move {
+        let _slot = slot;
+        connections.inc();
+        let _open = scopeguard(move || connections.dec());
+        accepted.serve().await;
+    });
+    tokio::spawn(watchdog::guard(activity, deadlines, connection, shutdown, metrics, peer));
 }
 
 /// Runs `f` when dropped (the connection task ends however it ends).

@@ -8,13 +8,19 @@
 //!   accept, TLS handshake and protocol detection included. Otherwise: closed.
 //! - Idle (no request in flight): closed gracefully after `idle_timeout`. On HTTP/1.1, once
 //!   the first byte of a next head arrives, the head must be complete within
-//!   `header_read_timeout` of it.
+//!   `header_read_timeout` of it (enforced within twice that: see `verdict`).
 //! - A client that has taken no byte for `idle_timeout` while the gateway has bytes for it is
 //!   closed, which drops its response bodies: the backend slot and upstream connection go.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
 use super::activity::{Activity, Moment};
+use crate::metrics::Metrics;
 
 /// The connection's timeouts.
 #[derive(Debug, Clone, Copy)]
@@ -56,12 +62,16 @@ impl Expiry {
 /// What to do at `moment`: wait for a change (until a deadline, when there is one) or end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Nothing is due; wake at this stored time, or only on a change.
-    Wait(Option<u64>),
+    /// Nothing is due; look again at this stored time (or on a change).
+    Wait(u64),
     End(Expiry),
 }
 
-/// The decision, on plain numbers (milliseconds as `Activity` stores them).
+/// The decision, on plain numbers (milliseconds as `Activity` stores them). Requests starting
+/// and ending wake nobody (that would cost every request a poll and a timer reset): the
+/// watchdog looks again at least every `header_read_timeout` (or `idle_timeout`, when
+/// shorter), which is when a request's end or a started head is noticed. So a head deadline
+/// is kept within twice `header_read_timeout`; the others exactly.
 pub fn verdict(m: &Moment, deadlines: &Deadlines) -> Verdict {
     let header_read = millis(deadlines.header_read);
     let idle = millis(deadlines.idle);
@@ -80,10 +90,11 @@ pub fn verdict(m: &Moment, deadlines: &Deadlines) -> Verdict {
         (Some(w), Some(p)) => Some(if w.0 <= p.0 { w } else { p }),
         (w, p) => w.or(p),
     };
+    let look_again = m.now.saturating_add(idle.min(header_read));
     match due {
         Some((at, expiry)) if m.now >= at => Verdict::End(expiry),
-        Some((at, _)) => Verdict::Wait(Some(at)),
-        None => Verdict::Wait(None),
+        Some((at, _)) => Verdict::Wait(at.min(look_again)),
+        None => Verdict::Wait(look_again),
     }
 }
 
@@ -98,14 +109,58 @@ pub async fn watch(activity: &Activity, deadlines: Deadlines) -> Expiry {
     loop {
         match verdict(&activity.moment(), &deadlines) {
             Verdict::End(expiry) => return expiry,
-            Verdict::Wait(Some(at)) => {
+            Verdict::Wait(at) => {
                 sleep.as_mut().reset(activity.instant(at));
-                tokio::select! {
-                    () = &mut sleep => {}
-                    () = activity.changed() => {}
-                }
+                sleep.as_mut().await;
             }
-            Verdict::Wait(None) => activity.changed().await,
+        }
+    }
+}
+
+/// The watchdog's own task, beside its connection's: polled only when one of its deadlines
+/// comes (never on the connection's wake-ups, which would cost every frame). It ends with the
+/// connection. An expiry that allows it, and the drain, ask the connection to finish
+/// gracefully; any other expiry, or a graceful finish that takes longer than a head's time
+/// while nothing is in flight, aborts the connection's task, which closes its socket and
+/// drops its response bodies.
+pub async fn guard(
+    activity: Arc<Activity>,
+    deadlines: Deadlines,
+    connection: JoinHandle<()>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    peer: SocketAddr,
+) {
+    tokio::pin!(connection);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = &mut connection => return,
+            expiry = watch(&activity, deadlines) => {
+                metrics.connections_expired.with_label_values(&[expiry.as_str()]).inc();
+                tracing::debug!(%peer, reason = expiry.as_str(), "connection closed by its deadline");
+                if expiry.graceful() {
+                    // Nothing is in flight: hyper closes at once (h2 after its GOAWAY).
+                    activity.stop_gracefully();
+                    let _ = tokio::time::timeout(deadlines.header_read, &mut connection).await;
+                }
+                connection.abort();
+                return;
+            }
+            () = draining_begins(&mut shutdown), if !draining => {
+                draining = true;
+                activity.stop_gracefully();
+            }
+        }
+    }
+}
+
+/// Resolves when the server starts draining (or is gone).
+async fn draining_begins(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        let stopping = *shutdown.borrow_and_update();
+        if stopping || shutdown.changed().await.is_err() {
+            return;
         }
     }
 }
@@ -122,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_connection_must_complete_its_first_head_within_the_header_read_timeout() {
-        assert_eq!(verdict(&at(5_000), &D), Verdict::Wait(Some(10_001)));
+        assert_eq!(verdict(&at(5_000), &D), Verdict::Wait(10_001));
         assert_eq!(verdict(&at(10_001), &D), Verdict::End(Expiry::FirstBytes));
         // Bytes arriving do not extend it (a client sending `P` and nothing more).
         let trickling = Moment { head_started: 2, ..at(10_001) };
@@ -132,26 +187,34 @@ mod tests {
     #[test]
     fn a_busy_connection_has_no_deadline_until_its_client_stops_reading() {
         let busy = Moment { started: 1, in_flight: 1, ..at(500_000) };
-        assert_eq!(verdict(&busy, &D), Verdict::Wait(None));
+        assert_eq!(verdict(&busy, &D), Verdict::Wait(510_000), "only a look again");
         let blocked = Moment { write_blocked: 400_000, ..busy };
-        assert_eq!(verdict(&blocked, &D), Verdict::Wait(Some(520_000)));
+        assert_eq!(verdict(&blocked, &D), Verdict::Wait(510_000));
+        assert_eq!(verdict(&Moment { now: 519_000, ..blocked }, &D), Verdict::Wait(520_000));
         assert_eq!(verdict(&Moment { now: 520_000, ..blocked }, &D), Verdict::End(Expiry::WriteStalled));
     }
 
     #[test]
     fn an_idle_connection_closes_after_the_idle_timeout_and_a_started_head_after_the_header_timeout() {
         let idle = Moment { started: 3, idle_since: 50_000, ..at(60_000) };
-        assert_eq!(verdict(&idle, &D), Verdict::Wait(Some(170_000)));
+        assert_eq!(verdict(&idle, &D), Verdict::Wait(70_000), "looks again for a started head");
+        assert_eq!(verdict(&Moment { now: 165_000, ..idle }, &D), Verdict::Wait(170_000));
         assert_eq!(verdict(&Moment { now: 170_000, ..idle }, &D), Verdict::End(Expiry::Idle));
         let heading = Moment { head_started: 100_000, ..idle };
-        assert_eq!(verdict(&heading, &D), Verdict::Wait(Some(110_000)));
+        assert_eq!(verdict(&Moment { now: 101_000, ..heading }, &D), Verdict::Wait(110_000));
         assert_eq!(verdict(&Moment { now: 110_000, ..heading }, &D), Verdict::End(Expiry::HeaderRead));
         assert!(Expiry::Idle.graceful() && !Expiry::HeaderRead.graceful());
     }
 
     #[test]
+    fn a_short_idle_timeout_is_looked_for_as_often() {
+        let d = Deadlines { header_read: Duration::from_secs(10), idle: Duration::from_millis(800) };
+        assert_eq!(verdict(&at(5_000), &d), Verdict::Wait(5_800));
+    }
+
+    #[test]
     fn huge_timeouts_saturate_instead_of_wrapping() {
         let d = Deadlines { header_read: Duration::MAX, idle: Duration::MAX };
-        assert_eq!(verdict(&at(u64::MAX - 1), &d), Verdict::Wait(Some(u64::MAX)));
+        assert_eq!(verdict(&at(u64::MAX - 1), &d), Verdict::Wait(u64::MAX));
     }
 }

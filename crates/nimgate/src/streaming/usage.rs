@@ -253,18 +253,21 @@ fn ends_blank_line(data: &[u8], i: usize) -> bool {
 /// The byte range of the usage-only event in `events` (complete events only), if any. Each
 /// event is searched once: after a `"usage"` key, the search goes on from its event's end.
 fn usage_only_event(events: &[u8]) -> Option<Range<usize>> {
-    let mut pos = 0;
+    // `floor`: where the event being searched began at the latest (an event end, or 0).
+    let (mut pos, mut floor) = (0, 0);
     while let Some(found) = USAGE_FINDER.find(&events[pos..]) {
         let at = pos + found;
-        let start = pos + last_event_end(&events[pos..at]);
+        // Most chunks carry `"usage": null`: passed over without looking for their event.
+        if !matches!(object_after_key(events, at + USAGE_KEY.len()), Some(Ok(_))) {
+            pos = at + USAGE_KEY.len();
+            continue;
+        }
+        let start = floor + last_event_end(&events[floor..at]);
         let end = at + last_event_end_from(&events[at..])?;
-        if end - start <= MAX_EVENT
-            && matches!(object_after_key(events, at + USAGE_KEY.len()), Some(Ok(_)))
-            && is_usage_only(&events[start..end])
-        {
+        if end - start <= MAX_EVENT && is_usage_only(&events[start..end]) {
             return Some(start..end);
         }
-        pos = end;
+        (pos, floor) = (end, end);
     }
     None
 }
