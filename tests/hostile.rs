@@ -26,21 +26,37 @@ async fn a_key_over_its_limit_is_refused_before_its_body_is_read() {
     let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team", &["*"], Some(1), None).start().await;
     assert_eq!(gw.client("team").chat(LLAMA).await.status, 200);
 
-    // The next request declares 1 MiB and sends a few bytes of it: its 429 comes at once.
-    let mut stream = TcpStream::connect(gw.running.addr()).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nContent-Length: {MIB}\r\n\r\n{{\"model\":",
-        secret("team")
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = [0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut answer))
-        .await
-        .expect("the refusal does not wait for the body")
-        .unwrap();
-    let text = String::from_utf8_lossy(&answer[..n]);
-    assert!(text.starts_with("HTTP/1.1 429"), "{text}");
-    assert!(text.contains("rate_limit_exceeded") && text.to_ascii_lowercase().contains("retry-after"), "{text}");
+    // 200 more requests each declare 1 MiB and send 64 KiB of it: their 429s come at once,
+    // and the gateway holds none of their bodies.
+    let before = resident_bytes();
+    let started = Instant::now();
+    let mut refusals = Vec::new();
+    for _ in 0..200 {
+        let addr = gw.running.addr();
+        refusals.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\nContent-Length: {MIB}\r\n\r\n",
+                secret("team")
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let _ = stream.write_all(&[b' '; 64 * 1024]).await;
+            let mut answer = vec![0u8; 4096];
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer))
+                .await
+                .expect("the refusal does not wait for the body")
+                .unwrap();
+            String::from_utf8_lossy(&answer[..n]).into_owned()
+        }));
+    }
+    for refusal in refusals {
+        let text = refusal.await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 429"), "{text}");
+        assert!(text.contains("rate_limit_exceeded") && text.to_ascii_lowercase().contains("retry-after"), "{text}");
+    }
+    let grown = resident_bytes().saturating_sub(before);
+    println!("200 over-limit 1 MiB bodies refused in {:?}; RSS grew {} KiB", started.elapsed(), grown / 1024);
+    assert_eq!(gw.gateway.body_budget().available() as u64, nimgate::config::validate::DEFAULT_MAX_BUFFERED_BODY_BYTES);
 }
 
 /// A request body that sends all but its last byte, then never ends.
