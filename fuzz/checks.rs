@@ -47,13 +47,14 @@ pub fn head_peek(data: &[u8]) {
         assert!(serde_json::from_slice::<Value>(spanned).is_ok(), "the stream_options span is no JSON value");
     }
 
-    // The handler admits with `total()`; the defaults are those a config can hold.
+    // The handler admits with `total()`, which must not wrap: `max_tokens` is the client's
+    // number. Saturating is what a reservation can honestly be. The defaults are configurable.
     for (completes, default_max_tokens) in [(true, 1), (true, 512), (false, 512)] {
         let estimate = head.token_estimate(data.len(), completes, default_max_tokens);
         assert_eq!(estimate.prompt, (data.len() as u64 / 4).max(1));
         let completion = if completes { head.max_tokens.unwrap_or(default_max_tokens) } else { 0 };
         assert_eq!(estimate.completion, completion);
-        assert_eq!(Some(estimate.total()), estimate.prompt.checked_add(estimate.completion), "{estimate:?}");
+        assert_eq!(estimate.total(), estimate.prompt.saturating_add(estimate.completion), "{estimate:?}");
     }
 
     let body = Bytes::copy_from_slice(data);
