@@ -1,0 +1,9 @@
+//! libFuzzer entry for `checks::config_parse`; the check itself is shared with the regression test.
+#![no_main]
+
+// Each target uses one of the checks; the others are compiled but unused here.
+#[allow(dead_code)]
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::config_parse(data));
