@@ -7,6 +7,7 @@
 mod budget;
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Duration;
 
@@ -148,12 +149,27 @@ pub fn request_usage(body: &[u8], options: &StreamOptions) -> Edit {
         StreamOptions::Null(span) => {
             Edit { span: span.clone(), bytes: Bytes::from_static(br#"{"include_usage":true}"#) }
         }
+        // The client's object edited in place, every other byte of it untouched: its
+        // `include_usage` value replaced (the last one, which parsers keep), or the key added.
         StreamOptions::Object { span, .. } => {
-            let mut object: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&body[span.clone()]).unwrap_or_default();
-            object.insert("include_usage".into(), serde_json::Value::Bool(true));
-            let bytes = serde_json::to_vec(&object).unwrap_or_else(|_| br#"{"include_usage":true}"#.to_vec());
-            Edit { span: span.clone(), bytes: Bytes::from(bytes) }
+            let Ok(fields) = serde_json::from_slice::<HashMap<Cow<'_, str>, &RawValue>>(&body[span.clone()]) else {
+                // Not readable as an object here: left as the client wrote it.
+                return Edit { span: span.start..span.start, bytes: Bytes::new() };
+            };
+            match fields.get("include_usage") {
+                Some(value) => {
+                    // The raw value lies inside `body`: its offset is where it points.
+                    let at = value.get().as_ptr() as usize - body.as_ptr() as usize;
+                    Edit { span: at..at + value.get().len(), bytes: Bytes::from_static(b"true") }
+                }
+                None if fields.is_empty() => {
+                    Edit { span: span.start + 1..span.end - 1, bytes: Bytes::from_static(br#""include_usage":true"#) }
+                }
+                None => Edit {
+                    span: span.start + 1..span.start + 1,
+                    bytes: Bytes::from_static(br#""include_usage":true,"#),
+                },
+            }
         }
     }
 }

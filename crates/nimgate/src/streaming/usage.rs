@@ -105,12 +105,37 @@ impl UsageScanner {
                     self.last = Some(usage);
                     pos = open + values.byte_offset();
                 }
-                Some(Err(e)) if e.is_eof() => return at,
+                // Cut by the frame's end (serde may call that a syntax error: after `1.` or
+                // `-`), the object may still complete; one that closes and fails is skipped.
+                Some(Err(_)) if !object_closes(&buf[open..]) => return at,
                 _ => pos = open + 1,
             }
         }
         buf.len().saturating_sub(USAGE_KEY.len() - 1).max(pos)
     }
+}
+
+/// Whether the object opening `buf` closes within it (its `}` found, strings skipped).
+fn object_closes(buf: &[u8]) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in buf {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => depth += 1,
+            (false, _, b'}' | b']') => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return true;
+                }
+            }
+            (false, _, _) => {}
+        }
+    }
+    false
 }
 
 /// After a `"usage"` key ending at `from`: `Some(Ok(i))` when `buf[i]` opens its object value,
@@ -262,7 +287,12 @@ fn usage_only_event(events: &[u8]) -> Option<Range<usize>> {
             pos = at + USAGE_KEY.len();
             continue;
         }
-        let start = floor + last_event_end(&events[floor..at]);
+        let mut start = floor + last_event_end(&events[floor..at]);
+        // Line ends before the event's first line close the event before it (one that ended
+        // in the previous frame): they are not the usage event's to take away.
+        while matches!(events[start], b'\n' | b'\r') {
+            start += 1;
+        }
         let end = at + last_event_end_from(&events[at..])?;
         if end - start <= MAX_EVENT && is_usage_only(&events[start..end]) {
             return Some(start..end);
