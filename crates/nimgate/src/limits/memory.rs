@@ -149,17 +149,21 @@ pub struct MemoryStore {
 }
 
 impl MemoryStore {
-    /// The key's state, created (or recreated, when its limits changed) as needed. The map's
-    /// guard is dropped before returning: nothing holds it across an await.
+    /// The key's state, created (or recreated, when its limits changed) as needed. Created
+    /// under the map shard's lock, so that concurrent first requests of a key share one state
+    /// instead of each being admitted against a fresh one. No guard is held past the return:
+    /// nothing holds one across an await.
     fn state(&self, key: &KeyName, limits: &Limits) -> Arc<KeyState> {
         if let Some(state) = self.keys.get(key) {
             if state.limits == *limits {
                 return Arc::clone(&state);
             }
         }
-        let state = Arc::new(KeyState::new(*limits));
-        self.keys.insert(key.clone(), Arc::clone(&state));
-        state
+        let mut entry = self.keys.entry(key.clone()).or_insert_with(|| Arc::new(KeyState::new(*limits)));
+        if entry.limits != *limits {
+            *entry = Arc::new(KeyState::new(*limits));
+        }
+        Arc::clone(&entry)
     }
 
     fn decide(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
@@ -267,6 +271,28 @@ mod tests {
         match d {
             Decision::Admitted { reserved, quota } => (reserved, quota),
             other => panic!("refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn concurrent_first_requests_of_a_key_share_one_allowance() {
+        for _ in 0..20 {
+            let store = Arc::new(MemoryStore::default());
+            let start = Arc::new(std::sync::Barrier::new(32));
+            let admitted: usize = (0..32)
+                .map(|_| {
+                    let (store, start) = (Arc::clone(&store), Arc::clone(&start));
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let decision = store.admit(&KeyName::new("fresh"), &limits(Some(6), Some(100)), 60);
+                        usize::from(matches!(decision, Decision::Admitted { .. }))
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|t| t.join().unwrap())
+                .sum();
+            assert_eq!(admitted, 1, "a burst of one request, a minute of 100 tokens");
         }
     }
 
