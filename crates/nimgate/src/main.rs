@@ -146,6 +146,7 @@ fn hash_key(key: Option<String>) -> anyhow::Result<ExitCode> {
 }
 
 async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode> {
+    raise_open_files_limit(snapshot.server.max_connections);
     let launch =
         Launch { snapshot, source: Some((path.to_path_buf(), EnvSource::Process)), sighup: true, listeners: None };
     nimgate::run(launch, shutdown_signal()).await?;
@@ -155,6 +156,32 @@ async fn run_gateway(snapshot: Snapshot, path: &Path) -> anyhow::Result<ExitCode
 async fn run_demo(listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     demo::run(listen, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft open-file limit to the hard one (most systems start processes at 1,024),
+/// and warns when even that cannot hold `max_connections` client connections and their
+/// upstream connections: past it, accept fails and connections wait in the backlog.
+fn raise_open_files_limit(max_connections: usize) {
+    #[cfg(unix)]
+    {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::debug!(soft, hard, "cannot raise the open-file limit");
+        }
+        let limit = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |(soft, _)| soft);
+        // Each client connection may hold an upstream connection too, plus a reserve.
+        let needed = (max_connections as u64).saturating_mul(2).saturating_add(256);
+        if limit < needed {
+            tracing::warn!(
+                open_files = limit,
+                max_connections,
+                "the open-file limit cannot hold max_connections with their upstream connections; lower server.max_connections or raise `ulimit -n`"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = max_connections;
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -161,3 +161,37 @@ fn demo_serves_a_chat_completion_and_exits_0_on_sigterm() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn the_gateway_warns_when_its_open_file_limit_cannot_hold_max_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nimgate.yaml");
+    std::fs::write(
+        &config,
+        "server: { listen: \"127.0.0.1:0\", admin_listen: \"127.0.0.1:0\", allow_anonymous: true, max_connections: 5000 }\n\
+         backends: [{ name: a, url: \"http://127.0.0.1:9\" }]\nroutes: [{ model: \"*\", backends: [a] }]\n",
+    )
+    .unwrap();
+    // A hard limit of 512 descriptors (or lower, where the machine has less): raised to, but
+    // short of 2 x 5,000.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 512 || true; exec '{}' --config '{}'", env!("CARGO_BIN_EXE_nimgate"), config.display()))
+        .env("NIMGATE_LOG_FORMAT", "text")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gateway = Running(child);
+    let mut stderr = BufReader::new(gateway.0.stderr.take().unwrap());
+    let mut logged = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !logged.contains("nimgate listening") {
+        assert!(Instant::now() < deadline, "not listening: {logged}");
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the gateway exited: {logged}");
+        logged.push_str(&line);
+    }
+    assert!(logged.contains("the open-file limit cannot hold max_connections"), "{logged}");
+    assert!(logged.contains("max_connections=5000"), "{logged}");
+}
