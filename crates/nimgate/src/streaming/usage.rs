@@ -66,8 +66,9 @@ impl UsageScanner {
             let keep = self.scan(bytes);
             self.carry.clear();
             self.carry.extend_from_slice(&bytes[keep..]);
-        } else if self.carry.len() >= USAGE_KEY.len() && memchr::memchr(b'}', bytes).is_none() {
-            // An object still open: it cannot have ended without a `}`.
+        } else if self.carry.len() >= USAGE_KEY.len() && memchr::memchr2(b'}', b']', bytes).is_none() {
+            // An object still open cannot end (nor, as `object_closes` counts, close) without
+            // a `}` or `]` among the new bytes.
             self.carry.extend_from_slice(bytes);
         } else {
             let mut joined = std::mem::take(&mut self.carry);
