@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use http_body_util::{BodyExt, Full};
-use nimgate::config::raw::{RawBackend, RawTls};
+use nimgate::config::raw::{RawBackend, RawConfig, RawTls};
 use nimgate_tests::*;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
@@ -101,19 +101,26 @@ async fn an_https_backend_with_an_untrusted_certificate_is_refused() {
     assert_eq!(sim.stats().requests, 0);
 }
 
+/// A gateway serving TLS with `pki`'s certificate, in front of `backend`, with `change` made
+/// to its config.
+async fn tls_gateway(pki: &TestPki, backend: &nim_sim::Sim, change: impl FnOnce(&mut RawConfig)) -> TestGateway {
+    gateway()
+        .sim_route(LLAMA, &[backend])
+        .key("team-a", &["*"])
+        .with(|raw| {
+            raw.server.tls =
+                Some(RawTls { cert: pki.cert_file.display().to_string(), key: pki.key_file.display().to_string() });
+            change(raw);
+        })
+        .start()
+        .await
+}
+
 #[tokio::test]
 async fn the_gateway_serves_tls_with_h2_by_alpn() {
     let pki = pki();
     let backend = sim_serving(&[LLAMA]).await;
-    let gw = gateway()
-        .sim_route(LLAMA, &[&backend])
-        .key("team-a", &["*"])
-        .with(|raw| {
-            raw.server.tls =
-                Some(RawTls { cert: pki.cert_file.display().to_string(), key: pki.key_file.display().to_string() })
-        })
-        .start()
-        .await;
+    let gw = tls_gateway(&pki, &backend, |_| {}).await;
 
     let client = https_client_trusting(&pki.ca_pem);
 
@@ -136,16 +143,7 @@ async fn a_tls_client_that_goes_silent_after_its_handshake_is_closed_by_the_firs
     use tokio::io::AsyncReadExt;
     let pki = pki();
     let backend = sim_serving(&[LLAMA]).await;
-    let gw = gateway()
-        .sim_route(LLAMA, &[&backend])
-        .key("team-a", &["*"])
-        .with(|raw| {
-            raw.server.header_read_timeout = Some("400ms".into());
-            raw.server.tls =
-                Some(RawTls { cert: pki.cert_file.display().to_string(), key: pki.key_file.display().to_string() })
-        })
-        .start()
-        .await;
+    let gw = tls_gateway(&pki, &backend, |raw| raw.server.header_read_timeout = Some("400ms".into())).await;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(&pki.ca_pem)));
     let tcp = tokio::net::TcpStream::connect(gw.running.addr()).await.unwrap();
     let started = std::time::Instant::now();
