@@ -142,7 +142,7 @@ async fn unfinished_bodies_on_one_h2_connection_hold_no_more_than_the_body_budge
     println!("64 unfinished 1 MiB bodies, budget 4 MiB: {refused} refused, RSS grew {} KiB", grown / 1024);
     assert!(refused >= 56, "only {refused} of 64 refused within {:?}", started.elapsed());
     assert!(grown < 40 * MIB as u64, "RSS grew {grown} bytes with a 4 MiB body budget");
-    assert!(gw.gateway.body_budget().available() as u64 <= budget);
+    assert!(gw.gateway.body_budget().available() < MIB, "the bodies still waiting hold the budget");
     let (_, samples) = scrape(&gw).await;
     assert!(value(&samples, "nimgate_body_budget_waits_total{result=\"refused\"}") >= 56.0);
     // The client leaves (hyper's h2 client closes its socket once nothing uses it): every

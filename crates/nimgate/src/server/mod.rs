@@ -33,15 +33,22 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl 
     let slots = Arc::new(Semaphore::new(gateway.snapshot().server.max_connections));
     let (stopping, stop_watch) = watch::channel(false);
     tokio::pin!(shutdown);
+    // Warned once per stretch at the cap, not once per connection let in while it lasts.
+    let mut at_cap = false;
     loop {
         let slot = match Arc::clone(&slots).try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => {
+                at_cap = false;
+                slot
+            }
             Err(_) => {
                 gateway.metrics().connection_limit_reached.inc();
-                tracing::warn!(
-                    max_connections = gateway.snapshot().server.max_connections,
-                    "server.max_connections reached: new connections wait in the listen backlog"
-                );
+                if !std::mem::replace(&mut at_cap, true) {
+                    tracing::warn!(
+                        max_connections = gateway.snapshot().server.max_connections,
+                        "server.max_connections reached: new connections wait in the listen backlog"
+                    );
+                }
                 tokio::select! {
                     slot = Arc::clone(&slots).acquire_owned() => match slot {
                         Ok(slot) => slot,
@@ -69,7 +76,7 @@ pub async fn serve(gateway: Arc<Gateway>, listener: TcpListener, shutdown: impl 
     let drain_timeout = gateway.snapshot().server.drain_timeout;
     tracing::info!(?drain_timeout, "shutting down: no new connections, draining in-flight requests");
     let _ = stopping.send(true);
-    // Every connection task holds a receiver until it ends.
+    // Every connection's watchdog holds a receiver until its connection ends.
     match tokio::time::timeout(drain_timeout, stopping.closed()).await {
         Ok(()) => tracing::info!("drained"),
         Err(_) => tracing::warn!(?drain_timeout, "drain timeout reached; closing the remaining connections"),
