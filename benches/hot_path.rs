@@ -29,7 +29,11 @@ fn config() -> RawConfig {
             name: format!("team-{i}"),
             key_sha256: Some(nimgate::auth::digest_hex(&format!("sk-team-{i}"))),
             models: vec!["org1*".into(), format!("org{i}/*")],
-            limits: Some(RawLimits { requests_per_minute: Some(60_000_000), tokens_per_minute: Some(60_000_000_000) }),
+            limits: Some(RawLimits {
+                requests_per_minute: Some(60_000_000),
+                tokens_per_minute: Some(60_000_000_000),
+                ..RawLimits::default()
+            }),
             ..Default::default()
         });
     }

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use http::Method;
-use nimgate::config::raw::RawBackend;
+use nimgate::config::raw::{RawBackend, RawLimits};
 use nimgate_tests::*;
 use serde_json::{Value, json};
 
@@ -51,36 +51,63 @@ async fn tokens_left(client: &TestClient) -> u64 {
     header_u64(&client.get("/v1/models").await, "x-ratelimit-remaining-tokens")
 }
 
+/// `20s`, `39.9s`, `1m0s`, `250ms` in seconds.
+fn openai_seconds(text: &str) -> f64 {
+    if let Some(ms) = text.strip_suffix("ms") {
+        return ms.parse::<f64>().unwrap() / 1000.0;
+    }
+    let text = text.strip_suffix('s').unwrap();
+    match text.split_once('m') {
+        Some((m, s)) => m.parse::<f64>().unwrap() * 60.0 + s.parse::<f64>().unwrap(),
+        None => text.parse().unwrap(),
+    }
+}
+
 #[tokio::test]
-async fn the_request_limit_gives_429_with_retry_after_and_headers_and_spares_other_keys() {
+async fn a_minute_of_requests_goes_back_to_back_then_429_with_retry_after_and_headers() {
     let sim = sim_serving(&[LLAMA]).await;
     let gw = gateway()
         .sim_route(LLAMA, &[&sim])
-        .key_limited("team-a", &["*"], Some(60), None)
-        .key_limited("team-b", &["*"], Some(60), None)
+        .key_limited("team-a", &["*"], Some(3), None)
+        .key_limited("team-b", &["*"], Some(3), None)
         .start()
         .await;
     let client = gw.client("team-a");
 
-    // A burst of 10 (ten seconds of 60 per minute), counted down on every answer.
-    for left in (0..10).rev() {
+    // The minute's 3 at once, counted down on every answer; full again 20 s per request later.
+    for (left, reset) in [(2, 20.0), (1, 40.0), (0, 60.0)] {
         let reply = client.chat(LLAMA).await;
         assert_eq!(reply.status, 200);
-        assert_eq!(header_u64(&reply, "x-ratelimit-limit-requests"), 60);
+        assert_eq!(header_u64(&reply, "x-ratelimit-limit-requests"), 3);
         assert_eq!(header_u64(&reply, "x-ratelimit-remaining-requests"), left);
-        assert!(reply.header("x-ratelimit-reset-requests").is_some());
+        let shown = reply.header("x-ratelimit-reset-requests").unwrap();
+        let secs = openai_seconds(shown);
+        assert!(secs <= reset && secs > reset - 1.0, "{shown} for {reset}s");
         assert!(reply.header("x-ratelimit-limit-tokens").is_none(), "no token limit, no token headers");
     }
     let refused = client.chat(LLAMA).await;
     let message = refused.assert_error(429, "rate_limit_exceeded");
     assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
-    assert!(message.contains("rate limit") && message.contains("60 requests per minute"), "{message}");
-    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert!(message.contains("rate limit") && message.contains("3 requests per minute"), "{message}");
+    assert_eq!(refused.header("retry-after"), Some("20"), "the next request's turn, not the minute");
     assert_eq!(header_u64(&refused, "x-ratelimit-remaining-requests"), 0);
-    assert_eq!(sim.stats().requests, 10, "the refused request never reached the backend");
+    assert_eq!(sim.stats().requests, 3, "the refused request never reached the backend");
 
     assert_eq!(gw.client("team-b").chat(LLAMA).await.status, 200, "another key is unaffected");
+}
 
+#[tokio::test]
+async fn a_burst_of_one_spaces_requests_and_admits_again_after_retry_after() {
+    let sim = sim_serving(&[LLAMA]).await;
+    let limits = RawLimits { requests_per_minute: Some(60), burst: Some(1), ..RawLimits::default() };
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_with_limits("team-a", &["*"], limits).start().await;
+    let client = gw.client("team-a");
+    let first = client.chat(LLAMA).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(header_u64(&first, "x-ratelimit-remaining-requests"), 0);
+    let refused = client.chat(LLAMA).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(client.chat(LLAMA).await.status, 200, "admitted again after Retry-After");
 }
@@ -88,8 +115,9 @@ async fn the_request_limit_gives_429_with_retry_after_and_headers_and_spares_oth
 #[tokio::test]
 async fn retry_after_matches_the_real_refill_time() {
     let sim = sim_serving(&[LLAMA]).await;
-    // 30 per minute: a burst of 5, then one every 2 s.
-    let gw = gateway().sim_route(LLAMA, &[&sim]).key_limited("team-a", &["*"], Some(30), None).start().await;
+    // 30 per minute, at most 5 back to back: then one every 2 s.
+    let limits = RawLimits { requests_per_minute: Some(30), burst: Some(5), ..RawLimits::default() };
+    let gw = gateway().sim_route(LLAMA, &[&sim]).key_with_limits("team-a", &["*"], limits).start().await;
     let client = gw.client("team-a");
     for _ in 0..5 {
         assert_eq!(client.chat(LLAMA).await.status, 200);
@@ -349,10 +377,57 @@ async fn limiter_state_survives_a_new_snapshot_for_unchanged_keys_only() {
         }
     }
 
-    // The same keys, team-b with a new limit: team-a keeps its spent burst, team-b starts afresh.
+    // The same keys, team-b with a new limit: team-a keeps what it spent, team-b starts afresh.
     gw.gateway.replace(config(120).snapshot());
     let a = gw.client("team-a").chat(LLAMA).await;
-    assert_eq!(header_u64(&a, "x-ratelimit-remaining-requests"), 6, "10 - 3 - this one");
+    assert_eq!(header_u64(&a, "x-ratelimit-remaining-requests"), 56, "60 - 3 - this one");
     let b = gw.client("team-b").chat(LLAMA).await;
-    assert_eq!(header_u64(&b, "x-ratelimit-remaining-requests"), 19, "a fresh burst of 20, minus this one");
+    assert_eq!(header_u64(&b, "x-ratelimit-remaining-requests"), 119, "a fresh minute of 120, minus this one");
+}
+
+#[tokio::test]
+async fn max_concurrency_refuses_while_the_keys_streams_run_and_admits_when_one_ends() {
+    let sim =
+        sim(SimOptions { models: vec![LLAMA.into()], gated_chunks: true, tokens: 50, ..SimOptions::default() }).await;
+    let limits = RawLimits { max_concurrency: Some(2), ..RawLimits::default() };
+    let gw = gateway()
+        .sim_route(LLAMA, &[&sim])
+        .key_with_limits("team-a", &["*"], limits)
+        .key("unlimited", &["*"])
+        .start()
+        .await;
+    let client = gw.client("team-a");
+
+    let first = client.chat_stream(LLAMA).await;
+    assert_eq!(first.status(), 200);
+    let second = client.chat_stream(LLAMA).await;
+    assert_eq!(second.status(), 200);
+    let refused = client.chat(LLAMA).await;
+    let message = refused.assert_error(429, "concurrency_limit_exceeded");
+    assert_eq!(refused.json()["error"]["type"], "rate_limit_error");
+    assert!(message.contains("rate limit") && message.contains("2 requests in flight"), "{message}");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(gw.client("unlimited").chat(LLAMA).await.status, 200, "other keys are not counted");
+
+    // A client that leaves mid-stream gives its slot back.
+    drop(first);
+    eventually("the abandoned stream's slot is back", Duration::from_secs(5), || async {
+        client.chat(LLAMA).await.status == 200
+    })
+    .await;
+    let third = client.chat_stream(LLAMA).await;
+    assert_eq!(third.status(), 200);
+    client.chat(LLAMA).await.assert_error(429, "concurrency_limit_exceeded");
+    // A stream that ends gives its slot back.
+    sim.release_chunks(100_000);
+    let mut second = second.into_body();
+    let text: String = all_frames(&mut second).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    assert!(text.contains("[DONE]"));
+    let mut third = third.into_body();
+    all_frames(&mut third).await;
+    eventually("every slot is back", Duration::from_secs(5), || async {
+        let (a, b) = (client.chat_stream(LLAMA).await, client.chat_stream(LLAMA).await);
+        a.status() == 200 && b.status() == 200
+    })
+    .await;
 }

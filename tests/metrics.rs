@@ -29,7 +29,7 @@ async fn counters_after_known_traffic_have_exact_values_and_labels() {
             ..RawRoute::default()
         })
         .key("team-a", &["*"])
-        .key_limited("team-b", &["*"], Some(6), None) // a burst of one request
+        .key_limited("team-b", &["*"], Some(1), None) // one request a minute
         .with(|raw| raw.balancing.eject_after = Some(1000))
         .start()
         .await;
@@ -120,7 +120,7 @@ async fn the_exposition_passes_promtool() {
             backends: vec!["down".into(), "gpu".into()],
             ..RawRoute::default()
         })
-        .key_limited("team-a", &["*"], Some(6), None)
+        .key_limited("team-a", &["*"], Some(1), None)
         .start()
         .await;
     let client = gw.client("team-a");
@@ -212,7 +212,7 @@ async fn the_dashboard_and_rules_use_only_metrics_nimgate_exports() {
         })
         .route("queued/*", &["slot"])
         .key("team-a", &["*"])
-        .key_limited("team-b", &["*"], Some(6), None)
+        .key_limited("team-b", &["*"], Some(1), None)
         .with(|raw| raw.balancing.eject_after = Some(1000))
         .start()
         .await;

@@ -104,10 +104,19 @@ impl GatewayBuilder {
     }
 
     /// Adds a key like `key` with request and token limits per minute.
-    pub fn key_limited(mut self, name: &str, models: &[&str], rpm: Option<u64>, tpm: Option<u64>) -> Self {
+    pub fn key_limited(self, name: &str, models: &[&str], rpm: Option<u64>, tpm: Option<u64>) -> Self {
+        self.key_with_limits(
+            name,
+            models,
+            RawLimits { requests_per_minute: rpm, tokens_per_minute: tpm, ..RawLimits::default() },
+        )
+    }
+
+    /// Adds a key like `key` with `limits`.
+    pub fn key_with_limits(mut self, name: &str, models: &[&str], limits: RawLimits) -> Self {
         self = self.key(name, models);
         if let Some(key) = self.raw.keys.last_mut() {
-            key.limits = Some(RawLimits { requests_per_minute: rpm, tokens_per_minute: tpm });
+            key.limits = Some(limits);
         }
         self
     }

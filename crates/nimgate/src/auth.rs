@@ -32,17 +32,26 @@ impl fmt::Display for KeyName {
     }
 }
 
-/// A key's request and token budgets (enforced by the limiter, #4).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A key's budgets, enforced by the limiter: requests per minute (a bucket of one minute, or
+/// of `burst` requests when set), tokens per minute, and requests in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Limits {
     pub requests_per_minute: Option<u64>,
+    /// At most `requests_per_minute`; validation makes sure.
+    pub burst: Option<u64>,
     pub tokens_per_minute: Option<u64>,
+    pub max_concurrency: Option<u32>,
 }
 
 impl Limits {
     /// Whether the key has no limit at all (the limiter is then skipped entirely).
     pub fn is_unlimited(&self) -> bool {
-        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none()
+        self.requests_per_minute.is_none() && self.tokens_per_minute.is_none() && self.max_concurrency.is_none()
+    }
+
+    /// How many requests may go back to back: `burst`, or the whole minute's allowance.
+    pub fn request_burst(&self) -> Option<u64> {
+        self.requests_per_minute.map(|rpm| self.burst.unwrap_or(rpm).clamp(1, rpm))
     }
 }
 
@@ -108,7 +117,12 @@ impl KeyTable {
 
     /// The names of the configured keys.
     pub fn names(&self) -> impl Iterator<Item = &KeyName> {
-        self.by_digest.values().map(|key| &key.name)
+        self.keys().map(|key| &key.name)
+    }
+
+    /// The configured keys, not the anonymous identity.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<Key>> {
+        self.by_digest.values()
     }
 
     /// Configured keys, not counting the anonymous identity.

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::auth::AuthFailure;
 use crate::config::ConfigError;
-use crate::limits::{Refused, retry_after_secs};
+use crate::limits::{LimitKind, Refused, retry_after_secs};
 use crate::upstream::{AttemptError, BackendName, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +30,7 @@ pub enum GatewayError {
     UnknownPath(String),
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: http::Method, path: String, allow: &'static str },
-    #[error(
-        "rate limit reached: this key may use {} {} per minute; retry in {}s",
-        .0.per_minute, .0.limit.as_str(), retry_after_secs(.0.retry_after)
-    )]
+    #[error("{0}")]
     RateLimited(Refused),
     #[error("request body is larger than the limit of {limit} bytes")]
     RequestTooLarge { limit: u64 },
@@ -139,6 +136,9 @@ impl GatewayError {
             }
             Self::MethodNotAllowed { .. } => {
                 (StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed")
+            }
+            Self::RateLimited(Refused { limit: LimitKind::Concurrency, .. }) => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "concurrency_limit_exceeded")
             }
             Self::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"),
             Self::RequestTooLarge { .. } => {
@@ -256,7 +256,7 @@ mod tests {
     fn refused() -> Refused {
         let quota =
             Quota { requests: Some(Window { limit: 60, remaining: 0, reset: Duration::from_secs(10) }), tokens: None };
-        Refused { limit: LimitKind::Requests, per_minute: 60, retry_after: Duration::from_millis(1200), quota }
+        Refused { limit: LimitKind::Requests, size: 60, retry_after: Duration::from_millis(1200), quota }
     }
 
     /// The contract's error table (`../shared/CONTRACT.md`, "Errors") and the admin API's,
@@ -280,6 +280,12 @@ mod tests {
                 "method_not_allowed",
             ),
             (GatewayError::RateLimited(refused()), 429, "rate_limit_error", "rate_limit_exceeded"),
+            (
+                GatewayError::RateLimited(Refused { limit: LimitKind::Concurrency, size: 2, ..refused() }),
+                429,
+                "rate_limit_error",
+                "concurrency_limit_exceeded",
+            ),
             (GatewayError::RequestTooLarge { limit: 10 }, 413, "invalid_request_error", "request_too_large"),
             (GatewayError::RequestTimeout(Duration::from_secs(60)), 408, "invalid_request_error", "request_timeout"),
             (GatewayError::AdminUnauthenticated, 401, "authentication_error", "invalid_api_key"),

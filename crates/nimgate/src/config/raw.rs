@@ -153,7 +153,11 @@ pub struct RawKey {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub requests_per_minute: Option<u64>,
+    /// Requests that may go back to back (default: the whole `requests_per_minute`).
+    pub burst: Option<u64>,
     pub tokens_per_minute: Option<u64>,
+    /// Requests of the key in flight at once.
+    pub max_concurrency: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -161,6 +165,14 @@ pub struct RawLimits {
 pub struct RawRateLimits {
     pub store: Option<String>,
     pub redis_url: Option<String>,
+    /// The environment variable holding the Redis URL (for a URL with a password).
+    pub redis_url_env: Option<String>,
+    /// Prefix of every Redis key; replicas sharing Redis and prefix share limits.
+    pub key_prefix: Option<String>,
+    /// How long an admission waits for Redis before `on_store_error` decides.
+    pub timeout: Option<String>,
+    /// How long a concurrency slot outlives a replica that stopped renewing it (a crash).
+    pub lease_ttl: Option<String>,
     pub on_store_error: Option<String>,
     /// Completion tokens reserved for a request that sets no `max_tokens`.
     pub default_max_tokens: Option<u64>,

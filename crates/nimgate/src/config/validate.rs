@@ -539,7 +539,27 @@ impl Validator<'_> {
                         _ => {}
                     }
                 }
-                Limits { requests_per_minute: l.requests_per_minute, tokens_per_minute: l.tokens_per_minute }
+                match (l.burst, l.requests_per_minute) {
+                    (Some(_), None) => self.problem(
+                        format!("{at}.limits.burst"),
+                        "caps requests_per_minute's back-to-back requests: set requests_per_minute too",
+                    ),
+                    (Some(0), _) => self.problem(format!("{at}.limits.burst"), "must be at least 1"),
+                    (Some(burst), Some(rpm)) if burst > rpm => self.problem(
+                        format!("{at}.limits.burst"),
+                        format!("{burst} is more than requests_per_minute ({rpm}): the bucket holds one minute"),
+                    ),
+                    _ => {}
+                }
+                if l.max_concurrency == Some(0) {
+                    self.problem(format!("{at}.limits.max_concurrency"), "must be at least 1 (omit it for no limit)");
+                }
+                Limits {
+                    requests_per_minute: l.requests_per_minute,
+                    burst: l.burst,
+                    tokens_per_minute: l.tokens_per_minute,
+                    max_concurrency: l.max_concurrency,
+                }
             });
             if let Some(digest) = digest {
                 keys.push((digest, Arc::new(Key::new(KeyName::new(&k.name), acl, limits))));
@@ -955,6 +975,24 @@ keys:
             &with("models: [\"meta/*\"]", "models: [\"meta/*\"], limits: { requests_per_minute: 99000000000 }"),
             "keys[1].limits.requests_per_minute: 99000000000 is beyond what can be enforced",
         );
+        for (limits, problem) in [
+            ("{ burst: 5 }", "keys[1].limits.burst: caps requests_per_minute's back-to-back requests"),
+            (
+                "{ requests_per_minute: 10, burst: 11 }",
+                "keys[1].limits.burst: 11 is more than requests_per_minute (10)",
+            ),
+            ("{ requests_per_minute: 10, burst: 0 }", "keys[1].limits.burst: must be at least 1"),
+            ("{ max_concurrency: 0 }", "keys[1].limits.max_concurrency: must be at least 1"),
+        ] {
+            assert_problem(&with("models: [\"meta/*\"]", &format!("models: [\"meta/*\"], limits: {limits}")), problem);
+        }
+        let ok = check(&with(
+            "models: [\"meta/*\"]",
+            "models: [\"meta/*\"], limits: { requests_per_minute: 10, burst: 10, max_concurrency: 4 }",
+        ))
+        .unwrap();
+        let limits = ok.keys.keys().find(|k| k.name.as_str() == "team-b").unwrap().limits;
+        assert_eq!((limits.request_burst(), limits.max_concurrency), (Some(10), Some(4)));
         assert_problem(&format!("{GOOD}rate_limits: {{ store: etcd }}\n"), "rate_limits.store: unknown store `etcd`");
         assert_problem(
             &format!("{GOOD}rate_limits: {{ store: redis, redis_url: 'http://x' }}\n"),

@@ -1,43 +1,20 @@
-//! The in-memory store: per key a `governor` GCRA limiter for requests and a `TokenBucket`
-//! for tokens, in a `DashMap` by key name. A key's state is kept as long as its limits do not
-//! change, so a config reload that leaves a key alone leaves its budget alone.
+//! The in-memory store: per key a `Gcra` for requests, a `TokenBucket` for tokens and an in-flight count, in a `DashMap` by key name. A key's state is kept as long as
+//! its limits do not change, so a config reload that leaves a key alone leaves its budget
+//! alone (and its in-flight count always).
 
-use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+#[cfg(test)]
 use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::Clock;
-use governor::middleware::StateInformationMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::{Quota as GovernorQuota, RateLimiter};
 use tokio::time::Instant;
 
 use super::bucket::TokenBucket;
+use super::gcra::Gcra;
+use super::inflight::InFlight;
 use super::quota::{Quota, Window};
-use super::{Decision, LimitKind};
+use super::{CONCURRENCY_RETRY, Decision, LimitKind, Slot};
 use crate::auth::{KeyName, Limits};
-
-/// The burst of a request limit: ten seconds' worth of the per-minute rate (at least 1). A
-/// client may send that many at once; after that requests are spaced at the steady rate. A
-/// whole minute's burst would let a key spend its minute in one instant and starve the GPU;
-/// no burst would refuse an SDK that sends a few requests in parallel.
-pub fn request_burst(requests_per_minute: u64) -> u32 {
-    u32::try_from(requests_per_minute.div_ceil(6)).unwrap_or(u32::MAX).max(1)
-}
-
-/// Governor's time source: tokio's clock, which tests pause and advance, so that every limit
-/// here runs on one clock with the token buckets beside it.
-#[derive(Debug, Clone, Copy, Default)]
-struct TokioClock;
-
-impl Clock for TokioClock {
-    type Instant = std::time::Instant;
-
-    fn now(&self) -> Self::Instant {
-        Instant::now().into_std()
-    }
-}
 
 /// Locks `mutex` even when a panic poisoned it: the state inside is plain numbers, valid at
 /// every step, and a limit that stopped counting after a panic would fail open.
@@ -45,95 +22,28 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-type Gcra = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
-
-#[derive(Debug, Clone, Copy)]
-struct Last {
-    at: Instant,
-    remaining: u32,
-    next_free: Instant,
-}
-
-struct RequestLimit {
-    per_minute: u64,
-    burst: u32,
-    interval: Duration,
-    gcra: Gcra,
-    /// Remaining burst after the last decision and when it was made, for `peek`, and when
-    /// the next request will be admitted if that remaining was zero.
-    last: Mutex<Last>,
-}
-
-impl RequestLimit {
-    fn new(per_minute: u64) -> Self {
-        let burst = request_burst(per_minute);
-        let interval = Duration::from_secs(60).div_f64(per_minute as f64);
-        // Validation caps the rate, so the period is at least a microsecond and never zero.
-        let quota = GovernorQuota::with_period(interval)
-            .unwrap_or_else(|| GovernorQuota::per_second(NonZeroU32::MAX))
-            .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
-        Self {
-            per_minute,
-            burst,
-            interval,
-            gcra: RateLimiter::direct_with_clock(quota, TokioClock).with_middleware(),
-            last: Mutex::new(Last { at: Instant::now(), remaining: burst, next_free: Instant::now() }),
-        }
-    }
-
-    fn window(&self, remaining: u32) -> Window {
-        Window {
-            limit: self.per_minute,
-            remaining: u64::from(remaining),
-            reset: self.interval * (self.burst - remaining.min(self.burst)),
-        }
-    }
-
-    /// Takes one request cell, or says how long until one is free.
-    fn check(&self, now: Instant) -> Result<Window, Duration> {
-        match self.gcra.check() {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                let next_free = if remaining == 0 { now + self.interval } else { now };
-                *lock(&self.last) = Last { at: now, remaining, next_free };
-                Ok(self.window(remaining))
-            }
-            Err(not_until) => {
-                let wait = not_until.wait_time_from(TokioClock.now());
-                *lock(&self.last) = Last { at: now, remaining: 0, next_free: now + wait };
-                Err(wait)
-            }
-        }
-    }
-
-    /// How long until a request would be admitted, when it would not be now (consuming
-    /// nothing).
-    fn busy_for(&self, now: Instant) -> Option<Duration> {
-        let last = *lock(&self.last);
-        (last.remaining == 0 && now < last.next_free).then(|| last.next_free - now)
-    }
-
-    fn peek(&self) -> Window {
-        let Last { at, remaining, .. } = *lock(&self.last);
-        let refilled = (at.elapsed().as_secs_f64() / self.interval.as_secs_f64()) as u64;
-        let remaining = (u64::from(remaining) + refilled).min(u64::from(self.burst)) as u32;
-        self.window(remaining)
-    }
-}
-
 struct KeyState {
     limits: Limits,
-    requests: Option<RequestLimit>,
+    requests: Option<Mutex<Gcra>>,
     tokens: Option<Mutex<TokenBucket>>,
+    /// Carried over when the limits change: the requests in flight are still in flight.
+    in_flight: Arc<InFlight>,
 }
 
 impl KeyState {
-    fn new(limits: Limits) -> Self {
+    fn new(limits: Limits, in_flight: Arc<InFlight>) -> Self {
         Self {
             limits,
-            requests: limits.requests_per_minute.map(RequestLimit::new),
+            requests: (limits.requests_per_minute.zip(limits.request_burst()))
+                .map(|(rpm, burst)| Mutex::new(Gcra::new(rpm, burst, Instant::now()))),
             tokens: limits.tokens_per_minute.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
+            in_flight,
         }
+    }
+
+    /// Refuses when every `max_concurrency` slot is taken (consuming nothing).
+    fn concurrency_full(&self) -> bool {
+        self.limits.max_concurrency.is_some_and(|max| self.in_flight.is_full(max))
     }
 
     fn token_window(&self, bucket: &mut TokenBucket, now: Instant) -> Option<Window> {
@@ -159,9 +69,10 @@ impl MemoryStore {
                 return Arc::clone(&state);
             }
         }
-        let mut entry = self.keys.entry(key.clone()).or_insert_with(|| Arc::new(KeyState::new(*limits)));
+        let mut entry =
+            self.keys.entry(key.clone()).or_insert_with(|| Arc::new(KeyState::new(*limits, Arc::default())));
         if entry.limits != *limits {
-            *entry = Arc::new(KeyState::new(*limits));
+            *entry = Arc::new(KeyState::new(*limits, Arc::clone(&entry.in_flight)));
         }
         Arc::clone(&entry)
     }
@@ -171,23 +82,36 @@ impl MemoryStore {
         let now = Instant::now();
         let mut quota = Quota::default();
 
-        // Tokens first: a refused token reservation is simply not made, while a request cell
-        // taken from the GCRA cannot be given back.
+        // A slot first: it is given back by dropping it if a later limit refuses.
+        let slot = match limits.max_concurrency {
+            Some(max) => match state.in_flight.try_take(max) {
+                Some(slot) => Some(Slot::Memory(slot)),
+                None => {
+                    let quota = self.quota_of(&state, now);
+                    return Decision::Refused { limit: LimitKind::Concurrency, retry_after: CONCURRENCY_RETRY, quota };
+                }
+            },
+            None => None,
+        };
+        // Tokens next: a refused token reservation is simply not made, while a request cell
+        // taken from the GCRA cannot be given back. One lock at a time, never nested.
         let mut reserved = 0;
         if let Some(bucket) = &state.tokens {
             let mut bucket = lock(bucket);
-            match bucket.try_reserve(tokens, now) {
+            let reservation = bucket.try_reserve(tokens, now);
+            quota.tokens = state.token_window(&mut bucket, now);
+            drop(bucket);
+            match reservation {
                 Ok(amount) => reserved = amount,
                 Err(wait) => {
-                    quota.tokens = state.token_window(&mut bucket, now);
-                    quota.requests = state.requests.as_ref().map(RequestLimit::peek);
+                    quota.requests = state.requests.as_ref().map(|r| lock(r).peek(now));
                     return Decision::Refused { limit: LimitKind::Tokens, retry_after: wait, quota };
                 }
             }
-            quota.tokens = state.token_window(&mut bucket, now);
         }
         if let Some(requests) = &state.requests {
-            match requests.check(now) {
+            let checked = lock(requests).check(now);
+            match checked {
                 Ok(window) => quota.requests = Some(window),
                 Err(wait) => {
                     if let Some(bucket) = &state.tokens {
@@ -195,12 +119,12 @@ impl MemoryStore {
                         bucket.settle(reserved, 0, now);
                         quota.tokens = state.token_window(&mut bucket, now);
                     }
-                    quota.requests = Some(requests.window(0));
+                    quota.requests = Some(lock(requests).peek(now));
                     return Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota };
                 }
             }
         }
-        Decision::Admitted { reserved, quota }
+        Decision::Admitted { reserved, quota, slot }
     }
 }
 
@@ -235,7 +159,11 @@ impl MemoryStore {
     pub fn precheck(&self, key: &KeyName, limits: &Limits) -> Option<Decision> {
         let state = self.state(key, limits);
         let now = Instant::now();
-        if let Some(wait) = state.requests.as_ref().and_then(|r| r.busy_for(now)) {
+        if state.concurrency_full() {
+            let quota = self.quota_of(&state, now);
+            return Some(Decision::Refused { limit: LimitKind::Concurrency, retry_after: CONCURRENCY_RETRY, quota });
+        }
+        if let Some(wait) = state.requests.as_ref().and_then(|r| lock(r).busy_for(now)) {
             let quota = self.quota_of(&state, now);
             return Some(Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota });
         }
@@ -250,7 +178,7 @@ impl MemoryStore {
 
     fn quota_of(&self, state: &KeyState, now: Instant) -> Quota {
         let tokens = state.tokens.as_ref().and_then(|b| state.token_window(&mut lock(b), now));
-        Quota { requests: state.requests.as_ref().map(RequestLimit::peek), tokens }
+        Quota { requests: state.requests.as_ref().map(|r| lock(r).peek(now)), tokens }
     }
 
     /// Forgets keys not in `keep` (state of removed keys must not pile up across reloads).
@@ -264,35 +192,51 @@ mod tests {
     use super::*;
 
     fn limits(rpm: Option<u64>, tpm: Option<u64>) -> Limits {
-        Limits { requests_per_minute: rpm, tokens_per_minute: tpm }
+        Limits { requests_per_minute: rpm, tokens_per_minute: tpm, ..Limits::default() }
     }
 
     fn admitted(d: Decision) -> (u64, Quota) {
         match d {
-            Decision::Admitted { reserved, quota } => (reserved, quota),
+            Decision::Admitted { reserved, quota, .. } => (reserved, quota),
             other => panic!("refused: {other:?}"),
         }
     }
 
+    fn refused(d: Decision) -> (LimitKind, Duration, Quota) {
+        match d {
+            Decision::Refused { limit, retry_after, quota } => (limit, retry_after, quota),
+            other => panic!("admitted: {other:?}"),
+        }
+    }
+
+    /// How many of `n` simultaneous first requests of a fresh key `limits` admits.
+    fn admitted_at_once(n: usize, limits: Limits, tokens: u64) -> usize {
+        let store = Arc::new(MemoryStore::default());
+        let start = Arc::new(std::sync::Barrier::new(n));
+        let decisions: Vec<Decision> = (0..n)
+            .map(|_| {
+                let (store, start) = (Arc::clone(&store), Arc::clone(&start));
+                std::thread::spawn(move || {
+                    start.wait();
+                    store.admit(&KeyName::new("fresh"), &limits, tokens)
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        decisions.iter().filter(|d| matches!(d, Decision::Admitted { .. })).count()
+    }
+
     #[test]
     fn concurrent_first_requests_of_a_key_share_one_allowance() {
-        for _ in 0..20 {
-            let store = Arc::new(MemoryStore::default());
-            let start = Arc::new(std::sync::Barrier::new(32));
-            let admitted: usize = (0..32)
-                .map(|_| {
-                    let (store, start) = (Arc::clone(&store), Arc::clone(&start));
-                    std::thread::spawn(move || {
-                        start.wait();
-                        let decision = store.admit(&KeyName::new("fresh"), &limits(Some(6), Some(100)), 60);
-                        usize::from(matches!(decision, Decision::Admitted { .. }))
-                    })
-                })
-                .collect::<Vec<_>>()
-                .into_iter()
-                .map(|t| t.join().unwrap())
-                .sum();
-            assert_eq!(admitted, 1, "a burst of one request, a minute of 100 tokens");
+        for _ in 0..5 {
+            assert_eq!(admitted_at_once(200, limits(Some(50), None), 0), 50, "a minute of 50 requests");
+            assert_eq!(admitted_at_once(200, limits(Some(6), Some(100)), 60), 1, "a minute of 100 tokens");
+            let burst = Limits { burst: Some(7), ..limits(Some(600), None) };
+            assert_eq!(admitted_at_once(200, burst, 0), 7, "a burst of 7");
+            let concurrency = Limits { max_concurrency: Some(3), ..Limits::default() };
+            assert_eq!(admitted_at_once(200, concurrency, 0), 3, "3 in flight (all held till the end)");
         }
     }
 
@@ -311,19 +255,34 @@ mod tests {
         assert!(store.precheck(&key, &limits).is_some(), "the precheck refuses the spent key too");
     }
 
-    #[test]
-    fn burst_is_ten_seconds_of_the_rate() {
-        assert_eq!(request_burst(600), 100);
-        assert_eq!(request_burst(60), 10);
-        assert_eq!(request_burst(5), 1);
-        assert_eq!(request_burst(1), 1);
+    #[tokio::test(start_paused = true)]
+    async fn a_minute_of_requests_goes_at_once_then_one_per_interval() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        let l = limits(Some(3), None);
+        for expected in [2, 1, 0] {
+            let (_, quota) = admitted(store.decide(&key, &l, 0));
+            let window = quota.requests.unwrap();
+            assert_eq!((window.limit, window.remaining), (3, expected));
+            assert_eq!(window.reset, Duration::from_secs(20 * (3 - expected)), "until the bucket is full");
+        }
+        let (limit, retry_after, quota) = refused(store.decide(&key, &l, 0));
+        assert_eq!((limit, retry_after), (LimitKind::Requests, Duration::from_secs(20)));
+        assert_eq!(quota.requests.unwrap().reset, Duration::from_secs(60));
+        assert!(store.precheck(&key, &l).is_some(), "the precheck refuses too, consuming nothing");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(store.precheck(&key, &l).is_none());
+        let (_, quota) = admitted(store.decide(&key, &l, 0));
+        assert_eq!(quota.requests.unwrap().remaining, 0);
+        assert!(matches!(store.decide(&key, &l, 0), Decision::Refused { .. }));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_request_limit_admits_its_burst_then_refuses_with_the_interval() {
+    async fn a_burst_caps_back_to_back_requests() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
-        let l = limits(Some(60), None);
+        // One minute holds 60, but only 10 may go at once; then one a second.
+        let l = Limits { burst: Some(10), ..limits(Some(60), None) };
         for expected in (0..10).rev() {
             let (_, quota) = admitted(store.decide(&key, &l, 0));
             assert_eq!(quota.requests.unwrap().remaining, expected);
@@ -366,10 +325,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_concurrency_limit_refuses_while_every_slot_is_held() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        let l = Limits { max_concurrency: Some(2), ..limits(Some(60), Some(1000)) };
+        let first = store.decide(&key, &l, 10);
+        let second = store.decide(&key, &l, 10);
+        let (limit, retry_after, quota) = refused(store.decide(&key, &l, 10));
+        assert_eq!((limit, retry_after), (LimitKind::Concurrency, Duration::from_secs(1)));
+        assert_eq!(quota.requests.unwrap().remaining, 58, "the refusal took no request");
+        assert_eq!(quota.tokens.unwrap().remaining, 980, "nor tokens");
+        assert!(matches!(store.precheck(&key, &l), Some(Decision::Refused { limit: LimitKind::Concurrency, .. })));
+        drop(first);
+        assert!(store.precheck(&key, &l).is_none());
+        admitted(store.decide(&key, &l, 10));
+        drop(second);
+        // A request refused by a later limit gives its slot back at once.
+        let tight = Limits { max_concurrency: Some(1), ..limits(Some(1), None) };
+        admitted(store.decide(&KeyName::new("t"), &tight, 0));
+        let (limit, ..) = refused(store.decide(&KeyName::new("t"), &tight, 0));
+        assert_eq!(limit, LimitKind::Requests);
+        assert_eq!(store.state(&KeyName::new("t"), &tight).in_flight.count(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_token_refusal_consumes_no_request_and_a_request_refusal_no_tokens() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
-        let l = limits(Some(6), Some(100)); // burst 1 request
+        let l = limits(Some(1), Some(100)); // one request a minute
         let (reserved, _) = admitted(store.decide(&key, &l, 60));
         assert_eq!(reserved, 60);
         // Tokens refuse first; the second request cell is not spent on it.
@@ -388,6 +371,12 @@ mod tests {
     async fn state_survives_unchanged_limits_and_resets_on_changed_ones() {
         let store = MemoryStore::default();
         let key = KeyName::new("k");
+        let held = Limits { max_concurrency: Some(1), ..limits(None, Some(100)) };
+        let slot = store.decide(&key, &held, 0);
+        let changed = Limits { max_concurrency: Some(1), ..limits(Some(5), None) };
+        let (limit, ..) = refused(store.decide(&key, &changed, 0));
+        assert_eq!(limit, LimitKind::Concurrency, "the in-flight count outlives a change of limits");
+        drop(slot);
         admitted(store.decide(&key, &limits(None, Some(100)), 80));
         let (_, quota) = admitted(store.decide(&key, &limits(None, Some(100)), 10));
         assert_eq!(quota.tokens.unwrap().remaining, 10);

@@ -1,9 +1,12 @@
-//! Request and token limits per key. `Limiter::admit` decides before a request goes upstream
-//! (reserving its token estimate) and refuses with its own `Refused`; the `Permit` it returns
-//! settles the reservation with the real usage when the answer ends. State lives in a store, by
-//! key name, outside the config snapshot, so reloads keep every unchanged key's budget.
+//! Request, token and concurrency limits per key. `Limiter::admit` decides before a request
+//! goes upstream (reserving its token estimate and taking an in-flight slot) and refuses with
+//! its own `Refused`; the `Permit` it returns settles the reservation with the real usage when
+//! the answer ends and gives the slot back. State lives in a store, by key name, outside the
+//! config snapshot, so reloads keep every unchanged key's budget.
 
 mod bucket;
+mod gcra;
+mod inflight;
 mod memory;
 mod quota;
 
@@ -11,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use bucket::TokenBucket;
-pub use memory::{MemoryStore, request_burst};
+pub use gcra::Gcra;
+pub use inflight::{InFlight, InFlightSlot};
+pub use memory::MemoryStore;
 pub use quota::{Quota, Window, openai_duration, retry_after_secs};
 
 use crate::auth::{Key, KeyName, Limits};
@@ -21,6 +26,7 @@ use crate::auth::{Key, KeyName, Limits};
 pub enum LimitKind {
     Requests,
     Tokens,
+    Concurrency,
 }
 
 impl LimitKind {
@@ -28,15 +34,27 @@ impl LimitKind {
         match self {
             Self::Requests => "requests",
             Self::Tokens => "tokens",
+            Self::Concurrency => "concurrency",
         }
     }
 }
 
+/// Retry-After of a request refused by `max_concurrency`: a slot frees when any request of the
+/// key ends, which cannot be foreseen; SDKs retry after the whole seconds they are told.
+pub const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
+
+/// One of a key's `max_concurrency` slots, held by a running request and given back on drop.
+#[derive(Debug)]
+pub enum Slot {
+    Memory(InFlightSlot),
+}
+
 /// A store's answer to one admission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Decision {
-    /// Admitted; `reserved` tokens are held until the request settles.
-    Admitted { reserved: u64, quota: Quota },
+    /// Admitted; `reserved` tokens are held until the request settles, and `slot` until it
+    /// ends.
+    Admitted { reserved: u64, quota: Quota, slot: Option<Slot> },
     /// Refused by `limit`; admission is possible again after `retry_after`.
     Refused { limit: LimitKind, retry_after: Duration, quota: Quota },
 }
@@ -45,8 +63,8 @@ pub enum Decision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
     pub limit: LimitKind,
-    /// The refusing limit's size.
-    pub per_minute: u64,
+    /// The refusing limit's size (per minute; in flight for concurrency).
+    pub size: u64,
     /// Until the limit would admit this request.
     pub retry_after: Duration,
     /// Where the key's limits stand, for its headers.
@@ -55,11 +73,32 @@ pub struct Refused {
 
 impl Refused {
     fn new(key: &Key, limit: LimitKind, retry_after: Duration, quota: Quota) -> Self {
-        let per_minute = match limit {
+        let size = match limit {
             LimitKind::Requests => key.limits.requests_per_minute,
             LimitKind::Tokens => key.limits.tokens_per_minute,
+            LimitKind::Concurrency => key.limits.max_concurrency.map(u64::from),
         };
-        Self { limit, per_minute: per_minute.unwrap_or(0), retry_after, quota }
+        Self { limit, size: size.unwrap_or(0), retry_after, quota }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    /// The client's message; only a 429 says "rate limit", which some SDKs look for.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let retry = retry_after_secs(self.retry_after);
+        match self.limit {
+            LimitKind::Concurrency => write!(
+                f,
+                "rate limit reached: this key may have {} requests in flight at once; retry in {retry}s",
+                self.size
+            ),
+            kind => write!(
+                f,
+                "rate limit reached: this key may use {} {} per minute; retry in {retry}s",
+                self.size,
+                kind.as_str()
+            ),
+        }
     }
 }
 
@@ -90,7 +129,7 @@ impl std::fmt::Debug for Limiter {
 }
 
 /// What an admitted request carries on: the quota for its headers and, when the key has a
-/// token limit, the permit holding its reservation.
+/// token or concurrency limit, the permit holding its reservation and slot.
 #[derive(Debug)]
 pub struct Admission {
     pub quota: Quota,
@@ -108,12 +147,14 @@ impl Limiter {
             Store::Memory(store) => store.admit(&key.name, &key.limits, tokens),
         };
         match decision {
-            Decision::Admitted { reserved, quota } => {
-                let permit = key.limits.tokens_per_minute.map(|_| Permit {
+            Decision::Admitted { reserved, quota, slot } => {
+                let needs_permit = key.limits.tokens_per_minute.is_some() || slot.is_some();
+                let permit = needs_permit.then(|| Permit {
                     limiter: Arc::clone(self),
                     key: key.name.clone(),
                     limits: key.limits,
                     reserved,
+                    _slot: slot,
                 });
                 Ok(Some(Admission { quota, permit }))
             }
@@ -160,16 +201,18 @@ impl Limiter {
     }
 }
 
-/// A token reservation held while a request runs. `settle` replaces it with the real usage.
-/// Dropped unsettled, no upstream answer started (the answer's meter always settles once it
-/// has one): the reservation is refunded, so a key is not charged for a 502, 503 or 504, and
-/// SDK retries during an outage do not use up its budget.
+/// A token reservation and in-flight slot held while a request runs. `settle` replaces the
+/// reservation with the real usage. Dropped unsettled, no upstream answer started (the
+/// answer's meter always settles once it has one): the reservation is refunded, so a key is
+/// not charged for a 502, 503 or 504, and SDK retries during an outage do not use up its
+/// budget. The slot is given back when the permit goes, settled or not.
 #[derive(Debug)]
 pub struct Permit {
     limiter: Arc<Limiter>,
     key: KeyName,
     limits: Limits,
     reserved: u64,
+    _slot: Option<Slot>,
 }
 
 impl Permit {
