@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::auth::AuthFailure;
 use crate::config::ConfigError;
-use crate::limits::{LimitKind, Refused, retry_after_secs};
+use crate::limits::{LimitKind, Refused, Unadmitted, retry_after_secs};
 use crate::upstream::{AttemptError, BackendName, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,9 @@ pub enum GatewayError {
     MethodNotAllowed { method: http::Method, path: String, allow: &'static str },
     #[error("{0}")]
     RateLimited(Refused),
+    /// The shared limit store did not answer and `rate_limits.on_store_error` is `deny`.
+    #[error("the gateway cannot check this key's quota now (its limit store is unavailable); retry shortly")]
+    RateLimitUnavailable,
     #[error("request body is larger than the limit of {limit} bytes")]
     RequestTooLarge { limit: u64 },
     #[error("request body was not received within {}s", .0.as_secs())]
@@ -79,6 +82,15 @@ pub enum GatewayError {
 impl From<Refused> for GatewayError {
     fn from(refused: Refused) -> Self {
         Self::RateLimited(refused)
+    }
+}
+
+impl From<Unadmitted> for GatewayError {
+    fn from(unadmitted: Unadmitted) -> Self {
+        match unadmitted {
+            Unadmitted::Refused(refused) => Self::RateLimited(refused),
+            Unadmitted::StoreUnavailable => Self::RateLimitUnavailable,
+        }
     }
 }
 
@@ -149,6 +161,7 @@ impl GatewayError {
                 (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "invalid_request_error", "request_header_too_large")
             }
             Self::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "server_overloaded"),
+            Self::RateLimitUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "rate_limit_unavailable"),
             Self::UpstreamUnavailable { .. } | Self::AnswerBroken { timed_out: false, .. } => {
                 (StatusCode::BAD_GATEWAY, "server_error", "upstream_unavailable")
             }
@@ -222,7 +235,7 @@ impl GatewayError {
                 refused.quota.write_headers(headers);
             }
             // SDKs retry a 503 after Retry-After: capacity frees in about a second.
-            Self::NoHealthyBackend(_) | Self::Overloaded => {
+            Self::NoHealthyBackend(_) | Self::Overloaded | Self::RateLimitUnavailable => {
                 headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -292,6 +305,7 @@ mod tests {
             (GatewayError::AdminForbidden("no"), 403, "permission_error", "admin_forbidden"),
             (GatewayError::HeaderTooLarge { limit: 1024 }, 431, "invalid_request_error", "request_header_too_large"),
             (GatewayError::Overloaded, 503, "server_error", "server_overloaded"),
+            (GatewayError::RateLimitUnavailable, 503, "server_error", "rate_limit_unavailable"),
             (
                 GatewayError::UpstreamUnavailable { backend: a(), cause: "refused".into() },
                 502,

@@ -33,12 +33,14 @@ impl Gateway {
     pub fn new(snapshot: Snapshot) -> Arc<Self> {
         probe::start(&snapshot.backends);
         let body_budget = BodyBudget::new(snapshot.server.max_buffered_body_bytes);
+        let metrics = Arc::new(Metrics::new());
+        let limiter = Arc::new(Limiter::new(&snapshot.rate_limits, metrics.rate_limit_store_errors.clone()));
         Arc::new(Self {
             config: ArcSwap::from_pointee(snapshot),
             draining: AtomicBool::new(false),
             catalog: Catalog::default(),
-            limiter: Arc::new(Limiter::default()),
-            metrics: Arc::new(Metrics::new()),
+            limiter,
+            metrics,
             body_budget,
         })
     }
@@ -50,8 +52,9 @@ impl Gateway {
 
     /// Puts a new, validated snapshot in force for every request that starts after this.
     /// Limiter state of keys still configured is kept (and reset only where a key's limits
-    /// changed); that of removed keys is dropped.
+    /// changed, or the limit store did); that of removed keys is dropped.
     pub fn replace(&self, snapshot: Snapshot) {
+        self.limiter.configure(&snapshot.rate_limits);
         let names: HashSet<&KeyName> = snapshot.keys.names().collect();
         self.limiter.retain(&|name| names.contains(name));
         drop(names);

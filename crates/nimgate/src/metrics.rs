@@ -62,6 +62,8 @@ pub struct Metrics {
     pub connection_limit_reached: IntCounter,
     /// Requests that waited for, or were refused, room in the request body budget.
     pub body_budget_waits: IntCounterVec,
+    /// Admissions the limit store could not decide, by what was done (allowed, denied).
+    pub rate_limit_store_errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -120,6 +122,15 @@ impl Metrics {
         for result in ["admitted", "refused"] {
             body_budget_waits.with_label_values(&[result]);
         }
+        let rate_limit_store_errors = counter(
+            r,
+            "rate_limit_store_errors_total",
+            "Admissions the shared limit store (Redis) did not answer in time, by what on_store_error did (allowed, denied).",
+            &["action"],
+        );
+        for action in ["allowed", "denied"] {
+            rate_limit_store_errors.with_label_values(&[action]);
+        }
         let build =
             IntGaugeVec::new(Opts::new("build_info", "The running build (always 1)."), &["version"]).expect("valid");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -171,7 +182,7 @@ impl Metrics {
             rate_limited: counter(
                 r,
                 "rate_limited_total",
-                "Requests refused by a key's limit (requests or tokens).",
+                "Requests refused by a key's limit (requests, tokens or concurrency).",
                 &["key", "limit"],
             ),
             tokens: counter(
@@ -184,6 +195,7 @@ impl Metrics {
             connections_expired,
             connection_limit_reached,
             body_budget_waits,
+            rate_limit_store_errors,
             registry,
         }
     }

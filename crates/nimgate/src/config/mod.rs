@@ -11,7 +11,10 @@ use std::fmt;
 
 pub use load::{EnvSource, format_of, load_file, load_str};
 pub use raw::RawConfig;
-pub use snapshot::{AdminToken, ConfigMeta, LogFormat, LoggingSettings, ServerSettings, Snapshot};
+pub use snapshot::{
+    AdminToken, ConfigMeta, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, RedisSettings, ServerSettings,
+    Snapshot, StoreSettings,
+};
 pub use validate::{validate, validate_after};
 
 /// One thing wrong with a configuration, located by its field path (`routes[2].backends[0]`).

@@ -112,10 +112,58 @@ pub enum LogFormat {
     Json,
 }
 
-/// `rate_limits:`, as far as this version acts on it: the memory store is the only one (the
-/// shared store and its `on_store_error` policy are #15; validation checks their values).
+/// `rate_limits:`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitSettings {
     /// Completion tokens reserved at admission for a request without `max_tokens`.
     pub default_max_tokens: u64,
+    /// Where limiter state lives.
+    pub store: StoreSettings,
+    /// What admission does when the store cannot answer.
+    pub on_store_error: OnStoreError,
+}
+
+/// `rate_limits.store`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StoreSettings {
+    /// Each replica counts alone.
+    #[default]
+    Memory,
+    /// Every replica sharing the Redis and the prefix enforces one combined limit.
+    Redis(RedisSettings),
+}
+
+/// The Redis store's connection and timings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisSettings {
+    /// The URL, which may carry a password: never logged or shown (`Debug` redacts it).
+    pub url: String,
+    /// `host:port` of the URL, for messages.
+    pub shown: String,
+    pub key_prefix: String,
+    /// The most an admission waits for Redis.
+    pub timeout: Duration,
+    /// A concurrency slot whose replica stopped renewing it is freed after this.
+    pub lease_ttl: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("redis", &self.shown)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .field("lease_ttl", &self.lease_ttl)
+            .finish()
+    }
+}
+
+/// `rate_limits.on_store_error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreError {
+    /// Admit the request (and count it in `rate_limit_store_errors_total`).
+    #[default]
+    Allow,
+    /// 503 `rate_limit_unavailable`.
+    Deny,
 }

@@ -16,7 +16,8 @@ use super::raw::{
     RawServer,
 };
 use super::snapshot::{
-    AdminToken, ConfigMeta, LogFormat, LoggingSettings, RateLimitSettings, ServerSettings, Snapshot,
+    AdminToken, ConfigMeta, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, RedisSettings, ServerSettings,
+    Snapshot, StoreSettings,
 };
 use super::{ConfigError, Problem};
 use crate::auth::{self, Key, KeyName, KeyTable, Limits};
@@ -37,6 +38,12 @@ pub const MAX_REQUESTS_PER_MINUTE: u64 = 60_000_000;
 pub const MAX_TOKENS_PER_MINUTE: u64 = 60_000_000_000;
 /// Completion tokens reserved for a request without `max_tokens`: a typical chat answer.
 pub const DEFAULT_MAX_TOKENS: u64 = 512;
+/// How long an admission waits for Redis: a round trip on a local network is well under a
+/// millisecond, and a limiter slower than this costs every request more than it protects.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_millis(50);
+/// A crashed replica's concurrency slots come back after this; live ones renew theirs every
+/// third of it.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -569,29 +576,79 @@ impl Validator<'_> {
     }
 
     fn rate_limits(&mut self, raw: &RawRateLimits) -> RateLimitSettings {
-        match raw.store.as_deref().unwrap_or("memory") {
-            "memory" => {}
-            "redis" => {
-                let url = raw.redis_url.clone().unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    let shown = redacted_url(&url);
-                    self.problem("rate_limits.redis_url", format!("`{shown}` is not a redis:// or rediss:// URL"));
+        let store = match raw.store.as_deref().unwrap_or("memory") {
+            "memory" => {
+                for (field, set) in [
+                    ("redis_url", raw.redis_url.is_some()),
+                    ("redis_url_env", raw.redis_url_env.is_some()),
+                    ("key_prefix", raw.key_prefix.is_some()),
+                ] {
+                    if set {
+                        self.problem(format!("rate_limits.{field}"), "is for the redis store: set `store: redis`");
+                    }
                 }
-                // Refused rather than silently served from memory, which would multiply every
-                // limit by the number of replicas.
-                self.problem("rate_limits.store", "the redis store is not available in this version yet; use memory");
+                StoreSettings::Memory
             }
-            other => self.problem("rate_limits.store", format!("unknown store `{other}`: use memory or redis")),
-        }
-        match raw.on_store_error.as_deref().unwrap_or("allow") {
-            "allow" | "deny" => {}
-            other => self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny")),
-        }
+            "redis" => self.redis(raw).map_or(StoreSettings::Memory, StoreSettings::Redis),
+            other => {
+                self.problem("rate_limits.store", format!("unknown store `{other}`: use memory or redis"));
+                StoreSettings::Memory
+            }
+        };
+        let on_store_error = match raw.on_store_error.as_deref().unwrap_or("allow") {
+            "allow" => OnStoreError::Allow,
+            "deny" => OnStoreError::Deny,
+            other => {
+                self.problem("rate_limits.on_store_error", format!("unknown policy `{other}`: use allow or deny"));
+                OnStoreError::Allow
+            }
+        };
         let default_max_tokens = raw.default_max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         if default_max_tokens == 0 {
             self.problem("rate_limits.default_max_tokens", "must be at least 1");
         }
-        RateLimitSettings { default_max_tokens }
+        RateLimitSettings { default_max_tokens, store, on_store_error }
+    }
+
+    /// The redis store's settings: a URL from `redis_url` or the variable `redis_url_env` names
+    /// (for one with a password), a key prefix, and its timings.
+    fn redis(&mut self, raw: &RawRateLimits) -> Option<RedisSettings> {
+        let url = match (&raw.redis_url, &raw.redis_url_env) {
+            (Some(_), Some(_)) => {
+                self.problem("rate_limits.redis_url", "set redis_url or redis_url_env, not both");
+                None
+            }
+            (Some(url), None) => Some(("rate_limits.redis_url", url.trim().to_owned())),
+            (None, Some(var)) => {
+                self.env_secret("rate_limits.redis_url_env", var).map(|url| ("rate_limits.redis_url_env", url))
+            }
+            (None, None) => Some(("rate_limits.redis_url", "redis://127.0.0.1:6379".to_owned())),
+        };
+        let timeout = self.duration_or("rate_limits.timeout", raw.timeout.as_deref(), DEFAULT_STORE_TIMEOUT);
+        if timeout > Duration::from_secs(10) {
+            self.problem("rate_limits.timeout", "at most 10s: every limited request waits for it when Redis is slow");
+        }
+        let lease_ttl = self.duration_or("rate_limits.lease_ttl", raw.lease_ttl.as_deref(), DEFAULT_LEASE_TTL);
+        if lease_ttl < Duration::from_secs(1) || lease_ttl > Duration::from_secs(3600) {
+            self.problem("rate_limits.lease_ttl", "must be between 1s and 1h");
+        }
+        let key_prefix = raw.key_prefix.clone().unwrap_or_else(|| "nimgate:".to_owned());
+        if key_prefix.len() > 128 || key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
+            self.problem("rate_limits.key_prefix", "at most 128 characters, without braces or control characters");
+        }
+        let (at, url) = url?;
+        let shown = redacted_url(&url);
+        match redis::Client::open(url.as_str()) {
+            Ok(_) if url.starts_with("redis://") || url.starts_with("rediss://") => {}
+            _ => {
+                self.problem(
+                    at,
+                    format!("`{shown}` is not a redis:// or rediss:// URL like redis://:password@host:6379/0"),
+                );
+                return None;
+            }
+        }
+        Some(RedisSettings { url, shown, key_prefix, timeout, lease_ttl })
     }
 
     fn name(&mut self, at: &str, name: &str, what: &str) {

@@ -58,6 +58,12 @@ pub struct MemoryStore {
     keys: DashMap<KeyName, Arc<KeyState>>,
 }
 
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemoryStore({} keys)", self.keys.len())
+    }
+}
+
 impl MemoryStore {
     /// The key's state, created (or recreated, when its limits changed) as needed. Created
     /// under the map shard's lock, so that concurrent first requests of a key share one state

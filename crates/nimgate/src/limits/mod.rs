@@ -9,17 +9,23 @@ mod gcra;
 mod inflight;
 mod memory;
 mod quota;
+mod redis;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::IntCounterVec;
 
 pub use bucket::TokenBucket;
 pub use gcra::Gcra;
 pub use inflight::{InFlight, InFlightSlot};
 pub use memory::MemoryStore;
 pub use quota::{Quota, Window, openai_duration, retry_after_secs};
+pub use redis::{Lease, RedisStore, StoreError};
 
 use crate::auth::{Key, KeyName, Limits};
+use crate::config::{OnStoreError, RateLimitSettings, StoreSettings};
 
 /// Which of a key's limits refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +53,7 @@ pub const CONCURRENCY_RETRY: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub enum Slot {
     Memory(InFlightSlot),
+    Redis(Lease),
 }
 
 /// A store's answer to one admission.
@@ -102,29 +109,83 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// The limiter of the running gateway.
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unadmitted {
+    /// One of its key's limits: 429.
+    Refused(Refused),
+    /// The shared store did not answer and `on_store_error` is `deny`: 503.
+    StoreUnavailable,
+}
+
+impl From<Refused> for Unadmitted {
+    fn from(refused: Refused) -> Self {
+        Self::Refused(refused)
+    }
+}
+
+/// The limiter of the running gateway: the store in force (a reload may switch it) and what
+/// to do when it cannot answer.
 pub struct Limiter {
-    store: Store,
+    store: ArcSwap<Store>,
+    settings: ArcSwap<RateLimitSettings>,
+    /// `rate_limit_store_errors_total`.
+    store_errors: IntCounterVec,
 }
 
 /// Where limiter state lives. An enum rather than a trait object so that the request path
-/// makes no allocation and no dynamic call to reach it; each store answers the same four calls
-/// (admit, peek, settle, retain). A shared store for several replicas is #15.
-enum Store {
+/// makes no allocation and no dynamic call to reach it; each store answers the same five
+/// calls (admit, precheck, peek, settle, retain).
+#[derive(Debug)]
+pub enum Store {
     Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl Store {
+    fn new(settings: &StoreSettings, store_errors: &IntCounterVec) -> Self {
+        match settings {
+            StoreSettings::Memory => Self::Memory(MemoryStore::default()),
+            StoreSettings::Redis(redis) => Self::Redis(RedisStore::new(redis.clone(), store_errors.clone())),
+        }
+    }
+
+    fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
+        match self {
+            Self::Memory(store) => store.settle(key, limits, reserved, used),
+            Self::Redis(store) => store.settle(key, limits, reserved, used),
+        }
+    }
+
+    fn is(&self, settings: &StoreSettings) -> bool {
+        match (self, settings) {
+            (Self::Memory(_), StoreSettings::Memory) => true,
+            (Self::Redis(store), StoreSettings::Redis(redis)) => store.settings() == redis,
+            _ => false,
+        }
+    }
 }
 
 impl Default for Limiter {
     fn default() -> Self {
-        Self { store: Store::Memory(MemoryStore::default()) }
+        let settings = RateLimitSettings {
+            default_max_tokens: crate::config::validate::DEFAULT_MAX_TOKENS,
+            store: StoreSettings::Memory,
+            on_store_error: OnStoreError::Allow,
+        };
+        Self::new(
+            &settings,
+            IntCounterVec::new(prometheus::Opts::new("unregistered", "-"), &["action"]).expect("valid"),
+        )
     }
 }
 
 impl std::fmt::Debug for Limiter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self.store {
-            Store::Memory(_) => "Limiter(memory)",
-        })
+        match &**self.store.load() {
+            Store::Memory(_) => f.write_str("Limiter(memory)"),
+            Store::Redis(store) => write!(f, "Limiter({store:?})"),
+        }
     }
 }
 
@@ -137,20 +198,44 @@ pub struct Admission {
 }
 
 impl Limiter {
+    /// A limiter of `settings`; `store_errors` is `rate_limit_store_errors_total`.
+    pub fn new(settings: &RateLimitSettings, store_errors: IntCounterVec) -> Self {
+        Self {
+            store: ArcSwap::from_pointee(Store::new(&settings.store, &store_errors)),
+            settings: ArcSwap::from_pointee(settings.clone()),
+            store_errors,
+        }
+    }
+
+    /// Puts `settings` in force: a new store when the store or its connection changed (the
+    /// old one finishes the requests it admitted); otherwise the same store, whose keys keep
+    /// their state.
+    pub fn configure(&self, settings: &RateLimitSettings) {
+        if !self.store.load().is(&settings.store) {
+            self.store.store(Arc::new(Store::new(&settings.store, &self.store_errors)));
+        }
+        self.settings.store(Arc::new(settings.clone()));
+    }
+
     /// Admits one request of `key` estimated at `tokens`, or refuses it. A key without limits
     /// is admitted without a look at the store.
-    pub async fn admit(self: &Arc<Self>, key: &Key, tokens: u64) -> Result<Option<Admission>, Refused> {
+    pub async fn admit(&self, key: &Key, tokens: u64) -> Result<Option<Admission>, Unadmitted> {
         if key.limits.is_unlimited() {
             return Ok(None);
         }
-        let decision = match &self.store {
-            Store::Memory(store) => store.admit(&key.name, &key.limits, tokens),
+        let store = self.store.load_full();
+        let decision = match &*store {
+            Store::Memory(memory) => memory.admit(&key.name, &key.limits, tokens),
+            Store::Redis(redis) => match redis.admit(&key.name, &key.limits, tokens).await {
+                Ok(decision) => decision,
+                Err(e) => return self.unanswered(redis, &e),
+            },
         };
         match decision {
             Decision::Admitted { reserved, quota, slot } => {
                 let needs_permit = key.limits.tokens_per_minute.is_some() || slot.is_some();
                 let permit = needs_permit.then(|| Permit {
-                    limiter: Arc::clone(self),
+                    store,
                     key: key.name.clone(),
                     limits: key.limits,
                     reserved,
@@ -158,18 +243,34 @@ impl Limiter {
                 });
                 Ok(Some(Admission { quota, permit }))
             }
-            Decision::Refused { limit, retry_after, quota } => Err(Refused::new(key, limit, retry_after, quota)),
+            Decision::Refused { limit, retry_after, quota } => Err(Refused::new(key, limit, retry_after, quota).into()),
+        }
+    }
+
+    /// An admission the store could not decide: admitted without limits (and without a
+    /// quota to show) or refused, as `on_store_error` says; counted and logged either way.
+    fn unanswered(&self, redis: &RedisStore, error: &StoreError) -> Result<Option<Admission>, Unadmitted> {
+        match self.settings.load().on_store_error {
+            OnStoreError::Allow => {
+                redis.failed(error, "allowed");
+                Ok(Some(Admission { quota: Quota::default(), permit: None }))
+            }
+            OnStoreError::Deny => {
+                redis.failed(error, "denied");
+                Err(Unadmitted::StoreUnavailable)
+            }
         }
     }
 
     /// Refuses, before its body is read, a request of `key` that its limits could not admit
-    /// whatever the body: no request left now, or no token. Consumes nothing.
+    /// whatever the body: no request left now, no token, or no slot. Consumes nothing.
     pub async fn precheck(&self, key: &Key) -> Result<(), Refused> {
         if key.limits.is_unlimited() {
             return Ok(());
         }
-        let decision = match &self.store {
+        let decision = match &**self.store.load() {
             Store::Memory(store) => store.precheck(&key.name, &key.limits),
+            Store::Redis(store) => store.precheck(&key.name, &key.limits),
         };
         match decision {
             Some(Decision::Refused { limit, retry_after, quota }) => Err(Refused::new(key, limit, retry_after, quota)),
@@ -182,21 +283,18 @@ impl Limiter {
         if key.limits.is_unlimited() {
             return None;
         }
-        Some(match &self.store {
-            Store::Memory(store) => store.peek(&key.name, &key.limits),
-        })
-    }
-
-    fn settle(&self, key: &KeyName, limits: &Limits, reserved: u64, used: u64) {
-        match &self.store {
-            Store::Memory(store) => store.settle(key, limits, reserved, used),
+        let store = self.store.load_full();
+        match &*store {
+            Store::Memory(memory) => Some(memory.peek(&key.name, &key.limits)),
+            Store::Redis(redis) => redis.peek(&key.name, &key.limits).await,
         }
     }
 
     /// Forgets the state of keys `keep` rejects (keys removed by a reload).
     pub fn retain(&self, keep: &dyn Fn(&KeyName) -> bool) {
-        match &self.store {
+        match &**self.store.load() {
             Store::Memory(store) => store.retain(keep),
+            Store::Redis(store) => store.retain(keep),
         }
     }
 }
@@ -205,10 +303,11 @@ impl Limiter {
 /// reservation with the real usage. Dropped unsettled, no upstream answer started (the
 /// answer's meter always settles once it has one): the reservation is refunded, so a key is
 /// not charged for a 502, 503 or 504, and SDK retries during an outage do not use up its
-/// budget. The slot is given back when the permit goes, settled or not.
+/// budget. The slot is given back when the permit goes, settled or not. Both go to the store
+/// that admitted the request, even after a reload switched stores.
 #[derive(Debug)]
 pub struct Permit {
-    limiter: Arc<Limiter>,
+    store: Arc<Store>,
     key: KeyName,
     limits: Limits,
     reserved: u64,
@@ -224,8 +323,8 @@ impl Permit {
     /// Charges `used` tokens instead of the reservation (refunding or charging the difference).
     pub fn settle(mut self, used: u64) {
         let reserved = std::mem::take(&mut self.reserved);
-        if used != reserved {
-            self.limiter.settle(&self.key, &self.limits, reserved, used);
+        if used != reserved && self.limits.tokens_per_minute.is_some() {
+            self.store.settle(&self.key, &self.limits, reserved, used);
         }
     }
 }
@@ -233,7 +332,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.reserved > 0 {
-            self.limiter.settle(&self.key, &self.limits, self.reserved, 0);
+            self.store.settle(&self.key, &self.limits, self.reserved, 0);
         }
     }
 }

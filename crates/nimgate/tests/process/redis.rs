@@ -1,0 +1,94 @@
+//! A real `redis-server` of the test's own on an ephemeral loopback port, without persistence,
+//! killed (by its PID) when the test ends. Stopped and started again on the same port for the
+//! tests of an outage. `scripts/test` installs Debian's redis-server when it is missing.
+//! Shared by the binary's tests and the integration tests (`#[path]`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// A new server on a free port.
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut server = Self { port, child: None };
+            if server.start_again_within(Duration::from_secs(10)) {
+                return server;
+            }
+        }
+        panic!("redis-server did not start (scripts/test installs it: apt-get install redis-server)");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (as a crash would): its data is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn start_again(&mut self) {
+        assert!(self.start_again_within(Duration::from_secs(10)), "redis-server did not start again on {}", self.port);
+    }
+
+    fn start_again_within(&mut self, deadline: Duration) -> bool {
+        self.stop();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--logfile", "", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test installs it: apt-get install redis-server)");
+        self.child = Some(child);
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            if self.ping() {
+                return true;
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                return false; // exited: the port was taken meanwhile
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// One command in Redis's inline protocol; its first reply line.
+    pub fn command(&self, command: &str) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis-server listens");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.write_all(format!("{command}\r\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line.trim_end().to_owned()
+    }
+
+    fn ping(&self) -> bool {
+        TcpStream::connect(("127.0.0.1", self.port)).is_ok_and(|mut stream| {
+            let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+            let mut line = String::new();
+            stream.write_all(b"PING\r\n").is_ok()
+                && BufReader::new(stream).read_line(&mut line).is_ok()
+                && line.starts_with("+PONG")
+        })
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
