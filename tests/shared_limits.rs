@@ -213,6 +213,7 @@ async fn two_hundred_concurrent_first_requests_of_a_fresh_key_admit_exactly_its_
         store: StoreSettings::Redis(RedisSettings {
             url: redis.url(),
             shown: redis.url(),
+            ca_pem: None,
             key_prefix: "test:".into(),
             timeout: Duration::from_secs(2),
             lease_ttl: Duration::from_secs(30),
@@ -300,4 +301,38 @@ async fn the_redis_password_shows_in_no_log_line_and_not_in_the_admin_config() {
 /// `rate_limit_store_errors_total` of a limiter outside a gateway.
 fn unregistered_counter() -> prometheus::IntCounterVec {
     prometheus::IntCounterVec::new(prometheus::Opts::new("store_errors", "-"), &["action"]).unwrap()
+}
+
+#[tokio::test]
+async fn rediss_reaches_a_tls_redis_trusted_through_its_ca_file_and_refuses_an_untrusted_one() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf =
+        CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_file, cert_file, key_file) =
+        (dir.path().join("ca.pem"), dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&cert_file, leaf.pem()).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+
+    let redis = RedisServer::start_tls(&cert_file, &key_file);
+    assert!(redis.url().starts_with("rediss://"));
+    let sim = sim_serving(&[LLAMA]).await;
+    let ca_path = ca_file.display().to_string();
+    let trusted = replica(&sim, &redis.url(), "deny", rpm(5))
+        .with(move |raw| raw.rate_limits.redis_ca_file = Some(ca_path))
+        .start()
+        .await;
+    let reply = trusted.client("team").chat(LLAMA).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.header("x-ratelimit-remaining-requests"), Some("4"), "Redis answered, over TLS");
+
+    // The system's roots do not know the test CA: no connection, so `deny` refuses.
+    let untrusted = replica(&sim, &redis.url(), "deny", rpm(5)).start().await;
+    untrusted.client("team").chat(LLAMA).await.assert_error(503, "rate_limit_unavailable");
 }

@@ -167,6 +167,9 @@ pub struct RawRateLimits {
     pub redis_url: Option<String>,
     /// The environment variable holding the Redis URL (for a URL with a password).
     pub redis_url_env: Option<String>,
+    /// PEM file of the CA(s) that signed a rediss:// server's certificate (default: the
+    /// system's roots).
+    pub redis_ca_file: Option<String>,
     /// Prefix of every Redis key; replicas sharing Redis and prefix share limits.
     pub key_prefix: Option<String>,
     /// How long an admission waits for Redis before `on_store_error` decides.

@@ -138,8 +138,11 @@ pub enum StoreSettings {
 pub struct RedisSettings {
     /// The URL, which may carry a password: never logged or shown (`Debug` redacts it).
     pub url: String,
-    /// `host:port` of the URL, for messages.
+    /// The URL without its password, for messages.
     pub shown: String,
+    /// PEM roots to trust for rediss:// instead of the system's (`redis_ca_file`, read at
+    /// validation so that a reload picks up a new CA).
+    pub ca_pem: Option<Arc<[u8]>>,
     pub key_prefix: String,
     /// The most an admission waits for Redis.
     pub timeout: Duration,
@@ -151,6 +154,7 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("redis", &self.shown)
+            .field("custom_ca", &self.ca_pem.is_some())
             .field("key_prefix", &self.key_prefix)
             .field("timeout", &self.timeout)
             .field("lease_ttl", &self.lease_ttl)

@@ -636,6 +636,10 @@ impl Validator<'_> {
         if key_prefix.len() > 128 || key_prefix.contains(['{', '}']) || key_prefix.chars().any(char::is_control) {
             self.problem("rate_limits.key_prefix", "at most 128 characters, without braces or control characters");
         }
+        let ca_pem = raw.redis_ca_file.as_deref().and_then(|path| self.redis_ca(path));
+        if ca_pem.is_some() && !url.as_ref().is_some_and(|(_, u)| u.starts_with("rediss://")) {
+            self.problem("rate_limits.redis_ca_file", "is for TLS: use a rediss:// URL");
+        }
         let (at, url) = url?;
         let shown = redacted_url(&url);
         match redis::Client::open(url.as_str()) {
@@ -648,7 +652,27 @@ impl Validator<'_> {
                 return None;
             }
         }
-        Some(RedisSettings { url, shown, key_prefix, timeout, lease_ttl })
+        Some(RedisSettings { url, shown, ca_pem, key_prefix, timeout, lease_ttl })
+    }
+
+    /// The PEM certificates of `redis_ca_file`, checked to hold at least one.
+    fn redis_ca(&mut self, path: &str) -> Option<Arc<[u8]>> {
+        let at = "rate_limits.redis_ca_file";
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(e) => {
+                self.problem(at, format!("cannot read `{path}`: {e}"));
+                return None;
+            }
+        };
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let certificates = CertificateDer::pem_slice_iter(&pem).filter(Result::is_ok).count();
+        if certificates == 0 {
+            self.problem(at, format!("`{path}` holds no PEM certificate"));
+            return None;
+        }
+        Some(pem.into())
     }
 
     fn name(&mut self, at: &str, name: &str, what: &str) {
@@ -751,7 +775,7 @@ keys:
 
     fn env() -> EnvSource {
         EnvSource::Map(
-            [("NIM_KEY", "nvapi-secret"), ("TEAM_B_KEY", "sk-b")]
+            [("NIM_KEY", "nvapi-secret"), ("TEAM_B_KEY", "sk-b"), ("REDIS_URL", "rediss://:pw@redis.internal:6380/2")]
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
@@ -1059,6 +1083,48 @@ keys:
             &with("url: \"http://127.0.0.1:8000\" }", "url: \"http://127.0.0.1:8000\", weight: 0 }"),
             "backends[0].weight: must be at least 1",
         );
+    }
+
+    #[test]
+    fn the_redis_store_takes_a_url_or_a_variable_and_checks_its_settings() {
+        let store = |yaml: &str| check(&format!("{GOOD}rate_limits: {yaml}\n")).map(|s| s.rate_limits);
+        let settings = store("{ store: redis, redis_url_env: REDIS_URL, on_store_error: deny }").unwrap();
+        let StoreSettings::Redis(redis) = &settings.store else { panic!("{settings:?}") };
+        assert_eq!(redis.url, "rediss://:pw@redis.internal:6380/2");
+        assert_eq!(redis.shown, "rediss://***@redis.internal:6380/2");
+        assert_eq!(
+            (redis.key_prefix.as_str(), redis.timeout, redis.lease_ttl),
+            ("nimgate:", DEFAULT_STORE_TIMEOUT, DEFAULT_LEASE_TTL)
+        );
+        assert_eq!(settings.on_store_error, OnStoreError::Deny);
+        assert!(!format!("{redis:?}").contains("pw"), "Debug shows no password: {redis:?}");
+        let default = store("{ store: redis }").unwrap();
+        assert!(matches!(&default.store, StoreSettings::Redis(r) if r.url == "redis://127.0.0.1:6379"));
+        assert_eq!(store("{ }").unwrap().store, StoreSettings::Memory);
+
+        for (yaml, problem) in [
+            (
+                "{ store: redis, redis_url: 'redis://a', redis_url_env: REDIS_URL }",
+                "rate_limits.redis_url: set redis_url or redis_url_env",
+            ),
+            (
+                "{ store: redis, redis_url_env: NOT_SET }",
+                "rate_limits.redis_url_env: environment variable NOT_SET is not set",
+            ),
+            ("{ redis_url: 'redis://a' }", "rate_limits.redis_url: is for the redis store"),
+            ("{ store: redis, timeout: 30s }", "rate_limits.timeout: at most 10s"),
+            ("{ store: redis, lease_ttl: 2h }", "rate_limits.lease_ttl: must be between 1s and 1h"),
+            ("{ store: redis, key_prefix: 'a{b}' }", "rate_limits.key_prefix: at most 128 characters, without braces"),
+            ("{ store: redis, redis_ca_file: /nonexistent/ca.pem }", "rate_limits.redis_ca_file: cannot read"),
+            (
+                "{ store: redis, redis_url: 'redis://:secret@[::1' }",
+                "rate_limits.redis_url: `redis://***@[::1` is not a redis:// or rediss:// URL",
+            ),
+        ] {
+            assert_problem(&format!("{GOOD}rate_limits: {yaml}\n"), problem);
+        }
+        let refused = problems(&format!("{GOOD}rate_limits: {{ store: redis, redis_url: 'redis://:secret@[::1' }}\n"));
+        assert!(!refused.iter().any(|p| p.contains("secret")), "{refused:?}");
     }
 
     #[test]

@@ -11,14 +11,27 @@ use std::time::{Duration, Instant};
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// `(certificate, key)` PEM files: the server speaks only TLS on its port.
+    tls: Option<(String, String)>,
 }
 
 impl RedisServer {
     /// A new server on a free port.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A new server speaking only TLS, with the certificate and key of these PEM files
+    /// (clients are not asked for certificates).
+    pub fn start_tls(certificate: &std::path::Path, key: &std::path::Path) -> Self {
+        let paths = (certificate.to_str().unwrap().to_owned(), key.to_str().unwrap().to_owned());
+        Self::start_with(Some(paths))
+    }
+
+    fn start_with(tls: Option<(String, String)>) -> Self {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut server = Self { port, child: None };
+            let mut server = Self { port, child: None, tls: tls.clone() };
             if server.start_again_within(Duration::from_secs(10)) {
                 return server;
             }
@@ -27,7 +40,8 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     /// Kills the server (as a crash would): its data is gone.
@@ -45,8 +59,25 @@ impl RedisServer {
 
     fn start_again_within(&mut self, deadline: Duration) -> bool {
         self.stop();
+        let port = self.port.to_string();
+        let listen: Vec<&str> = match &self.tls {
+            None => vec!["--port", &port],
+            Some((certificate, key)) => vec![
+                "--port",
+                "0",
+                "--tls-port",
+                &port,
+                "--tls-cert-file",
+                certificate,
+                "--tls-key-file",
+                key,
+                "--tls-auth-clients",
+                "no",
+            ],
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(listen)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--logfile", "", "--loglevel", "warning"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -66,7 +97,7 @@ impl RedisServer {
         false
     }
 
-    /// One command in Redis's inline protocol; its first reply line.
+    /// One command in Redis's inline protocol; its first reply line (plain servers only).
     pub fn command(&self, command: &str) -> String {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("redis-server listens");
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -76,7 +107,11 @@ impl RedisServer {
         line.trim_end().to_owned()
     }
 
+    /// Whether it answers (a TLS server: whether it listens).
     fn ping(&self) -> bool {
+        if self.tls.is_some() {
+            return TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         TcpStream::connect(("127.0.0.1", self.port)).is_ok_and(|mut stream| {
             let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
             let mut line = String::new();

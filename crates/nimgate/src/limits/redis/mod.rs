@@ -128,8 +128,15 @@ impl RedisStore {
         let shared = &self.0;
         let made = shared.connection.get_or_init(|| {
             leases::renew_while_alive(Arc::downgrade(shared));
-            let client = redis::Client::open(shared.settings.url.as_str())
-                .map_err(|e| StoreError(format!("invalid Redis URL: {}", e.category())))?;
+            let url = shared.settings.url.as_str();
+            let client = match &shared.settings.ca_pem {
+                Some(pem) => redis::Client::build_with_tls(
+                    url,
+                    redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+                ),
+                None => redis::Client::open(url),
+            }
+            .map_err(|e| StoreError(format!("invalid Redis settings: {}", e.category())))?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
                 .set_min_delay(Duration::from_millis(50))
@@ -353,5 +360,49 @@ impl Complaints {
         }
         let left_out = self.left_out.swap(0, Ordering::Relaxed);
         tracing::warn!(redis, error = %error.0, left_out, "rate limit store failed: {what}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { requests_per_minute: Some(3), tokens_per_minute: Some(1000), ..Limits::default() }
+    }
+
+    #[test]
+    fn a_reply_becomes_a_decision_with_exact_windows() {
+        let admitted = Reply::read(&[1, 0, 0, 2, 20_000_000, 900, 6_000_000, 100], &limits()).unwrap();
+        assert_eq!(admitted.refused_by, None);
+        assert_eq!(admitted.reserved, 100);
+        assert_eq!(admitted.quota.requests, Some(Window { limit: 3, remaining: 2, reset: Duration::from_secs(20) }));
+        assert_eq!(admitted.quota.tokens, Some(Window { limit: 1000, remaining: 900, reset: Duration::from_secs(6) }));
+        let refused = Reply::read(&[0, 1, 19_500_000, 0, 59_500_000, 900, 6_000_000, 0], &limits()).unwrap();
+        assert_eq!((refused.refused_by, refused.wait), (Some(LimitKind::Requests), Duration::from_millis(19_500)));
+        let full = Reply::read(&[0, 3, 1_000_000, -1, -1, -1, -1, 0], &Limits::default()).unwrap();
+        assert_eq!((full.refused_by, full.wait), (Some(LimitKind::Concurrency), CONCURRENCY_RETRY));
+        assert_eq!(full.quota, Quota::default(), "no windows for limits the key does not have");
+    }
+
+    #[test]
+    fn a_reply_from_something_else_is_an_error_not_a_panic() {
+        assert!(Reply::read(&[], &limits()).is_err());
+        assert!(Reply::read(&[1, 2, 3], &limits()).is_err());
+        assert!(Reply::read(&[0, 9, 0, 0, 0, 0, 0, 0], &limits()).is_err());
+        // Negative numbers where none belong saturate to zero.
+        let odd = Reply::read(&[1, 0, -5, -7, -9, -3, -4, -100], &limits()).unwrap();
+        assert_eq!(odd.reserved, 0);
+        assert_eq!(odd.quota.requests, None, "a window the script said the key lacks");
+    }
+
+    #[test]
+    fn complaints_are_one_line_per_stretch() {
+        let complaints = Complaints::default();
+        for _ in 0..100 {
+            complaints.complain("redis://x", "admitting", &StoreError("timed out".into()));
+        }
+        assert_eq!(complaints.left_out.load(Ordering::Relaxed), 99);
+        assert_ne!(complaints.last.load(Ordering::Relaxed), 0);
     }
 }
