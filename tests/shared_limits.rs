@@ -336,3 +336,29 @@ async fn rediss_reaches_a_tls_redis_trusted_through_its_ca_file_and_refuses_an_u
     let untrusted = replica(&sim, &redis.url(), "deny", rpm(5)).start().await;
     untrusted.client("team").chat(LLAMA).await.assert_error(503, "rate_limit_unavailable");
 }
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_costs_each_request_at_most_the_timeout() {
+    let redis = RedisServer::start();
+    let sim = sim_serving(&[LLAMA]).await;
+    let allow = replica(&sim, &redis.url(), "allow", rpm(100)).start().await;
+    let deny = replica(&sim, &redis.url(), "deny", rpm(100)).start().await;
+    assert_eq!(allow.client("team").chat(LLAMA).await.status, 200);
+    assert_eq!(deny.client("team").chat(LLAMA).await.status, 200);
+
+    redis.pause();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let admitted = allow.client("team").chat(LLAMA).await;
+        assert_eq!(admitted.status, 200);
+        assert!(admitted.header("x-ratelimit-remaining-requests").is_none());
+        deny.client("team").chat(LLAMA).await.assert_error(503, "rate_limit_unavailable");
+        // Two requests, each waiting for the 200 ms timeout and no longer.
+        assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    }
+    redis.resume();
+    eventually("Redis answers again", Duration::from_secs(10), || async {
+        deny.client("team").chat(LLAMA).await.header("x-ratelimit-remaining-requests").is_some()
+    })
+    .await;
+}

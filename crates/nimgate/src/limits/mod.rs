@@ -146,7 +146,10 @@ impl Store {
     fn new(settings: &StoreSettings, store_errors: &IntCounterVec) -> Self {
         match settings {
             StoreSettings::Memory => Self::Memory(MemoryStore::default()),
-            StoreSettings::Redis(redis) => Self::Redis(RedisStore::new(redis.clone(), store_errors.clone())),
+            StoreSettings::Redis(redis) => {
+                tracing::info!(redis = %redis.shown, prefix = %redis.key_prefix, "key limits are shared through Redis");
+                Self::Redis(RedisStore::new(redis.clone(), store_errors.clone()))
+            }
         }
     }
 

@@ -47,9 +47,27 @@ impl RedisServer {
     /// Kills the server (as a crash would): its data is gone.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let child = self.child.as_ref().expect("the server runs");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid fits in i32"));
+        nix::sys::signal::kill(pid, signal).expect("signal redis-server");
     }
 
     /// Starts it again on the same port, empty.
