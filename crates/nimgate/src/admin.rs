@@ -110,7 +110,9 @@ async fn answer(
         "/metrics" => {
             let snapshot = gateway.snapshot();
             let mut now = None;
-            let gauges = snapshot.backends.iter().map(|b| BackendGauges {
+            let members: Vec<Arc<Backend>> =
+                snapshot.groups.iter().flat_map(|g| g.members().iter().cloned().collect::<Vec<_>>()).collect();
+            let gauges = snapshot.backends.iter().chain(&members).map(|b| BackendGauges {
                 name: b.name.as_str(),
                 in_flight: b.state.inflight(),
                 in_rotation: !b.state.is_out(&mut now),
@@ -174,9 +176,27 @@ fn host_is_not_a_name(headers: &http::HeaderMap) -> bool {
     name.parse::<std::net::Ipv4Addr>().is_ok() || name.eq_ignore_ascii_case("localhost") || !name.contains('.')
 }
 
+/// Every backend, a group's members each as one (with `group` naming it), and the groups.
 fn backends(gateway: &Gateway) -> Value {
     let snapshot = gateway.snapshot();
-    json!({ "backends": snapshot.backends.iter().map(|b| backend(b)).collect::<Vec<_>>() })
+    let mut listed: Vec<Value> = snapshot.backends.iter().map(|b| backend(b)).collect();
+    let mut groups = Vec::new();
+    for group in &snapshot.groups {
+        let members = group.members();
+        for member in members.iter() {
+            let mut entry = backend(member);
+            entry["group"] = Value::from(group.name.as_str());
+            listed.push(entry);
+        }
+        groups.push(json!({
+            "name": group.name.as_str(),
+            "host": group.host(),
+            "interval_ms": group.discovery.interval.as_millis() as u64,
+            "members": members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            "resolution_error": group.failing(),
+        }));
+    }
+    json!({ "backends": listed, "groups": groups })
 }
 
 fn backend(b: &Backend) -> Value {

@@ -154,7 +154,7 @@ mod tests {
         for route in snapshot.routes.iter() {
             let model = route.upstream_model.as_ref().map(|u| u.name.as_str()).or(route.exact_model());
             let Some(model) = model else { continue };
-            for backend in route.pool.primary().iter().chain(route.pool.fallback()) {
+            for backend in route.pool.members().all() {
                 let (_, models) = DEMO_BACKENDS.iter().find(|(n, _)| *n == backend.name.as_str()).unwrap();
                 assert!(models.contains(&model), "{} does not serve {model}", backend.name);
             }

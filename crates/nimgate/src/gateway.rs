@@ -13,7 +13,7 @@ use crate::limits::Limiter;
 use crate::metrics::Metrics;
 use crate::models::Catalog;
 use crate::request::BodyBudget;
-use crate::upstream::probe;
+use crate::upstream::{discovery, probe};
 
 /// The running gateway's shared state: the snapshot in force and what outlives it.
 #[derive(Debug)]
@@ -34,6 +34,7 @@ impl Gateway {
         probe::start(&snapshot.backends);
         let body_budget = BodyBudget::new(snapshot.server.max_buffered_body_bytes);
         let metrics = Arc::new(Metrics::new());
+        discovery::start(&snapshot.groups, &metrics.discovery_errors);
         let limiter = Arc::new(Limiter::new(&snapshot.rate_limits, metrics.rate_limit_store_errors.clone()));
         Arc::new(Self {
             config: ArcSwap::from_pointee(snapshot),
@@ -59,6 +60,7 @@ impl Gateway {
         self.limiter.retain(&|name| names.contains(name));
         drop(names);
         probe::start(&snapshot.backends);
+        discovery::start(&snapshot.groups, &self.metrics.discovery_errors);
         self.config.store(Arc::new(snapshot));
     }
 

@@ -110,18 +110,18 @@ fn summary(snapshot: &Snapshot) -> String {
     let mut lines = vec![format!(
         "  listen {}, {} backend(s), {} route(s), {} key(s){}",
         snapshot.server.listen,
-        snapshot.backends.len(),
+        snapshot.backends.len() + snapshot.groups.len(),
         snapshot.routes.len(),
         snapshot.keys.len(),
         if snapshot.server.allow_anonymous { ", anonymous access ON" } else { "" }
     )];
     for route in snapshot.routes.iter() {
-        let names = |backends: &[std::sync::Arc<nimgate::upstream::Backend>]| {
-            backends.iter().map(|b| b.name.to_string()).collect::<Vec<_>>().join(", ")
+        let names = |entries: &[nimgate::upstream::PoolEntry]| {
+            entries.iter().map(|e| e.name().to_string()).collect::<Vec<_>>().join(", ")
         };
-        let mut line = format!("  {} -> [{}]", route.pattern.as_str(), names(route.pool.primary()));
-        if !route.pool.fallback().is_empty() {
-            line.push_str(&format!(" fallback [{}]", names(route.pool.fallback())));
+        let mut line = format!("  {} -> [{}]", route.pattern.as_str(), names(route.pool.primary_entries()));
+        if !route.pool.fallback_entries().is_empty() {
+            line.push_str(&format!(" fallback [{}]", names(route.pool.fallback_entries())));
         }
         if let Some(alias) = &route.upstream_model {
             line.push_str(&format!(" as {}", alias.name));

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub body_budget_waits: IntCounterVec,
     /// Admissions the limit store could not decide, by what was done (allowed, denied).
     pub rate_limit_store_errors: IntCounterVec,
+    /// Failed resolutions of backend groups (`discovery: { dns: true }`), by group.
+    pub discovery_errors: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -131,6 +133,12 @@ impl Metrics {
         for action in ["allowed", "denied"] {
             rate_limit_store_errors.with_label_values(&[action]);
         }
+        let discovery_errors = counter(
+            r,
+            "discovery_errors_total",
+            "Failed DNS resolutions of a backend group, which then keeps the members it found last.",
+            &["backend"],
+        );
         let build =
             IntGaugeVec::new(Opts::new("build_info", "The running build (always 1)."), &["version"]).expect("valid");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -196,6 +204,7 @@ impl Metrics {
             connection_limit_reached,
             body_budget_waits,
             rate_limit_store_errors,
+            discovery_errors,
             registry,
         }
     }

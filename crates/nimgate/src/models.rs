@@ -89,7 +89,7 @@ async fn routed_models(snapshot: &Snapshot, request_id: &HeaderValue) -> Vec<Str
 
     let mut backends: Vec<Arc<Backend>> = Vec::new();
     for route in snapshot.routes.iter().filter(|r| r.exact_model().is_none()) {
-        for backend in route.pool.primary().iter().chain(route.pool.fallback()) {
+        for backend in route.pool.members().all() {
             if !backends.iter().any(|b| Arc::ptr_eq(b, backend)) {
                 backends.push(Arc::clone(backend));
             }

@@ -85,6 +85,19 @@ pub struct RawBackend {
     /// behind an internal CA). The webpki roots stay trusted as well.
     pub ca_file: Option<String>,
     pub timeouts: Option<RawTimeouts>,
+    /// Makes the backend a group: one member per address its host resolves to.
+    pub discovery: Option<RawDiscovery>,
+}
+
+/// `discovery:` of a backend.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDiscovery {
+    pub dns: bool,
+    /// How often the host is resolved again (default 10s).
+    pub interval: Option<String>,
+    /// `IP:PORT` of a nameserver to ask instead of the system's.
+    pub nameserver: Option<String>,
 }
 
 /// `health_check:` of a backend: active probes, on only where configured.

@@ -10,14 +10,17 @@ use rustls::ServerConfig;
 
 use crate::auth::KeyTable;
 use crate::routing::RouteTable;
-use crate::upstream::{Backend, Balancing};
+use crate::upstream::{Backend, Balancing, Group};
 
 /// One consistent set of rules.
 #[derive(Debug)]
 pub struct Snapshot {
     pub server: ServerSettings,
     /// Every configured backend, in config order.
+    /// Backends configured one by one.
     pub backends: Vec<Arc<Backend>>,
+    /// Backend groups found by DNS, each with its members now.
+    pub groups: Vec<Arc<Group>>,
     pub routes: RouteTable,
     pub keys: KeyTable,
     pub rate_limits: RateLimitSettings,

@@ -12,8 +12,8 @@ use http::{HeaderValue, Uri};
 
 use super::load::EnvSource;
 use super::raw::{
-    RawBackend, RawBalancing, RawConfig, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging, RawRateLimits, RawRoute,
-    RawServer,
+    RawBackend, RawBalancing, RawConfig, RawDiscovery, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging,
+    RawRateLimits, RawRoute, RawServer,
 };
 use super::snapshot::{
     AdminToken, ConfigMeta, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, RedisSettings, ServerSettings,
@@ -26,7 +26,8 @@ use crate::routing::{Route, RouteTable, UpstreamModel};
 use crate::tls::{self, TlsFileError};
 use crate::upstream::registry::{self, BackendSettings, BuildError};
 use crate::upstream::{
-    Backend, BackendName, Balancing, EjectionPolicy, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool, Timeouts,
+    BackendName, Balancing, Discovery, EjectionPolicy, Group, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool,
+    PoolEntry, Timeouts,
 };
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -58,6 +59,9 @@ const DEFAULT_HEALTH: (&str, Duration) = ("/v1/health/ready", Duration::from_sec
 const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
 const DEFAULT_HEALTHY_AFTER: u32 = 2;
+/// How often a backend group's host is resolved again: a Kubernetes headless Service's answer
+/// follows pod readiness within seconds.
+const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_LOAD_METRICS: (&str, Duration) = ("/v1/metrics", Duration::from_secs(2));
 /// A NIM with more requests than this waiting is busy: the next one would wait behind them.
 const DEFAULT_MAX_WAITING: u64 = 8;
@@ -82,9 +86,17 @@ pub fn validate_after(raw: &RawConfig, env: &EnvSource, previous: Option<&Snapsh
     if !v.problems.is_empty() {
         return Err(ConfigError::Invalid(v.problems));
     }
+    let (mut plain, mut groups) = (Vec::new(), Vec::new());
+    for entry in backends.into_iter().flatten() {
+        match entry {
+            PoolEntry::Backend(backend) => plain.push(backend),
+            PoolEntry::Group(group) => groups.push(group),
+        }
+    }
     Ok(Snapshot {
         server,
-        backends: backends.into_iter().flatten().collect(),
+        backends: plain,
+        groups,
         routes,
         keys,
         rate_limits,
@@ -217,7 +229,7 @@ impl Validator<'_> {
     }
 
     /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
-    fn backends(&mut self, raw: &[RawBackend], balancing: &Balancing) -> Vec<Option<Arc<Backend>>> {
+    fn backends(&mut self, raw: &[RawBackend], balancing: &Balancing) -> Vec<Option<PoolEntry>> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         let mut out = Vec::with_capacity(raw.len());
         for (i, b) in raw.iter().enumerate() {
@@ -234,9 +246,10 @@ impl Validator<'_> {
         out
     }
 
-    fn backend(&mut self, at: &str, b: &RawBackend, balancing: &Balancing) -> Option<Arc<Backend>> {
+    fn backend(&mut self, at: &str, b: &RawBackend, balancing: &Balancing) -> Option<PoolEntry> {
         let before = self.problems.len();
         let base = self.backend_url(&format!("{at}.url"), &b.url);
+        let discovery = b.discovery.as_ref().and_then(|d| self.discovery(at, d, base.as_ref()));
         let auth = b.api_key_env.as_deref().and_then(|var| {
             let secret = self.env_secret(&format!("{at}.api_key_env"), var)?;
             match HeaderValue::from_str(&format!("Bearer {secret}")) {
@@ -309,13 +322,63 @@ impl Validator<'_> {
             timeouts,
             ejection: balancing.ejection,
         };
-        let in_force = self.previous.map_or(&[][..], |p| &p.backends[..]);
-        registry::build(settings, in_force)
+        let built = match discovery {
+            Some(discovery) => {
+                let fingerprint = registry::group_fingerprint(&settings, &discovery);
+                let previous = self.previous.and_then(|p| p.groups.iter().find(|g| g.name == settings.name));
+                if let Some(same) = previous.filter(|g| g.fingerprint == fingerprint) {
+                    return Some(PoolEntry::Group(Arc::clone(same)));
+                }
+                Group::new(settings, discovery, fingerprint, previous.map(|g| &**g))
+                    .map(|g| PoolEntry::Group(Arc::new(g)))
+            }
+            None => {
+                let in_force = self.previous.map_or(&[][..], |p| &p.backends[..]);
+                registry::build(settings, in_force).map(PoolEntry::Backend)
+            }
+        };
+        built
             .map_err(|e| match e {
                 BuildError::Url(message) => self.problem(format!("{at}.url"), message),
                 BuildError::CaFile(message) => self.problem(format!("{at}.ca_file"), message),
             })
             .ok()
+    }
+
+    /// `discovery:` of the backend at `at` whose URL is `base`.
+    fn discovery(&mut self, at: &str, raw: &RawDiscovery, base: Option<&Uri>) -> Option<Discovery> {
+        let at = format!("{at}.discovery");
+        if !raw.dns {
+            self.problem(format!("{at}.dns"), "the only discovery is by DNS: set `dns: true` (or drop `discovery`)");
+        }
+        let interval = self.duration_or(&format!("{at}.interval"), raw.interval.as_deref(), DEFAULT_DISCOVERY_INTERVAL);
+        if interval < Duration::from_secs(1) {
+            self.problem(format!("{at}.interval"), "at least 1s: every interval asks the nameserver again");
+        }
+        let nameserver = raw.nameserver.as_deref().and_then(|text| {
+            text.parse::<SocketAddr>()
+                .map_err(|_| {
+                    self.problem(
+                        format!("{at}.nameserver"),
+                        format!("`{text}` is not an IP address and port like 10.96.0.10:53"),
+                    )
+                })
+                .ok()
+        });
+        if let Some(base) = base {
+            let host = base.host().unwrap_or_default();
+            if host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok() {
+                self.problem(
+                    format!("{at}.dns"),
+                    format!("the URL's host {host} is an address: discovery needs a name to resolve"),
+                );
+            }
+            if base.scheme_str() == Some("https") {
+                // Members are reached by address, and a certificate names the service.
+                self.problem(format!("{at}.dns"), "not available for https backends yet: use http inside the cluster");
+            }
+        }
+        Some(Discovery { interval, nameserver })
     }
 
     fn backend_url(&mut self, at: &str, url: &str) -> Option<Uri> {
@@ -393,7 +456,7 @@ impl Validator<'_> {
         &mut self,
         raw: &[RawRoute],
         raw_backends: &[RawBackend],
-        backends: &[Option<Arc<Backend>>],
+        backends: &[Option<PoolEntry>],
         balancing: &Balancing,
     ) -> RouteTable {
         if raw.is_empty() {
@@ -401,7 +464,7 @@ impl Validator<'_> {
         }
         // Names of invalid backends still resolve (to None) so that one bad backend does not
         // also produce an "unknown backend" problem in every route that uses it.
-        let mut by_name: HashMap<&str, Option<&Arc<Backend>>> = HashMap::new();
+        let mut by_name: HashMap<&str, Option<&PoolEntry>> = HashMap::new();
         for (raw, backend) in raw_backends.iter().zip(backends) {
             by_name.entry(raw.name.as_str()).or_insert(backend.as_ref());
         }
@@ -448,13 +511,13 @@ impl Validator<'_> {
         at: &str,
         names: &[String],
         exclude: &[String],
-        by_name: &HashMap<&str, Option<&Arc<Backend>>>,
-    ) -> Option<Vec<Arc<Backend>>> {
+        by_name: &HashMap<&str, Option<&PoolEntry>>,
+    ) -> Option<Vec<PoolEntry>> {
         let mut members = Vec::with_capacity(names.len());
         let mut complete = true;
         for (j, name) in names.iter().enumerate() {
             match by_name.get(name.as_str()) {
-                Some(Some(backend)) => members.push(Arc::clone(backend)),
+                Some(Some(entry)) => members.push((*entry).clone()),
                 Some(None) => complete = false,
                 None => {
                     let mut known: Vec<&str> = by_name.keys().copied().collect();

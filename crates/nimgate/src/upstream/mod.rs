@@ -1,7 +1,8 @@
 //! Everything about talking to backends, and nothing about the client's request beyond the
 //! bytes and headers handed in: where a request can go and what happens when it gets there.
 //!
-//! - `backend`: one configured backend and what is built once for it (URIs, credential).
+//! - `backend`: one configured backend and what is built once for it (URIs, credential);
+//!   `discovery`: a group of backends, one per address its host name resolves to.
 //! - `registry`: backends built from validated settings, keeping live parts across reloads.
 //! - `pool`: a route's backends, the wait queue and the fallback order; `balance`: the power
 //!   of two choices among them.
@@ -17,6 +18,7 @@ pub mod balance;
 pub mod budget;
 pub mod client;
 pub mod connections;
+pub mod discovery;
 pub mod error;
 pub mod headers;
 pub mod health;
@@ -28,7 +30,8 @@ pub mod retry;
 pub use backend::{Backend, BackendName, HealthCheck, LoadMetrics, Timeouts};
 pub use balance::MAX_POOL_MEMBERS;
 pub use connections::Lease;
+pub use discovery::{Discovery, Group};
 pub use error::root_cause;
 pub use health::{EjectionPolicy, FailureKind, Outcome};
-pub use pool::{Balancing, Pool, Slot};
+pub use pool::{Balancing, Members, Pool, PoolEntry, Slot};
 pub use retry::{Answer, AttemptError, Outgoing, UpstreamBody, UpstreamError, send, send_one};

@@ -14,9 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::backend::Backend;
+use arc_swap::ArcSwap;
+
+use super::backend::{Backend, BackendName};
 use super::balance::{Tried, random, two_choices};
 use super::budget::RetryBudget;
+use super::discovery::Group;
 use super::health::EjectionPolicy;
 
 /// `balancing:`, validated.
@@ -43,11 +46,47 @@ impl Default for Balancing {
     }
 }
 
+/// What a route lists: a backend, or a group standing for its members of the moment.
+#[derive(Debug, Clone)]
+pub enum PoolEntry {
+    Backend(Arc<Backend>),
+    Group(Arc<Group>),
+}
+
+impl PoolEntry {
+    pub fn name(&self) -> &BackendName {
+        match self {
+            Self::Backend(backend) => &backend.name,
+            Self::Group(group) => &group.name,
+        }
+    }
+}
+
+/// The backends a pool picks from now: its backends in order, each group replaced by its
+/// members.
+#[derive(Debug, Default)]
+pub struct Members {
+    pub primary: Vec<Arc<Backend>>,
+    pub fallback: Vec<Arc<Backend>>,
+    /// The groups' versions these were listed at.
+    version: u64,
+}
+
+impl Members {
+    /// Primary then fallback.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.primary.iter().chain(&self.fallback)
+    }
+}
+
 /// The backends of one route.
 #[derive(Debug)]
 pub struct Pool {
-    primary: Vec<Arc<Backend>>,
-    fallback: Vec<Arc<Backend>>,
+    primary: Vec<PoolEntry>,
+    fallback: Vec<PoolEntry>,
+    /// The groups among them, whose versions say when `members` is out of date.
+    groups: Vec<Arc<Group>>,
+    members: ArcSwap<Members>,
     queue_length: usize,
     queue_timeout: Duration,
     max_attempts: u32,
@@ -94,10 +133,21 @@ pub enum NoBackend {
 }
 
 impl Pool {
-    pub fn new(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>, balancing: &Balancing) -> Self {
+    pub fn new(primary: Vec<PoolEntry>, fallback: Vec<PoolEntry>, balancing: &Balancing) -> Self {
+        let groups: Vec<Arc<Group>> = primary
+            .iter()
+            .chain(&fallback)
+            .filter_map(|entry| match entry {
+                PoolEntry::Group(group) => Some(Arc::clone(group)),
+                PoolEntry::Backend(_) => None,
+            })
+            .collect();
+        let members = ArcSwap::from_pointee(list(&primary, &fallback, version_of(&groups)));
         Self {
             primary,
             fallback,
+            groups,
+            members,
             queue_length: balancing.queue_length,
             queue_timeout: balancing.queue_timeout,
             max_attempts: balancing.max_attempts.max(1),
@@ -106,12 +156,33 @@ impl Pool {
         }
     }
 
-    pub fn primary(&self) -> &[Arc<Backend>] {
+    /// What the route lists, groups as groups.
+    pub fn entries(&self) -> impl Iterator<Item = &PoolEntry> {
+        self.primary.iter().chain(&self.fallback)
+    }
+
+    pub fn primary_entries(&self) -> &[PoolEntry] {
         &self.primary
     }
 
-    pub fn fallback(&self) -> &[Arc<Backend>] {
+    pub fn fallback_entries(&self) -> &[PoolEntry] {
         &self.fallback
+    }
+
+    /// The backends to pick from now. Listed again only when a group's members changed: a
+    /// pool without groups costs one atomic load.
+    pub fn members(&self) -> arc_swap::Guard<Arc<Members>> {
+        let members = self.members.load();
+        if self.groups.is_empty() {
+            return members;
+        }
+        let version = version_of(&self.groups);
+        if members.version == version {
+            return members;
+        }
+        drop(members);
+        self.members.store(Arc::new(list(&self.primary, &self.fallback, version)));
+        self.members.load()
     }
 
     pub fn max_attempts(&self) -> u32 {
@@ -147,7 +218,8 @@ impl Pool {
         let _measure = Measure(queued_at, waited);
         // Listening on each member's room: a freed slot wakes one waiter of that backend, not
         // every queued request of every route.
-        let members: Vec<&Backend> = self.primary.iter().chain(&self.fallback).map(|b| &**b).collect();
+        let listed = self.members.load_full();
+        let members: Vec<&Backend> = listed.all().map(|b| &**b).collect();
         let _listening: Vec<_> = members.iter().map(|b| b.state.room.listen()).collect();
         loop {
             let mut freed: Vec<_> = members.iter().map(|b| Box::pin(b.state.room.freed())).collect();
@@ -180,17 +252,18 @@ impl Pool {
     pub fn try_acquire(&self, tried: Tried) -> Result<Slot, NoBackend> {
         let mut now = None;
         let mut any_full = false;
+        let members = self.members();
         // A slot can be taken by another request between the choice and the take: choose again.
         for _ in 0..4 {
-            let choice = two_choices(&self.primary, tried, &mut now, &mut any_full, &mut random);
+            let choice = two_choices(&members.primary, tried, &mut now, &mut any_full, &mut random);
             let Some(member) = choice else { break };
-            let backend = &self.primary[member];
+            let backend = &members.primary[member];
             if backend.state.try_take_slot(backend.max_concurrency) {
                 return Ok(Slot { backend: Arc::clone(backend), member });
             }
         }
-        let offset = self.primary.len();
-        for (i, backend) in self.fallback.iter().enumerate() {
+        let offset = members.primary.len();
+        for (i, backend) in members.fallback.iter().enumerate() {
             if tried.contains(offset + i) || backend.state.is_out(&mut now) {
                 continue;
             }
@@ -206,15 +279,17 @@ impl Pool {
     /// Whether a backend of this pool other than `this` is in rotation now.
     pub fn others_in_rotation(&self, this: &Backend) -> bool {
         let mut now = None;
-        self.primary.iter().chain(&self.fallback).any(|b| !std::ptr::eq(&**b, this) && !b.state.is_out(&mut now))
+        self.members().all().any(|b| !std::ptr::eq(&**b, this) && !b.state.is_out(&mut now))
     }
 
     pub fn describe(&self) -> String {
         let mut now = None;
-        let states: Vec<String> = self
-            .primary
-            .iter()
-            .chain(&self.fallback)
+        let members = self.members();
+        if members.primary.is_empty() && members.fallback.is_empty() {
+            return "no member found yet by DNS".to_owned();
+        }
+        let states: Vec<String> = members
+            .all()
             .map(|b| {
                 let state = if !b.state.is_healthy() {
                     "failing its health check".to_owned()
@@ -232,6 +307,26 @@ impl Pool {
             .collect();
         states.join(", ")
     }
+}
+
+/// The members of `primary` and `fallback` at `version`.
+fn list(primary: &[PoolEntry], fallback: &[PoolEntry], version: u64) -> Members {
+    let expand = |entries: &[PoolEntry]| {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            match entry {
+                PoolEntry::Backend(backend) => out.push(Arc::clone(backend)),
+                PoolEntry::Group(group) => out.extend(group.members().iter().cloned()),
+            }
+        }
+        out
+    };
+    Members { primary: expand(primary), fallback: expand(fallback), version }
+}
+
+/// One number that moves whenever any of `groups` changes its members.
+fn version_of(groups: &[Arc<Group>]) -> u64 {
+    groups.iter().fold(0u64, |v, g| v.wrapping_mul(1_000_003).wrapping_add(g.version()))
 }
 
 /// Writes the time spent in the queue, however the wait ends.
@@ -264,7 +359,8 @@ mod tests {
     }
 
     fn pool(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>) -> Pool {
-        Pool::new(primary, fallback, &Balancing::default())
+        let entries = |list: Vec<Arc<Backend>>| list.into_iter().map(PoolEntry::Backend).collect();
+        Pool::new(entries(primary), entries(fallback), &Balancing::default())
     }
 
     fn name(slot: &Slot) -> String {
@@ -412,7 +508,7 @@ mod tests {
     async fn the_queue_is_bounded_in_length_and_time() {
         let balancing =
             Balancing { queue_length: 1, queue_timeout: Duration::from_millis(100), ..Balancing::default() };
-        let p = Arc::new(Pool::new(vec![backend("a", 1, Some(1))], vec![], &balancing));
+        let p = Arc::new(Pool::new(vec![PoolEntry::Backend(backend("a", 1, Some(1)))], vec![], &balancing));
         let _held = p.try_acquire(Tried::default()).unwrap();
         let waiter = tokio::spawn({
             let p = Arc::clone(&p);

@@ -32,7 +32,7 @@ pub fn start(backends: &[Arc<Backend>]) {
         // longer configured had found stops counting.
         let generation = backend.state.take_probes();
         match backend.health_check.clone() {
-            Some(check) => drop(runtime.spawn(health_loop(Arc::downgrade(backend), check, generation))),
+            Some(check) => drop(runtime.spawn(health_loop(Arc::downgrade(backend), check, generation, false))),
             None => backend.state.set_healthy(true),
         }
         match backend.load_metrics.clone() {
@@ -42,24 +42,47 @@ pub fn start(backends: &[Arc<Backend>]) {
     }
 }
 
+/// Starts the probes of a group member that has just appeared: with a health check, it takes
+/// no request until its first check passes, which is made at once.
+pub fn start_member(member: &Arc<Backend>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    if member.health_check.is_none() || member.probes_started.swap(true, Ordering::AcqRel) {
+        return start(std::slice::from_ref(member));
+    }
+    member.state.set_healthy(false);
+    let generation = member.state.take_probes();
+    if let Some(check) = member.health_check.clone() {
+        drop(runtime.spawn(health_loop(Arc::downgrade(member), check, generation, true)));
+    }
+    match member.load_metrics.clone() {
+        Some(metrics) => drop(runtime.spawn(load_loop(Arc::downgrade(member), metrics, generation))),
+        None => member.state.set_nim_load(None, false),
+    }
+}
+
 /// The backend while its probes of `generation` should go on.
 fn probing(backend: &Weak<Backend>, generation: u64) -> Option<Arc<Backend>> {
     backend.upgrade().filter(|b| b.state.probes_current(generation))
 }
 
-async fn health_loop(backend: Weak<Backend>, check: HealthCheck, generation: u64) {
+/// `joining`: a new group member, out of rotation until its first check, made at once, passes.
+async fn health_loop(backend: Weak<Backend>, check: HealthCheck, generation: u64, mut joining: bool) {
     let Some(uri) = probe_uri(&backend, &check.path) else { return };
     let (mut passed, mut failed) = (0u32, 0u32);
     // The first probe at a random point of the first interval: backends configured together
     // do not all get probed in the same instant.
-    tokio::time::sleep(check.interval.mul_f64(random() as f64 / u64::MAX as f64)).await;
+    if !joining {
+        tokio::time::sleep(check.interval.mul_f64(random() as f64 / u64::MAX as f64)).await;
+    }
     loop {
         let Some(backend) = probing(&backend, generation) else { return };
         match get(&backend, &uri, check.timeout).await {
             Ok(_) => {
                 passed += 1;
                 failed = 0;
-                if !backend.state.is_healthy() && passed >= check.healthy_after {
+                if std::mem::take(&mut joining) {
+                    backend.state.set_healthy(true);
+                } else if !backend.state.is_healthy() && passed >= check.healthy_after {
                     tracing::info!(backend = %backend.name, "health check passing again: backend back in rotation");
                     backend.state.set_healthy(true);
                 }

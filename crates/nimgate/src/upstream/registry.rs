@@ -21,7 +21,7 @@ use super::client;
 use super::health::EjectionPolicy;
 
 /// A backend's validated settings: everything but its live parts.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BackendSettings {
     pub name: BackendName,
     /// As configured, for logs and errors.
@@ -100,6 +100,14 @@ fn identity(settings: &BackendSettings) -> [u8; 32] {
         hash.update(cert.as_ref());
     }
     hash.update(format!("{:?}", settings.timeouts));
+    hash.finalize().into()
+}
+
+/// What makes a group the same group: its members' settings and its discovery.
+pub fn group_fingerprint(settings: &BackendSettings, discovery: &super::discovery::Discovery) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(fingerprint(&identity(settings), settings));
+    hash.update(format!("{discovery:?}"));
     hash.finalize().into()
 }
 

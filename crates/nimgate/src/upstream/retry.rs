@@ -149,7 +149,7 @@ pub async fn send(
     }
     let mut slot = acquired.map_err(|e| no_backend(pool, &e))?;
     let mut tried = Tried::default();
-    let retries_possible = pool.max_attempts() > 1 && pool.primary().len() + pool.fallback().len() > 1;
+    let retries_possible = pool.max_attempts() > 1 && pool.members().all().nth(1).is_some();
     let mut attempts = 0;
     loop {
         attempts += 1;
