@@ -181,3 +181,43 @@ async fn a_group_follows_its_dns_answer_and_keeps_its_members_when_dns_fails() {
     assert!(text.contains("DNS discovery failed: keeping the members found last"), "{text}");
     assert_eq!(text.matches("DNS discovery failed").count(), 1, "one line for the outage, not one per try");
 }
+
+#[tokio::test]
+async fn a_reload_that_retunes_a_group_keeps_its_members_with_no_request_failing() {
+    let ip = |last: u8| Ipv4Addr::new(127, 0, 0, last);
+    let first = sim_at(ip(6), 0, false).await;
+    let port = first.addr().port();
+    let _sims = [first, sim_at(ip(7), port, false).await];
+    let dns = DnsServer::start(&[ip(6), ip(7)]).await;
+    let group = |weight: u32| RawBackend {
+        name: "llama".into(),
+        url: format!("http://{NAME}:{port}"),
+        weight: Some(weight),
+        discovery: Some(RawDiscovery {
+            dns: true,
+            interval: Some("1h".into()),
+            nameserver: Some(dns.addr.to_string()),
+        }),
+        ..RawBackend::default()
+    };
+    let gw = gateway()
+        .backend_with(group(1))
+        .route_with(RawRoute { model: LLAMA.into(), backends: vec!["llama".into()], ..RawRoute::default() })
+        .key("team", &["*"])
+        .start_from_file()
+        .await;
+    eventually("two members", Duration::from_secs(5), || async { members(&gw.gw).await.len() == 2 }).await;
+
+    // No DNS from now on: members after the reload can only be those carried over.
+    dns.stop();
+    let mut raw = gw.gw.gateway.snapshot().meta.source.as_deref().cloned().unwrap();
+    raw.backends[0] = group(2);
+    gw.write(&raw);
+    assert_eq!(gw.admin_reload().await.status, 200);
+    assert_eq!(members(&gw.gw).await.len(), 2, "the new group starts with the addresses of the old");
+    let listed = gw.gw.admin_client().get("/admin/backends").await.json();
+    assert!(listed["backends"].as_array().unwrap().iter().all(|b| b["weight"] == 2), "{listed}");
+    for _ in 0..10 {
+        assert_eq!(gw.gw.client("team").chat(LLAMA).await.status, 200);
+    }
+}

@@ -1191,6 +1191,48 @@ keys:
     }
 
     #[test]
+    fn a_backend_with_dns_discovery_is_a_group_routes_can_name() {
+        let grouped = |discovery: &str| {
+            with(
+                r#"{ name: a, url: "http://127.0.0.1:8000" }"#,
+                &format!(r#"{{ name: a, url: "http://nim.nim.svc.cluster.local:8000", discovery: {discovery} }}"#),
+            )
+        };
+        let ok = check(&grouped("{ dns: true, interval: 5s, nameserver: '10.96.0.10:53' }")).unwrap();
+        assert_eq!((ok.backends.len(), ok.groups.len()), (1, 1));
+        let group = &ok.groups[0];
+        assert_eq!((group.name.as_str(), group.host()), ("a", "nim.nim.svc.cluster.local"));
+        assert_eq!(group.discovery.interval, Duration::from_secs(5));
+        assert_eq!(group.discovery.nameserver, Some("10.96.0.10:53".parse().unwrap()));
+        let route = ok.routes.find("meta/llama").unwrap();
+        assert!(matches!(&route.pool.primary_entries()[0], PoolEntry::Group(g) if Arc::ptr_eq(g, group)));
+        let default = check(&grouped("{ dns: true }")).unwrap();
+        assert_eq!(default.groups[0].discovery.interval, DEFAULT_DISCOVERY_INTERVAL);
+
+        for (discovery, problem) in [
+            ("{ dns: false }", "backends[0].discovery.dns: the only discovery is by DNS"),
+            ("{ dns: true, interval: 100ms }", "backends[0].discovery.interval: at least 1s"),
+            (
+                "{ dns: true, nameserver: 'dns.local' }",
+                "backends[0].discovery.nameserver: `dns.local` is not an IP address",
+            ),
+        ] {
+            assert_problem(&grouped(discovery), problem);
+        }
+        assert_problem(
+            &with(r#"url: "http://127.0.0.1:8000" }"#, r#"url: "http://127.0.0.1:8000", discovery: { dns: true } }"#),
+            "backends[0].discovery.dns: the URL's host 127.0.0.1 is an address",
+        );
+        assert_problem(
+            &with(
+                r#"url: "https://nim.example.com", api_key_env"#,
+                r#"url: "https://nim.example.com", discovery: { dns: true }, api_key_env"#,
+            ),
+            "backends[1].discovery.dns: not available for https backends yet",
+        );
+    }
+
+    #[test]
     fn logging_takes_a_format_and_a_filter() {
         let ok = check(&format!("{GOOD}logging: {{ format: json, level: \"warn,nimgate::access=info\" }}\n")).unwrap();
         assert_eq!(ok.logging, LoggingSettings { format: LogFormat::Json, level: "warn,nimgate::access=info".into() });

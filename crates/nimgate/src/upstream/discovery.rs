@@ -251,3 +251,83 @@ fn resolver(nameserver: Option<SocketAddr>) -> Result<TokioResolver, String> {
     options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     builder.build().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::health::EjectionPolicy;
+    use crate::upstream::pool::{Balancing, Pool, PoolEntry};
+    use crate::upstream::{Backend, Timeouts};
+
+    fn group(url: &str) -> Group {
+        let template = BackendSettings {
+            name: BackendName::new("pods"),
+            url: url.to_owned(),
+            base: url.parse().unwrap(),
+            auth: None,
+            extra_ca: None,
+            weight: 1,
+            max_concurrency: None,
+            stream_usage: true,
+            health_check: None,
+            load_metrics: None,
+            timeouts: Timeouts::DEFAULT,
+            ejection: EjectionPolicy::DEFAULT,
+        };
+        let discovery = Discovery { interval: Duration::from_secs(10), nameserver: None };
+        Group::new(template, discovery, [0; 32], None).unwrap()
+    }
+
+    fn at(addresses: &[&str]) -> BTreeSet<SocketAddr> {
+        addresses.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn names(members: &[Arc<Backend>]) -> Vec<&str> {
+        members.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn members_are_one_backend_per_address_under_the_groups_path() {
+        let group = group("http://nim.ns.svc:8000/base/");
+        assert_eq!(group.host(), "nim.ns.svc");
+        assert!(group.update(&at(&["10.0.0.2:8000", "10.0.0.1:8000"]), &[]).unwrap());
+        let members = group.members();
+        assert_eq!(names(&members), ["pods/10.0.0.1:8000", "pods/10.0.0.2:8000"]);
+        assert_eq!(members[0].url, "http://10.0.0.1:8000/base");
+        assert_eq!(
+            members[0].uri(crate::api::Endpoint::ChatCompletions).to_string(),
+            "http://10.0.0.1:8000/base/v1/chat/completions"
+        );
+        assert!(!group.update(&at(&["10.0.0.1:8000", "10.0.0.2:8000"]), &group.members_full()).unwrap(), "no change");
+    }
+
+    #[test]
+    fn members_that_stay_keep_their_state_and_pools_list_the_new_ones() {
+        let group = Arc::new(group("http://nim:8000"));
+        group.update(&at(&["10.0.0.1:8000", "10.0.0.2:8000"]), &[]).unwrap();
+        let pool = Pool::new(vec![PoolEntry::Group(Arc::clone(&group))], vec![], &Balancing::default());
+        assert_eq!(names(&pool.members().primary), ["pods/10.0.0.1:8000", "pods/10.0.0.2:8000"]);
+        let staying = Arc::clone(&group.members()[1]);
+        staying.state.try_take_slot(None);
+
+        group.update(&at(&["10.0.0.2:8000", "10.0.0.3:8000"]), &group.members_full()).unwrap();
+        let listed = pool.members();
+        assert_eq!(names(&listed.primary), ["pods/10.0.0.2:8000", "pods/10.0.0.3:8000"]);
+        assert!(Arc::ptr_eq(&listed.primary[0], &staying), "the same backend, its in-flight count with it");
+        assert_eq!(listed.primary[0].state.inflight(), 1);
+    }
+
+    #[test]
+    fn a_reload_seeds_the_new_group_with_the_old_ones_addresses() {
+        let old = group("http://nim:8000");
+        old.update(&at(&["10.0.0.1:8000"]), &[]).unwrap();
+        old.members()[0].state.try_take_slot(None);
+        let mut template = old.template.clone();
+        template.weight = 5;
+        let new = Group::new(template, old.discovery.clone(), [1; 32], Some(&old)).unwrap();
+        let members = new.members();
+        assert_eq!(names(&members), ["pods/10.0.0.1:8000"]);
+        assert_eq!(members[0].weight, 5);
+        assert_eq!(members[0].state.inflight(), 1, "retuned, the member keeps its live parts");
+    }
+}
