@@ -79,7 +79,8 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
         .backend("gpu", &sim.url())
         .route_with(route(LLAMA, "gpu"))
         .key_limited("team-a", &["*"], Some(600), None)
-        .key("team-b", &["*"]);
+        .key("team-b", &["*"])
+        .key("steady", &["*"]);
     let first = builder.raw();
     // The kubelet's layout: the file is a symlink through `..data` to a timestamped directory.
     let dir = tempfile::tempdir().unwrap();
@@ -92,6 +93,20 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     let path = mount.join("nimgate.json");
     let gw = builder.serve_file(dir, path, nimgate::config::EnvSource::Map(Default::default())).await;
 
+    // Traffic of a key the update keeps, all through the swap: not one request may fail.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let traffic = {
+        let (client, running) = (gw.gw.client("steady"), Arc::clone(&running));
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                statuses.push(client.chat(LLAMA).await.status.as_u16());
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
     // An update: a new directory, a new `..data` link renamed over the old one.
     std::fs::create_dir(mount.join("..2026_11_25_2")).unwrap();
     write_config(&mount.join("..2026_11_25_2/nimgate.json"), &changed(first));
@@ -99,6 +114,11 @@ async fn a_configmap_style_symlink_swap_is_picked_up() {
     std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
     std::fs::remove_dir_all(mount.join("..2026_11_25_1")).unwrap();
     assert_changes_visible(&gw, Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    let statuses = traffic.await.unwrap();
+    assert!(statuses.len() >= 10, "{} requests ran through the swap", statuses.len());
+    assert!(statuses.iter().all(|&s| s == 200), "every request through the swap answered: {statuses:?}");
 }
 
 #[tokio::test]
