@@ -2,7 +2,9 @@
 //! a realistic config) and nginx (`proxy_pass` with upstream keepalive) and drives all three
 //! side by side in one run: closed and open loop, streams, and a memory test of 10,000 idle
 //! streams. Writes `RESULTS.md` and `results.json`. Run it through `benches/run`, which builds
-//! the release binaries, installs nginx when missing and pins the harness to its core.
+//! the release binaries, installs nginx when missing and pins the harness to its core. With
+//! `--redis`, also nimgate with its limits in a redis-server the harness starts: the cost of the
+//! shared store's round trip per admission, side by side with the memory store.
 
 mod load;
 mod procs;
@@ -47,6 +49,10 @@ struct Args {
     /// the target `baseline`, several are named by their file names.
     #[arg(long)]
     baseline: Vec<PathBuf>,
+    /// Also run `nimgate-redis`: the same nimgate binary and config with `rate_limits.store:
+    /// redis`, on a redis-server of the harness's own (core 1, beside the load generator).
+    #[arg(long)]
+    redis: bool,
     /// Run only the scenarios whose name contains this (e.g. `closed`, `streams`, `none`).
     /// Repeatable: a scenario runs when it matches any.
     #[arg(long)]
@@ -61,6 +67,14 @@ const FILLER_ROUTES: usize = 47;
 /// Events of a streamed answer of 100 tokens: role, 100 tokens, finish, `[DONE]`.
 const STREAM_EVENTS: usize = 103;
 
+/// Where the generated config keeps the limiter's state.
+#[derive(Clone, Copy)]
+enum Store {
+    Memory,
+    /// A redis-server listening here.
+    Redis(SocketAddr),
+}
+
 #[derive(Clone, Copy)]
 enum Load {
     Closed(usize),
@@ -73,6 +87,17 @@ struct Target<'a> {
     fast: String,
     stream: String,
     proxy: Option<&'a Proc>,
+    /// The proxy's limiter store, when it is a process of its own (redis-server): its CPU time
+    /// is reported beside the proxy's.
+    store: Option<&'a Proc>,
+}
+
+/// One run's CPU time: the proxy's per 1,000 answered requests and its user-space share, and
+/// its store's per 1,000 when it has one.
+struct Cpu {
+    per_1k: f64,
+    user_share: f64,
+    store_per_1k: Option<f64>,
 }
 
 fn main() -> ExitCode {
@@ -120,7 +145,7 @@ async fn run(args: Args) -> Result<(), String> {
     // nimgate on core 0.
     let gateway_addr = procs::free_addr();
     let config = work.join("nimgate.yaml");
-    std::fs::write(&config, nimgate_config(gateway_addr, fast_addr, stream_addr, idle_addr))
+    std::fs::write(&config, nimgate_config(gateway_addr, fast_addr, stream_addr, idle_addr, Store::Memory))
         .map_err(|e| e.to_string())?;
     let log = work.join("nimgate.log");
     let mut gateway = Proc::spawn(
@@ -134,6 +159,29 @@ async fn run(args: Args) -> Result<(), String> {
     gateway.wait_listening(gateway_addr, &log)?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let idle_kib = gateway.rss_kib();
+
+    // With --redis: redis-server on core 1, beside the load generator (as a shared store on
+    // another host would be, it takes no CPU from the proxy), and nimgate-redis on core 0.
+    let redis = if args.redis {
+        let binary =
+            procs::redis_binary().ok_or("--redis: redis-server is not installed (benches/run --redis installs it)")?;
+        let addr = procs::free_addr();
+        let log = work.join("redis-server.log");
+        let mut server = Proc::spawn("redis-server", Some(1), &binary, &procs::redis_args(addr, &work), &[], &log)?;
+        server.wait_redis(addr, &log)?;
+        let gateway_addr = procs::free_addr();
+        let config = work.join("nimgate-redis.yaml");
+        let yaml = nimgate_config(gateway_addr, fast_addr, stream_addr, idle_addr, Store::Redis(addr));
+        std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+        let log = work.join("nimgate-redis.log");
+        let argv = ["--config".to_owned(), config.display().to_string()];
+        let mut gateway =
+            Proc::spawn("nimgate-redis", Some(0), &bin_dir.join("nimgate"), &argv, &[("NIMGATE_LOG", "warn")], &log)?;
+        gateway.wait_listening(gateway_addr, &log)?;
+        Some((gateway_addr, gateway, server))
+    } else {
+        None
+    };
 
     // nginx on core 0, one worker.
     let (nginx_fast, nginx_stream) = (procs::free_addr(), procs::free_addr());
@@ -173,7 +221,8 @@ async fn run(args: Args) -> Result<(), String> {
         };
         let addr = procs::free_addr();
         let config = work.join(format!("baseline-{i}.yaml"));
-        std::fs::write(&config, nimgate_config(addr, fast_addr, stream_addr, idle_addr)).map_err(|e| e.to_string())?;
+        std::fs::write(&config, nimgate_config(addr, fast_addr, stream_addr, idle_addr, Store::Memory))
+            .map_err(|e| e.to_string())?;
         let log = work.join(format!("baseline-{i}.log"));
         let argv = ["--config".to_owned(), config.display().to_string()];
         let mut proc = Proc::spawn("baseline", Some(0), binary, &argv, &[("NIMGATE_LOG", "warn")], &log)?;
@@ -195,19 +244,41 @@ async fn run(args: Args) -> Result<(), String> {
 
     let chat = |addr: SocketAddr| format!("http://{addr}/v1/chat/completions");
     let mut targets = vec![
-        Target { name: "direct".into(), fast: chat(fast_addr), stream: chat(stream_addr), proxy: None },
-        Target { name: "nimgate".into(), fast: chat(gateway_addr), stream: chat(gateway_addr), proxy: Some(&gateway) },
+        Target { name: "direct".into(), fast: chat(fast_addr), stream: chat(stream_addr), proxy: None, store: None },
+        Target {
+            name: "nimgate".into(),
+            fast: chat(gateway_addr),
+            stream: chat(gateway_addr),
+            proxy: Some(&gateway),
+            store: None,
+        },
     ];
+    if let Some((addr, proc, server)) = &redis {
+        targets.push(Target {
+            name: "nimgate-redis".into(),
+            fast: chat(*addr),
+            stream: chat(*addr),
+            proxy: Some(proc),
+            store: Some(server),
+        });
+    }
     if let Some(nginx) = &nginx {
         targets.push(Target {
             name: "nginx".into(),
             fast: chat(nginx_fast),
             stream: chat(nginx_stream),
             proxy: Some(nginx),
+            store: None,
         });
     }
     for (name, addr, proc) in &baselines {
-        targets.push(Target { name: name.clone(), fast: chat(*addr), stream: chat(*addr), proxy: Some(proc) });
+        targets.push(Target {
+            name: name.clone(),
+            fast: chat(*addr),
+            stream: chat(*addr),
+            proxy: Some(proc),
+            store: None,
+        });
     }
     if let Some(floor) = &floor {
         targets.push(Target {
@@ -215,6 +286,7 @@ async fn run(args: Args) -> Result<(), String> {
             fast: chat(floor_fast),
             stream: chat(floor_stream),
             proxy: Some(floor),
+            store: None,
         });
     }
     let keys: Arc<Vec<String>> = Arc::new((0..KEYS).map(|i| format!("Bearer sk-bench-{i}")).collect());
@@ -248,7 +320,13 @@ async fn run(args: Args) -> Result<(), String> {
             cells: targets
                 .iter()
                 .map(|t| {
-                    (t.name.clone(), Cell { runs: Vec::new(), cpu_per_1k: Vec::new(), cpu_user_share: Vec::new() })
+                    let cell = Cell {
+                        runs: Vec::new(),
+                        cpu_per_1k: Vec::new(),
+                        cpu_user_share: Vec::new(),
+                        store_cpu_per_1k: Vec::new(),
+                    };
+                    (t.name.clone(), cell)
                 })
                 .collect(),
         })
@@ -259,9 +337,10 @@ async fn run(args: Args) -> Result<(), String> {
                 eprintln!("rep {}/{}: {name} -> {}", rep + 1, args.reps, target.name);
                 let (measured, cpu) = measure(&client, target, &keys, *load, duration, ticks).await;
                 let cell = &mut results[scenario].cells[t].1;
-                if let Some((per_1k, user_share)) = cpu {
-                    cell.cpu_per_1k.push(per_1k);
-                    cell.cpu_user_share.push(user_share);
+                if let Some(cpu) = cpu {
+                    cell.cpu_per_1k.push(cpu.per_1k);
+                    cell.cpu_user_share.push(cpu.user_share);
+                    cell.store_cpu_per_1k.extend(cpu.store_per_1k);
                 }
                 cell.runs.push(measured);
             }
@@ -276,8 +355,23 @@ async fn run(args: Args) -> Result<(), String> {
     };
 
     let mut peak_rss_kib = vec![("nimgate".to_owned(), gateway.peak_rss_kib())];
+    if let Some((_, proc, server)) = &redis {
+        peak_rss_kib.push(("nimgate-redis".to_owned(), proc.peak_rss_kib()));
+        peak_rss_kib.push(("redis-server".to_owned(), server.peak_rss_kib()));
+    }
     if let Some(nginx) = &nginx {
         peak_rss_kib.push(("nginx (master + worker)".to_owned(), nginx.peak_rss_kib()));
+    }
+    let mut notes = Vec::new();
+    if redis.is_some() {
+        notes.push(
+            "nimgate-redis: the same nimgate binary and config with `rate_limits.store: redis` (timeout 50ms, \
+             on_store_error: deny), on a redis-server the harness starts, pinned to core 1 beside the load \
+             generator and nim-sim. Each request costs one Lua script round trip to be admitted (on its latency \
+             path) and one script call to settle it after the answer (not waited for). Its CPU column counts \
+             nimgate alone; redis-server's CPU is noted under each table."
+                .to_owned(),
+        );
     }
     let report = Report {
         machine: machine(),
@@ -286,6 +380,7 @@ async fn run(args: Args) -> Result<(), String> {
         duration_s: args.duration,
         reps: args.reps,
         scenarios: results,
+        notes,
         peak_rss_kib,
         memory,
     };
@@ -298,6 +393,9 @@ async fn run(args: Args) -> Result<(), String> {
     drop(nginx);
     drop(floor);
     drop(baselines);
+    // nimgate-redis before its store (a tuple drops in field order), so that it does not spend
+    // its last moments on store errors.
+    drop(redis);
     drop(gateway);
     drop(sims);
     let _ = std::fs::remove_dir_all(&work);
@@ -305,7 +403,8 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 /// One run against one target, with the proxy's CPU seconds per 1,000 answered requests and
-/// the share of them spent in user space (the rest is the kernel's: sockets, wakeups).
+/// the share of them spent in user space (the rest is the kernel's: sockets, wakeups), and its
+/// store's CPU seconds per 1,000 when the store is a process of its own.
 async fn measure(
     client: &HttpClient,
     target: &Target<'_>,
@@ -313,13 +412,14 @@ async fn measure(
     load: Load,
     duration: Duration,
     ticks: f64,
-) -> (Measured, Option<(f64, f64)>) {
+) -> (Measured, Option<Cpu>) {
     let (url, model, stream) = match load {
         Load::Streams(_) => (target.stream.clone(), "bench/stream", true),
         _ => (target.fast.clone(), "bench/fast", false),
     };
     let requests = Arc::new(Requests { url, model, stream, keys: Arc::clone(keys) });
     let cpu_before = target.proxy.map(|p| p.cpu_seconds(ticks));
+    let store_before = target.store.map(|p| p.cpu_seconds(ticks));
     let measured = match load {
         Load::Closed(c) => load::closed_loop(client, requests, c, duration, 0).await,
         Load::Open(rate) => load::open_loop(client, requests, rate, duration).await,
@@ -331,7 +431,12 @@ async fn measure(
             let (user, system) = (user - user_before, system - system_before);
             let total = user + system;
             let user_share = if total > 0.0 { user / total } else { 0.0 };
-            Some((total / (measured.ok as f64 / 1000.0), user_share))
+            let thousands = measured.ok as f64 / 1000.0;
+            let store_per_1k = target.store.zip(store_before).map(|(store, (user_before, system_before))| {
+                let (user, system) = store.cpu_seconds(ticks);
+                (user - user_before + system - system_before) / thousands
+            });
+            Some(Cpu { per_1k: total / thousands, user_share, store_per_1k })
         }
         _ => None,
     };
@@ -361,8 +466,9 @@ async fn memory_test(gateway: SocketAddr, keys: &Arc<Vec<String>>, count: usize,
     Memory { idle_kib, streams: count, failed, loaded_kib }
 }
 
-/// 100 keys with limits (never reached by the harness's load), 50 routes, three sims.
-fn nimgate_config(listen: SocketAddr, fast: SocketAddr, stream: SocketAddr, idle: SocketAddr) -> String {
+/// 100 keys with limits (never reached by the harness's load), 50 routes, three sims; the
+/// limiter's state in memory or in the redis-server at the given address.
+fn nimgate_config(listen: SocketAddr, fast: SocketAddr, stream: SocketAddr, idle: SocketAddr, store: Store) -> String {
     let mut yaml = String::new();
     let _ = writeln!(
         yaml,
@@ -382,6 +488,15 @@ fn nimgate_config(listen: SocketAddr, fast: SocketAddr, stream: SocketAddr, idle
             yaml,
             "  - {{ name: team-{i}, key_sha256: {digest}, models: [\"bench/*\", \"org{i}/*\"], \
              limits: {{ requests_per_minute: 600000, tokens_per_minute: 6000000000 }} }}"
+        );
+    }
+    if let Store::Redis(redis) = store {
+        // Deny on a store error: a failing store shows as errors in the tables, not as a
+        // gateway that got faster by skipping Redis.
+        let _ = writeln!(
+            yaml,
+            "rate_limits:\n  store: redis\n  redis_url: \"redis://{redis}/\"\n  key_prefix: \"bench:\"\n  \
+             timeout: 50ms\n  on_store_error: deny"
         );
     }
     yaml
@@ -413,17 +528,43 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nimgate::config::{EnvSource, load_str, validate};
+    use nimgate::config::{EnvSource, OnStoreError, Snapshot, StoreSettings, load_str, validate};
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn validated(store: Store) -> Snapshot {
+        let yaml = nimgate_config(addr(1), addr(2), addr(3), addr(4), store);
+        let raw = load_str(&yaml, config::FileFormat::Yaml, &EnvSource::Map(Default::default())).unwrap();
+        validate(&raw, &EnvSource::Map(Default::default())).unwrap()
+    }
 
     #[test]
     fn the_generated_config_is_valid_and_as_described() {
-        let addr = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let yaml = nimgate_config(addr(1), addr(2), addr(3), addr(4));
-        let raw = load_str(&yaml, config::FileFormat::Yaml, &EnvSource::Map(Default::default())).unwrap();
-        let snapshot = validate(&raw, &EnvSource::Map(Default::default())).unwrap();
+        let snapshot = validated(Store::Memory);
         assert_eq!(snapshot.keys.len(), KEYS);
         assert_eq!(snapshot.routes.len(), 50);
         assert!(snapshot.routes.find("bench/stream").is_some());
         assert!(snapshot.routes.find("org5/anything").is_some());
+        assert!(matches!(snapshot.rate_limits.store, StoreSettings::Memory));
+    }
+
+    /// Validation parses the Redis URL without connecting, so no server is needed here.
+    #[test]
+    fn the_redis_variant_is_valid_and_differs_only_in_its_store() {
+        let snapshot = validated(Store::Redis(addr(6380)));
+        assert_eq!(snapshot.keys.len(), KEYS);
+        assert_eq!(snapshot.routes.len(), 50);
+        let StoreSettings::Redis(redis) = &snapshot.rate_limits.store else {
+            panic!("the store is not redis: {:?}", snapshot.rate_limits.store);
+        };
+        assert_eq!(redis.url, "redis://127.0.0.1:6380/");
+        assert_eq!(redis.key_prefix, "bench:");
+        assert_eq!(redis.timeout, Duration::from_millis(50));
+        assert!(matches!(snapshot.rate_limits.on_store_error, OnStoreError::Deny));
+        let memory = nimgate_config(addr(1), addr(2), addr(3), addr(4), Store::Memory);
+        let redis = nimgate_config(addr(1), addr(2), addr(3), addr(4), Store::Redis(addr(6380)));
+        assert!(redis.starts_with(&memory), "the redis config only appends its rate_limits section");
     }
 }

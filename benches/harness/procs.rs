@@ -1,9 +1,10 @@
 //! The processes under test: started pinned to a core with `taskset`, waited for until their
 //! port answers, measured from `/proc` (CPU time, RSS) and killed when dropped. Also the nginx
-//! reference configuration.
+//! reference configuration and the redis-server that `--redis` runs as nimgate's shared store.
 
 use std::fmt::Write as _;
 use std::fs;
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -79,6 +80,34 @@ impl Proc {
         }
         Err(format!("{} did not listen on {addr} within 20 s", self.name))
     }
+
+    /// Waits until the redis-server at `addr` answers PING: it accepts connections before it is
+    /// ready, and answers `-LOADING` until then. Fails if it exits first.
+    pub fn wait_redis(&mut self, addr: SocketAddr, log: &Path) -> Result<(), String> {
+        self.wait_listening(addr, log)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let output = fs::read_to_string(log).unwrap_or_default();
+                return Err(format!("{} exited ({status}) before answering PING:\n{output}", self.name));
+            }
+            if redis_ping(addr) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} did not answer PING on {addr} within 20 s", self.name))
+    }
+}
+
+/// One inline `PING` on a fresh connection: true when the answer is `+PONG`.
+fn redis_ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) else { return false };
+    let mut reply = [0u8; 7];
+    stream.set_read_timeout(Some(Duration::from_millis(500))).is_ok()
+        && stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
 }
 
 impl Drop for Proc {
@@ -214,4 +243,24 @@ http {{
 /// Where nginx is, if installed.
 pub fn nginx_binary() -> Option<PathBuf> {
     ["/usr/sbin/nginx", "/usr/bin/nginx"].iter().map(PathBuf::from).find(|p| p.exists())
+}
+
+/// Where redis-server is, if installed: on `PATH`, or where Debian's package puts it.
+pub fn redis_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("redis-server"))
+        .chain([PathBuf::from("/usr/bin/redis-server")])
+        .find(|p| p.is_file())
+}
+
+/// A redis-server's arguments: loopback only, on `addr`'s port, nothing written to disk (no
+/// snapshots, no append-only file; `dir` only in case something is written anyway).
+pub fn redis_args(addr: SocketAddr, dir: &Path) -> Vec<String> {
+    let port = addr.port().to_string();
+    let dir = dir.display().to_string();
+    ["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", &dir]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }

@@ -15,6 +15,9 @@ pub struct Cell {
     pub cpu_per_1k: Vec<f64>,
     /// Share of that CPU time spent in user space, per repetition.
     pub cpu_user_share: Vec<f64>,
+    /// CPU seconds of the proxy's store (redis-server, for `nimgate-redis`) per 1,000 answered
+    /// requests, per repetition: beside the proxy's own, not in it.
+    pub store_cpu_per_1k: Vec<f64>,
 }
 
 /// Medians of a cell's figures.
@@ -32,6 +35,7 @@ pub struct Figures {
     pub complete_share: f64,
     pub cpu_per_1k: Option<f64>,
     pub cpu_user_share: Option<f64>,
+    pub store_cpu_per_1k: Option<f64>,
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -58,6 +62,7 @@ impl Cell {
             complete_share: q(&|m| if m.ok == 0 { 0.0 } else { m.complete_streams as f64 / m.ok as f64 }),
             cpu_per_1k: (!self.cpu_per_1k.is_empty()).then(|| median(self.cpu_per_1k.clone())),
             cpu_user_share: (!self.cpu_user_share.is_empty()).then(|| median(self.cpu_user_share.clone())),
+            store_cpu_per_1k: (!self.store_cpu_per_1k.is_empty()).then(|| median(self.store_cpu_per_1k.clone())),
         }
     }
 }
@@ -89,6 +94,8 @@ pub struct Report {
     pub duration_s: f64,
     pub reps: usize,
     pub scenarios: Vec<ScenarioResult>,
+    /// Method notes beyond the usual targets (what `nimgate-redis` is), one line each.
+    pub notes: Vec<String>,
     pub peak_rss_kib: Vec<(String, u64)>,
     pub memory: Option<Memory>,
 }
@@ -194,11 +201,20 @@ impl Report {
              (direct, nimgate, nginx, direct, ...). Latency of open-loop runs is measured from when each request \
              was due (no coordinated omission). nimgate runs a realistic config: 100 keys with request and \
              token limits (requests rotate over them), 50 routes, usage metering on; logging at warn, like \
-             nginx with access_log off.\n",
+             nginx with access_log off.",
             self.reps, self.duration_s
         );
-        let _ = writeln!(out, "## Targets\n\n| target | figure | holds |\n|---|---|---|");
-        for c in self.checks() {
+        for note in &self.notes {
+            let _ = writeln!(out, "- {note}");
+        }
+        let checks = self.checks();
+        if checks.is_empty() {
+            // Every target compares with nginx or a scenario that did not run.
+            let _ = writeln!(out, "\n## Targets\n\nNone checked: nginx or the scenarios they need did not run.");
+        } else {
+            let _ = writeln!(out, "\n## Targets\n\n| target | figure | holds |\n|---|---|---|");
+        }
+        for c in checks {
             let _ = writeln!(out, "| {} | {} | {} |", c.what, c.detail, if c.holds { "yes" } else { "**no**" });
         }
         let _ = writeln!(
@@ -253,6 +269,15 @@ impl Report {
                     );
                 }
             }
+            for (target, cell) in &scenario.cells {
+                if let Some(store) = cell.figures().store_cpu_per_1k {
+                    let _ = writeln!(
+                        out,
+                        "\n{target}'s store, redis-server: {store:.4} CPU-s per 1k requests (on core 1, not in the \
+                         CPU column above)."
+                    );
+                }
+            }
         }
         let _ = writeln!(out, "\n## Memory\n\n| process | peak RSS |\n|---|---|");
         for (name, kib) in &self.peak_rss_kib {
@@ -288,6 +313,7 @@ impl Report {
                             "p999_us": f.p999, "ttfb_p50_us": f.ttfb_p50, "ttfb_p99_us": f.ttfb_p99,
                             "gap_p50_us": f.gap_p50, "gap_p99_us": f.gap_p99, "errors": f.errors,
                             "complete_share": f.complete_share, "cpu_s_per_1k": f.cpu_per_1k, "cpu_user_share": f.cpu_user_share,
+                            "store_cpu_s_per_1k": f.store_cpu_per_1k,
                         })
                     })
                     .collect();
@@ -301,7 +327,7 @@ impl Report {
             .collect();
         json!({
             "date": self.date, "machine": self.machine, "command": self.command,
-            "duration_s": self.duration_s, "reps": self.reps, "scenarios": scenarios, "checks": checks,
+            "duration_s": self.duration_s, "reps": self.reps, "notes": self.notes, "scenarios": scenarios, "checks": checks,
             "peak_rss_kib": self.peak_rss_kib.iter().map(|(n, k)| json!({ "process": n, "kib": k })).collect::<Vec<_>>(),
             "memory": self.memory.as_ref().map(|m| json!({
                 "idle_kib": m.idle_kib, "streams": m.streams, "failed": m.failed,
