@@ -173,21 +173,28 @@ fn jitter(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + 0.2 * (random() as f64 / u64::MAX as f64))
 }
 
-/// NIM's load from its Prometheus page: requests running and waiting (summed over models),
-/// KV-cache use (the highest reported, as a fraction). Metric names may carry an engine
-/// prefix (`vllm:num_requests_waiting`). A page without the waiting count is not a NIM's.
+/// NIM's load from its Prometheus page, in either dialect: NIM 1.x's own names
+/// (`num_requests_running`, `num_requests_waiting`, `gpu_cache_usage_perc`) or NIM 2.x's,
+/// which pass the engine's through (`vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc` or
+/// `vllm:gpu_cache_usage_perc`; SGLang's `sglang:num_queue_reqs`, `sglang:num_running_reqs`,
+/// `sglang:token_usage`). Each figure is summed over a dialect's series (one per model); when
+/// a page reports a figure in several dialects, NIM's own name counts, else the first
+/// engine's, so that one queue reported twice is not counted twice. KV-cache use is the
+/// highest reported, as a fraction. A page without a waiting count is not an inference
+/// server's.
 pub fn parse_nim_load(page: &[u8]) -> Result<NimLoad, String> {
     let text = std::str::from_utf8(page).map_err(|_| "the metrics page is not UTF-8".to_owned())?;
-    let mut load = NimLoad::default();
-    let mut saw_waiting = false;
+    // Per dialect (NIM's own, vllm and other engines, sglang): running and waiting, if seen.
+    let mut running = [None::<u64>; 3];
+    let mut waiting = [None::<u64>; 3];
+    let mut kv_cache_usage: f64 = 0.0;
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        let name = name.rsplit(':').next().unwrap_or(name);
+        let (prefix, name) = line[..name_end].rsplit_once(':').unwrap_or(("", &line[..name_end]));
         // `name{labels} value [timestamp]`: the value is the first field after the labels.
         let rest = &line[name_end..];
         let rest = if rest.starts_with('{') { rest.rsplit_once('}').map_or("", |(_, r)| r) } else { rest };
@@ -195,21 +202,28 @@ pub fn parse_nim_load(page: &[u8]) -> Result<NimLoad, String> {
         if !value.is_finite() || value < 0.0 {
             continue;
         }
-        match name {
-            // `as` saturates a float beyond u64; the sums saturate too (a NIM may report anything).
-            "num_requests_running" => load.running = load.running.saturating_add(value as u64),
-            "num_requests_waiting" => {
-                load.waiting = load.waiting.saturating_add(value as u64);
-                saw_waiting = true;
-            }
-            "gpu_cache_usage_perc" => {
+        let dialect = match prefix {
+            "" => 0,
+            "sglang" => 2,
+            _ => 1,
+        };
+        // `as` saturates a float beyond u64; the sums saturate too (a server may report anything).
+        let add = |sum: &mut Option<u64>| *sum = Some(sum.unwrap_or(0).saturating_add(value as u64));
+        match (dialect, name) {
+            (0 | 1, "num_requests_running") | (2, "num_running_reqs") => add(&mut running[dialect]),
+            (0 | 1, "num_requests_waiting") | (2, "num_queue_reqs") => add(&mut waiting[dialect]),
+            (0 | 1, "gpu_cache_usage_perc" | "kv_cache_usage_perc") | (2, "token_usage") => {
                 let fraction = if value > 1.0 { value / 100.0 } else { value };
-                load.kv_cache_usage = load.kv_cache_usage.max(fraction);
+                kv_cache_usage = kv_cache_usage.max(fraction);
             }
             _ => {}
         }
     }
-    if saw_waiting { Ok(load) } else { Err("no num_requests_waiting on the metrics page".into()) }
+    let first = |figures: [Option<u64>; 3]| figures.into_iter().flatten().next();
+    match first(waiting) {
+        Some(waiting) => Ok(NimLoad { running: first(running).unwrap_or(0), waiting, kv_cache_usage }),
+        None => Err("no waiting-request count (num_requests_waiting, num_queue_reqs) on the metrics page".into()),
+    }
 }
 
 #[cfg(test)]
@@ -233,6 +247,31 @@ mod tests {
             gpu_cache_usage_perc{model_name=\"b\"} 0.9\n";
         let load = parse_nim_load(page).unwrap();
         assert_eq!(load, NimLoad { running: 4, waiting: 7, kv_cache_usage: 0.9 });
+    }
+
+    #[test]
+    fn reads_nim_2_pages_of_vllm_v1_and_sglang() {
+        let vllm_v1 = b"vllm:num_requests_running{engine=\"0\",model_name=\"m\"} 5.0\n\
+            vllm:num_requests_waiting{engine=\"0\",model_name=\"m\"} 12.0\n\
+            vllm:kv_cache_usage_perc{engine=\"0\",model_name=\"m\"} 0.97\n";
+        assert_eq!(parse_nim_load(vllm_v1).unwrap(), NimLoad { running: 5, waiting: 12, kv_cache_usage: 0.97 });
+        let sglang = b"sglang:num_running_reqs{model_name=\"m\"} 8\n\
+            sglang:num_queue_reqs{model_name=\"m\"} 3\n\
+            sglang:token_usage{model_name=\"m\"} 0.5\n\
+            token_usage 0.99\n";
+        assert_eq!(
+            parse_nim_load(sglang).unwrap(),
+            NimLoad { running: 8, waiting: 3, kv_cache_usage: 0.5 },
+            "an unprefixed token_usage is nobody's KV cache"
+        );
+    }
+
+    #[test]
+    fn a_queue_reported_in_two_dialects_counts_once() {
+        let both = b"num_requests_waiting 4\nvllm:num_requests_waiting 4\nnum_requests_running 2\nvllm:num_requests_running 2\n";
+        assert_eq!(parse_nim_load(both).unwrap(), NimLoad { running: 2, waiting: 4, kv_cache_usage: 0.0 });
+        let engine_only = b"vllm:num_requests_waiting 6\nsglang:num_queue_reqs 1\n";
+        assert_eq!(parse_nim_load(engine_only).unwrap().waiting, 6, "the first engine's, not the sum");
     }
 
     #[test]
