@@ -343,7 +343,21 @@ async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
 /// A sim with one GPU slot and a long time to first token, with `waiting` requests sent to
 /// it directly and left waiting: its `/v1/metrics` reports them.
 async fn busy_nim(waiting: usize) -> (Sim, Vec<tokio::task::JoinHandle<()>>) {
-    let sim = sim(SimOptions { ttft: Duration::from_secs(30), max_concurrency: 1, ..SimOptions::default() }).await;
+    busy_nim_speaking(waiting, nim_sim::MetricsDialect::Nim1).await
+}
+
+/// `busy_nim` whose metrics page is in `dialect`.
+async fn busy_nim_speaking(
+    waiting: usize,
+    dialect: nim_sim::MetricsDialect,
+) -> (Sim, Vec<tokio::task::JoinHandle<()>>) {
+    let sim = sim(SimOptions {
+        ttft: Duration::from_secs(30),
+        max_concurrency: 1,
+        metrics_dialect: dialect,
+        ..SimOptions::default()
+    })
+    .await;
     let direct = TestClient::new(&sim.url(), None);
     let load = (0..=waiting)
         .map(|_| {
@@ -375,6 +389,27 @@ fn scraped(name: &str, url: &str, max_waiting: u64) -> RawBackend {
             ..RawLoadMetrics::default()
         }),
         ..backend(name, url)
+    }
+}
+
+#[tokio::test]
+async fn the_queue_is_read_from_nim_2_pages_of_vllm_and_sglang_alike() {
+    for dialect in [nim_sim::MetricsDialect::Vllm, nim_sim::MetricsDialect::Sglang] {
+        let (busy, load) = busy_nim_speaking(3, dialect).await;
+        let gw = gateway()
+            .backend_with(scraped("busy", &busy.url(), 2))
+            .route_with(route(LLAMA, &["busy"], &[]))
+            .key("team-a", &["*"])
+            .start()
+            .await;
+        eventually(&format!("the {dialect:?} page's queue is read"), Duration::from_secs(5), || async {
+            let state = gw.admin_backend("busy").await;
+            state["load"]["waiting"] == 3 && state["load"]["running"] == 1 && state["load"]["full"] == true
+        })
+        .await;
+        for task in load {
+            task.abort();
+        }
     }
 }
 

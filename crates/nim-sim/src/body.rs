@@ -131,11 +131,17 @@ pub struct Stream {
 
 impl Stream {
     /// A stream of `plan`, playing the stream failures of `failures`. The first event waits
-    /// for `ttft`.
-    pub fn new(shared: Arc<Shared>, plan: Plan, failures: &Failures, guard: RequestGuard, slot: Slot) -> Self {
-        let ttft = shared.options.ttft;
+    /// for `first_token` (the fixed part and the prefill).
+    pub fn new(
+        shared: Arc<Shared>,
+        plan: Plan,
+        failures: &Failures,
+        guard: RequestGuard,
+        slot: Slot,
+        first_token: Duration,
+    ) -> Self {
         Self {
-            delay: sleep(ttft),
+            delay: sleep(first_token),
             reset_at: failures.reset_after_chunks.map(|n| n.min(plan.tokens)),
             stall_at: failures.stall_after_chunks.map(|n| n.min(plan.tokens)),
             end_at: failures.end_after_chunks.map(|n| n.min(plan.tokens)),

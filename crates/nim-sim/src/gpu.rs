@@ -1,18 +1,21 @@
-//! The simulated GPU: `max_concurrency` slots and a queue of requests waiting for one, bounded
-//! by `max_queue`. Counts of both are what NIM reports as `num_requests_running` and
-//! `num_requests_waiting`, and what a load-aware balancer reads. Separate from the HTTP side so
-//! the queue's arithmetic stays in one place.
+//! The simulated GPU: `max_concurrency` slots, a queue of requests waiting for one, bounded by
+//! `max_queue`, and optionally a KV cache of prompt-prefix blocks (`kv`). Counts of the first two
+//! are what NIM reports as `num_requests_running` and `num_requests_waiting`, and what a
+//! load-aware balancer reads. A slot holds its request's cache blocks while it runs, so freeing
+//! the slot frees both. Separate from the HTTP side so the queue's arithmetic stays in one place.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::kv::KvCache;
+
 /// Slots of an unlimited GPU that `usage` treats as full: a stand-in so `gpu_cache_usage_perc`
 /// still rises with load.
 const UNLIMITED_USAGE_SCALE: f64 = 256.0;
 
-/// GPU slots and the queue in front of them.
+/// GPU slots, the queue in front of them and the KV cache behind them.
 pub struct Gpu {
     /// `None` when unlimited.
     slots: Option<Arc<Semaphore>>,
@@ -20,6 +23,8 @@ pub struct Gpu {
     max_queue: Option<usize>,
     running: AtomicU64,
     waiting: AtomicU64,
+    /// `None` without the cache model: nothing is hashed and every prompt token is prefilled.
+    kv: Option<KvCache>,
 }
 
 /// The queue is full: the request is refused at once.
@@ -27,16 +32,22 @@ pub struct Gpu {
 pub struct QueueFull;
 
 impl Gpu {
-    /// A GPU with `max_concurrency` slots (0 = unlimited) and room for `max_queue` waiters
-    /// (`None` = unbounded).
-    pub fn new(max_concurrency: usize, max_queue: Option<usize>) -> Self {
+    /// A GPU with `max_concurrency` slots (0 = unlimited), room for `max_queue` waiters
+    /// (`None` = unbounded) and, when given, a KV cache.
+    pub fn new(max_concurrency: usize, max_queue: Option<usize>, kv: Option<KvCache>) -> Self {
         Self {
             slots: (max_concurrency > 0).then(|| Arc::new(Semaphore::new(max_concurrency))),
             capacity: max_concurrency,
             max_queue,
             running: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            kv,
         }
+    }
+
+    /// The KV cache, when the cache model is on.
+    pub fn kv(&self) -> Option<&KvCache> {
+        self.kv.as_ref()
     }
 
     /// Slots held now.
@@ -49,9 +60,13 @@ impl Gpu {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// The fraction of slots in use, 0..=1, as NIM's `gpu_cache_usage_perc` (a stand-in for
-    /// KV-cache pressure). An unlimited GPU fills up by 1/256 per running request.
+    /// KV-cache usage, 0..=1, as NIM's `gpu_cache_usage_perc`: with the cache model, the blocks
+    /// running requests hold; without it, the fraction of slots in use as a stand-in for KV-cache
+    /// pressure, an unlimited GPU filling up by 1/256 per running request.
     pub fn usage(&self) -> f64 {
+        if let Some(kv) = &self.kv {
+            return kv.usage();
+        }
         let scale = if self.capacity == 0 { UNLIMITED_USAGE_SCALE } else { self.capacity as f64 };
         (self.running() as f64 / scale).min(1.0)
     }
@@ -71,7 +86,7 @@ impl Gpu {
             },
         };
         self.running.fetch_add(1, Ordering::Relaxed);
-        Ok(Slot { gpu: Arc::clone(self), _permit: permit })
+        Ok(Slot { gpu: Arc::clone(self), _permit: permit, held: Vec::new() })
     }
 }
 
@@ -97,15 +112,38 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A GPU slot, held while a request generates; dropping it frees the slot.
+/// A GPU slot, held while a request generates; dropping it frees the slot and lets go of the
+/// request's KV-cache blocks.
 pub struct Slot {
     gpu: Arc<Gpu>,
     _permit: Option<OwnedSemaphorePermit>,
+    /// The cache blocks this request holds (none without the cache model).
+    held: Vec<u64>,
+}
+
+impl Slot {
+    /// Starts prefilling the prompt (`prompt_tokens` tokens): returns the tokens the KV cache did
+    /// not hold, which are what prefill time is charged for. The whole prompt's blocks go into the
+    /// cache now, as vLLM registers a block when it schedules its computation, so a request
+    /// arriving during this prefill already finds them. Without the cache model every token is
+    /// uncached, and `prompt` is never called: the prompt is neither extracted nor hashed.
+    pub fn prefill<'p>(&mut self, prompt: impl FnOnce() -> &'p [u8], prompt_tokens: u64) -> u64 {
+        let Some(kv) = &self.gpu.kv else {
+            return prompt_tokens;
+        };
+        let admission = kv.admit(prompt(), prompt_tokens);
+        // One prefill per slot; a second would otherwise leak the first one's hold.
+        kv.release(&std::mem::replace(&mut self.held, admission.held));
+        prompt_tokens - admission.hit_tokens
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.gpu.running.fetch_sub(1, Ordering::Relaxed);
+        if let Some(kv) = &self.gpu.kv {
+            kv.release(&self.held);
+        }
     }
 }
 
@@ -115,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_queue_refuses_and_a_freed_slot_goes_to_the_waiter() {
-        let gpu = Arc::new(Gpu::new(1, Some(1)));
+        let gpu = Arc::new(Gpu::new(1, Some(1), None));
         let first = gpu.acquire().await.unwrap();
         assert_eq!((gpu.running(), gpu.usage()), (1, 1.0));
         let waiter = tokio::spawn({
@@ -134,11 +172,34 @@ mod tests {
 
     #[tokio::test]
     async fn an_unlimited_gpu_never_queues() {
-        let gpu = Arc::new(Gpu::new(0, Some(0)));
+        let gpu = Arc::new(Gpu::new(0, Some(0), None));
         let slots = [gpu.acquire().await.unwrap(), gpu.acquire().await.unwrap()];
         assert_eq!((gpu.running(), gpu.waiting()), (2, 0));
         assert!(gpu.usage() > 0.0 && gpu.usage() < 0.1);
         drop(slots);
         assert_eq!(gpu.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_slot_holds_its_prompt_blocks_until_it_is_freed() {
+        let gpu = Arc::new(Gpu::new(0, None, Some(KvCache::new(64, 1))));
+        let prompt = [b'a'; 64];
+        let mut first = gpu.acquire().await.unwrap();
+        assert_eq!(first.prefill(|| &prompt, 20), 20, "a cold cache prefills everything");
+        assert_eq!(gpu.usage(), 0.25);
+        let mut second = gpu.acquire().await.unwrap();
+        assert_eq!(second.prefill(|| &prompt, 20), 4, "16 whole blocks cached, the rest prefilled");
+        assert_eq!(gpu.usage(), 0.25, "shared blocks count once");
+        drop((first, second));
+        assert_eq!(gpu.usage(), 0.0);
+        assert_eq!(gpu.kv().unwrap().cached_tokens(), 16);
+    }
+
+    #[tokio::test]
+    async fn without_the_cache_model_every_token_is_prefilled() {
+        let gpu = Arc::new(Gpu::new(0, None, None));
+        let mut slot = gpu.acquire().await.unwrap();
+        assert_eq!(slot.prefill(|| unreachable!("no cache model, no prompt"), 20), 20);
+        assert!(gpu.kv().is_none());
     }
 }

@@ -1,17 +1,23 @@
 //! nim-sim: a fast, deterministic simulated NVIDIA NIM for tests, demos and benchmarks.
 //!
 //! It speaks NIM's OpenAI-compatible API (chat completions and completions, JSON and SSE,
-//! embeddings, `/v1/models`, health) and NIM's Prometheus `/v1/metrics`, fed by a simulated GPU
-//! with a concurrency limit and a waiting queue. Latency, answer length and failures (error
+//! embeddings, `/v1/models`, health) and NIM's Prometheus `/v1/metrics` (NIM 1.x's names, or
+//! vLLM's or SGLang's as NIM 2.x passes them through), fed by a simulated GPU with a concurrency
+//! limit, a waiting queue and optionally a KV cache of prompt prefixes that shortens the time to
+//! first token of a prompt starting like a recent one. Latency, answer length and failures (error
 //! statuses, resets, stalls, hangs) are set by `SimOptions`. Everything it says is derived from
 //! counters, never from randomness, so a test can predict it exactly.
 //!
 //! Modules: `server` (listener, connections, dispatch), `reply` (what each endpoint answers),
-//! `body` (response bodies, the stream's timing and its injected failures), `gpu` (slots and
-//! queue), `state` (shared counters, the request guard behind `completed` and `cancelled`).
+//! `metrics` (the Prometheus page in each dialect), `body` (response bodies, the stream's timing
+//! and its injected failures), `gpu` (slots, queue, and the cache blocks a slot holds), `kv` (the
+//! prefix-block cache), `state` (shared counters, the request guard behind `completed` and
+//! `cancelled`).
 
 mod body;
 mod gpu;
+mod kv;
+mod metrics;
 mod reply;
 mod server;
 mod state;
@@ -31,9 +37,22 @@ use state::Shared;
 pub struct SimOptions {
     /// Models served; requests for others get NIM's 404.
     pub models: Vec<String>,
-    /// Time before the first token. Streams send their headers at once and hold the first
-    /// event (the role chunk, as vLLM does) for it; non-streams add it to the generation time.
+    /// Time before the first token: its fixed part, to which `prefill_per_token` adds. Streams
+    /// send their headers at once and hold the first event (the role chunk, as vLLM does) for
+    /// it; non-streams add it to the generation time.
     pub ttft: Duration,
+    /// Prefill time per prompt token the KV cache does not hold (every token without the cache
+    /// model), added to `ttft`. Prompt tokens are a quarter of the request body's bytes.
+    pub prefill_per_token: Duration,
+    /// Capacity of the simulated GPU's KV cache of prompt-prefix blocks, in tokens; 0 = no cache
+    /// model (nothing is hashed). The prompt is the raw JSON of `messages` (chat), `prompt`
+    /// (completions) or `input` (embeddings) as sent, 4 bytes a token, cut into blocks of
+    /// `kv_block_tokens`, each block's hash chained with the one before; a request's cached
+    /// prefix is its longest run of leading blocks found in the cache. Blocks running requests
+    /// hold are never evicted; the others go least recently used first.
+    pub kv_cache_tokens: u64,
+    /// Tokens per KV-cache block (vLLM's default is 16); at least 1 when the cache is on.
+    pub kv_block_tokens: u32,
     /// Completion tokens per answer, capped by the request's `max_completion_tokens` or
     /// `max_tokens` (the answer then finishes with `length`).
     pub tokens: u32,
@@ -43,6 +62,8 @@ pub struct SimOptions {
     pub max_concurrency: usize,
     /// Bound of the waiting queue; a request arriving when it is full gets 429.
     pub max_queue: Option<usize>,
+    /// The names `/v1/metrics` uses.
+    pub metrics_dialect: MetricsDialect,
     /// When set, `/v1/*` except health requires `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
     /// Keep every request for `Sim::recorded`.
@@ -65,10 +86,14 @@ impl Default for SimOptions {
         Self {
             models: vec!["meta/llama-3.1-8b-instruct".to_owned()],
             ttft: Duration::ZERO,
+            prefill_per_token: Duration::ZERO,
+            kv_cache_tokens: 0,
+            kv_block_tokens: 16,
             tokens: 16,
             chunk_delay: Duration::ZERO,
             max_concurrency: 0,
             max_queue: None,
+            metrics_dialect: MetricsDialect::Nim1,
             api_key: None,
             record_requests: false,
             gated_chunks: false,
@@ -76,6 +101,38 @@ impl Default for SimOptions {
             embedding_dim: 16,
             failures: Failures::default(),
             tls: None,
+        }
+    }
+}
+
+/// The names of `/v1/metrics`: NIM 1.x's own, or those of the engine a NIM 2.x passes through.
+/// Every dialect reports the same figures: requests running and waiting, KV-cache usage, prompt
+/// and generation tokens, completed requests and the prefix cache's queries and hits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsDialect {
+    /// `num_requests_running`, `num_requests_waiting`, `gpu_cache_usage_perc`, ...; adds
+    /// `prefix_cache_queries_total` and `prefix_cache_hits_total` only with the cache model on,
+    /// so the page without it stays what it always was.
+    #[default]
+    Nim1,
+    /// `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:kv_cache_usage_perc`,
+    /// `vllm:prefix_cache_queries_total`, `vllm:prefix_cache_hits_total`, ...
+    Vllm,
+    /// `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:token_usage`,
+    /// `sglang:cache_hit_rate`, `sglang:cached_tokens_total`, ...
+    Sglang,
+}
+
+impl std::str::FromStr for MetricsDialect {
+    type Err = String;
+
+    /// `nim1`, `vllm` or `sglang`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "nim1" => Ok(Self::Nim1),
+            "vllm" => Ok(Self::Vllm),
+            "sglang" => Ok(Self::Sglang),
+            other => Err(format!("unknown metrics dialect `{other}`: expected nim1, vllm or sglang")),
         }
     }
 }
@@ -144,6 +201,23 @@ pub struct SimStats {
     pub prompt_tokens: u64,
     /// Completion tokens generated (streams count each chunk as it is produced).
     pub generation_tokens: u64,
+    /// Prompt tokens looked up in the KV cache, as vLLM's `prefix_cache_queries` (0 without the
+    /// cache model).
+    pub prefix_cache_queries: u64,
+    /// Of those, tokens found cached (whole leading blocks), as vLLM's `prefix_cache_hits`.
+    pub prefix_cache_hits: u64,
+    /// Tokens of the blocks in the KV cache now, whether a running request holds them or not.
+    pub kv_cached_tokens: u64,
+}
+
+impl SimStats {
+    /// `prefix_cache_hits / prefix_cache_queries`, 0 before any query.
+    pub fn prefix_cache_hit_rate(&self) -> f64 {
+        match self.prefix_cache_queries {
+            0 => 0.0,
+            queries => self.prefix_cache_hits as f64 / queries as f64,
+        }
+    }
 }
 
 /// One request as received (`SimOptions::record_requests`), any path, refused ones included.
@@ -170,16 +244,20 @@ pub struct Sim {
 }
 
 impl Sim {
-    /// Starts a sim on an ephemeral loopback port. Fails only if no port can be bound or the
-    /// TLS material does not parse (`InvalidInput`).
+    /// Starts a sim on an ephemeral loopback port. Fails only if no port can be bound, or with
+    /// `InvalidInput` as `start_on` does.
     pub async fn start(options: SimOptions) -> std::io::Result<Sim> {
         Self::start_on(TcpListener::bind("127.0.0.1:0").await?, options).await
     }
 
     /// Starts a sim on `listener`. Fails with `InvalidInput` when the TLS material does not
-    /// parse.
+    /// parse or the KV cache is on with blocks of 0 tokens.
     pub async fn start_on(listener: TcpListener, options: SimOptions) -> std::io::Result<Sim> {
         let addr = listener.local_addr()?;
+        if options.kv_cache_tokens > 0 && options.kv_block_tokens == 0 {
+            let message = "kv_block_tokens must be at least 1 when kv_cache_tokens is set";
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, message));
+        }
         let tls = match &options.tls {
             Some(files) => Some(server::tls_acceptor(files)?),
             None => None,
@@ -207,7 +285,7 @@ impl Sim {
         }
     }
 
-    /// A snapshot of the counters.
+    /// A snapshot of the counters, the prefix cache's hit figures among them.
     pub fn stats(&self) -> SimStats {
         self.shared.stats()
     }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use nim_sim::{Failures, Sim, SimOptions, SimTls};
+use nim_sim::{Failures, MetricsDialect, Sim, SimOptions, SimTls};
 
 #[derive(Parser)]
 #[command(name = "nim-sim", version, about = "A fast, deterministic simulated NVIDIA NIM (OpenAI-compatible)")]
@@ -19,9 +19,21 @@ struct Args {
     /// A model to serve (repeatable). Default: meta/llama-3.1-8b-instruct.
     #[arg(long = "model")]
     models: Vec<String>,
-    /// Latency to the first token, e.g. 50ms.
+    /// Latency to the first token, e.g. 50ms: the fixed part, before prefill.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     ttft: Duration,
+    /// Prefill time per prompt token not in the KV cache (a token is 4 bytes), e.g. 200us.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    prefill_per_token: Duration,
+    /// KV-cache capacity in tokens, for prompt-prefix caching (0 = no cache model).
+    #[arg(long, default_value_t = 0)]
+    kv_cache_tokens: u64,
+    /// Tokens per KV-cache block; only whole blocks are cached.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    kv_block_tokens: u32,
+    /// Names of /v1/metrics: nim1 (NIM 1.x), vllm or sglang (NIM 2.x passing its engine's).
+    #[arg(long, default_value = "nim1")]
+    metrics_dialect: MetricsDialect,
     /// Completion tokens per answer (capped by the request's max_tokens).
     #[arg(long, default_value_t = 16)]
     tokens: u32,
@@ -120,6 +132,10 @@ async fn run(args: Args) -> Result<(), RunError> {
     };
     let mut options = SimOptions {
         ttft: args.ttft,
+        prefill_per_token: args.prefill_per_token,
+        kv_cache_tokens: args.kv_cache_tokens,
+        kv_block_tokens: args.kv_block_tokens,
+        metrics_dialect: args.metrics_dialect,
         tokens: args.tokens,
         chunk_delay: args.chunk_delay,
         max_concurrency: args.max_concurrency,

@@ -9,6 +9,7 @@ use std::fmt::Write;
 use base64::Engine;
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::state::CREATED;
 
@@ -34,6 +35,35 @@ pub struct InferRequest<'a> {
     pub input: Option<serde_json::Value>,
     #[serde(default)]
     pub encoding_format: Option<String>,
+}
+
+/// The prompt fields of an inference request, raw as sent. Read in a pass of their own, and only
+/// with the KV-cache model on: borrowing a field raw checks its bytes are UTF-8, a cost the
+/// cache-less hot path has no use for.
+#[derive(Deserialize)]
+struct RawPrompt<'a> {
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+}
+
+/// The prompt of `body` as the client sent it, raw JSON: `messages` for chat, `prompt` for
+/// completions, `input` for embeddings (`kind` None); empty when absent. The KV-cache model
+/// hashes these bytes, so prompts sharing a start share cache blocks, the way a gateway routing
+/// by prefix sees them.
+pub fn prompt_bytes(body: &[u8], kind: Option<Kind>) -> &[u8] {
+    let Ok(fields) = serde_json::from_slice::<RawPrompt<'_>>(body) else {
+        return &[];
+    };
+    let raw = match kind {
+        Some(Kind::Chat) => fields.messages,
+        Some(Kind::Completion) => fields.prompt,
+        None => fields.input,
+    };
+    raw.map_or(&[], |raw| raw.get().as_bytes())
 }
 
 #[derive(Deserialize, Default)]
@@ -334,38 +364,22 @@ pub fn error_body(status: u16, message: &str) -> Bytes {
     Bytes::from(format!(r#"{{"error":{{"message":{message},"type":"{kind}","code":{status}}}}}"#))
 }
 
-/// NIM's Prometheus metrics, in the text exposition format.
-pub fn metrics(
-    model: &str,
-    running: u64,
-    waiting: u64,
-    usage: f64,
-    prompt: u64,
-    generation: u64,
-    success: u64,
-) -> String {
-    let label = model.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-    let mut out = String::with_capacity(1024);
-    let families: [(&str, &str, &str, String); 6] = [
-        ("num_requests_running", "gauge", "Number of requests currently running on GPU.", running.to_string()),
-        ("num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting.to_string()),
-        ("gpu_cache_usage_perc", "gauge", "GPU KV-cache usage. 1 means 100 percent usage.", format!("{usage}")),
-        ("prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt.to_string()),
-        ("generation_tokens_total", "counter", "Number of generation tokens processed.", generation.to_string()),
-        ("request_success_total", "counter", "Count of successfully processed requests.", success.to_string()),
-    ];
-    for (name, kind, help, value) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{model_name=\"{label}\"}} {value}");
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn request(json: &str) -> InferRequest<'_> {
         serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn the_prompt_is_the_raw_json_of_its_field_as_sent() {
+        let body = br#"{"model":"m","messages": [ {"role":"user","content":"h\u0069"} ],"prompt":"p","input":["a"]}"#;
+        assert_eq!(prompt_bytes(body, Some(Kind::Chat)), br#"[ {"role":"user","content":"h\u0069"} ]"#);
+        assert_eq!(prompt_bytes(body, Some(Kind::Completion)), br#""p""#);
+        assert_eq!(prompt_bytes(body, None), br#"["a"]"#);
+        assert!(prompt_bytes(br#"{"model":"m","messages":null}"#, Some(Kind::Chat)).is_empty());
+        assert!(prompt_bytes(b"{not json", Some(Kind::Chat)).is_empty());
     }
 
     #[test]
@@ -416,31 +430,6 @@ mod tests {
         assert_eq!(embedding_inputs(&serde_json::json!(["a", "b"])).unwrap().len(), 2);
         assert_eq!(embedding_inputs(&serde_json::json!([1, 2, 3])).unwrap().len(), 1);
         assert!(embedding_inputs(&serde_json::json!(42)).is_none());
-    }
-
-    #[test]
-    fn metrics_follow_the_text_exposition_format() {
-        let text = metrics("meta/llama \"x\"", 2, 1, 0.5, 10, 20, 3);
-        let mut described = Vec::new();
-        for line in text.lines() {
-            if let Some(help) = line.strip_prefix("# HELP ") {
-                described.push(help.split(' ').next().unwrap().to_owned());
-            } else if let Some(kind) = line.strip_prefix("# TYPE ") {
-                let (name, kind) = kind.split_once(' ').unwrap();
-                assert_eq!(described.last().map(String::as_str), Some(name), "HELP then TYPE");
-                assert!(kind == "gauge" || (kind == "counter" && name.ends_with("_total")), "{line}");
-            } else {
-                let (series, value) = line.rsplit_once(' ').unwrap();
-                let name = series.split('{').next().unwrap();
-                assert_eq!(described.last().map(String::as_str), Some(name), "a sample of the family just typed");
-                assert!(series.ends_with(r#"{model_name="meta/llama \"x\""}"#), "{line}");
-                value.parse::<f64>().unwrap();
-            }
-        }
-        let names = ["num_requests_running", "num_requests_waiting", "gpu_cache_usage_perc"];
-        assert!(names.iter().all(|n| described.iter().any(|d| d == n)));
-        assert!(text.contains("gpu_cache_usage_perc{model_name=\"meta/llama \\\"x\\\"\"} 0.5\n"));
-        assert!(text.contains("generation_tokens_total{model_name=\"meta/llama \\\"x\\\"\"} 20\n"));
     }
 
     #[test]

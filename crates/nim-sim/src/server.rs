@@ -1,7 +1,8 @@
 //! The sim's HTTP side: accepting connections (plain or TLS, HTTP/1.1 and h2), dropping them all
 //! at once on stop, and dispatching each request to what it answers. Inference requests pass
-//! through authorization, failure injection, the GPU queue and the configured latency before
-//! their answer. Kept apart from `reply` so what is said and when it is said read separately.
+//! through authorization, failure injection, the GPU queue, prefill (the KV cache deciding how
+//! much of it there is) and the configured latency before their answer. Kept apart from `reply`
+//! so what is said and when it is said read separately.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,9 +25,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{InjectedReset, SimBody, Stream};
+use crate::metrics::{self, PrefixCache, Reading};
 use crate::reply::{self, InferRequest, Kind, Plan};
 use crate::state::{RequestGuard, Shared, injects_error};
-use crate::{RecordedRequest, SimTls};
+use crate::{RecordedRequest, SimOptions, SimTls};
 
 /// The TLS side of a sim serving HTTPS: `SimTls`'s chain and key, ALPN h2 then http/1.1.
 /// Fails with `InvalidInput` when the PEM does not parse or the key does not fit the chain.
@@ -253,16 +255,18 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
     };
     let prompt_tokens = (body.len() as u64 / 4).max(1);
 
-    let Ok(slot) = shared.gpu.acquire().await else {
+    let Ok(mut slot) = shared.gpu.acquire().await else {
         guard.refuse();
         return Ok(error(StatusCode::TOO_MANY_REQUESTS, "the request queue is full; retry later"));
     };
     counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
+    let uncached = slot.prefill(|| reply::prompt_bytes(&body, kind), prompt_tokens);
+    let first_token = time_to_first_token(&shared.options, uncached);
 
     let Some(kind) = kind else {
         let inputs = embedding_inputs.unwrap_or_default();
         let base64 = request.encoding_format.as_deref() == Some("base64");
-        sleep(shared.options.ttft).await;
+        sleep(first_token).await;
         drop(slot);
         let answer = reply::embeddings_answer(model, &inputs, shared.options.embedding_dim, base64, prompt_tokens);
         return Ok(answer_response(answer, guard));
@@ -270,14 +274,14 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
 
     let plan = Plan::new(kind, sequence, model, &request, shared.options.tokens, prompt_tokens);
     if request.stream.unwrap_or(false) {
-        let stream = Stream::new(Arc::clone(&shared), plan, &failures, guard, slot);
+        let stream = Stream::new(Arc::clone(&shared), plan, &failures, guard, slot, first_token);
         let mut response = Response::new(SimBody::Stream(Box::new(stream)));
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(response);
     }
 
-    sleep(shared.options.ttft + shared.options.chunk_delay * plan.tokens).await;
+    sleep(first_token + shared.options.chunk_delay * plan.tokens).await;
     counters.generation_tokens.fetch_add(plan.completion_tokens(), Ordering::Relaxed);
     drop(slot);
     let answer = plan.answer();
@@ -306,6 +310,12 @@ fn with_length(body: SimBody, length: usize) -> Response<SimBody> {
     response
 }
 
+/// The fixed part of the time to first token plus prefill of the `uncached` prompt tokens.
+fn time_to_first_token(options: &SimOptions, uncached: u64) -> Duration {
+    let prefill = options.prefill_per_token.saturating_mul(u32::try_from(uncached).unwrap_or(u32::MAX));
+    options.ttft.saturating_add(prefill)
+}
+
 /// Sleeps, without touching the timer when there is nothing to wait for.
 async fn sleep(duration: Duration) {
     if !duration.is_zero() {
@@ -316,15 +326,19 @@ async fn sleep(duration: Duration) {
 fn metrics(shared: &Shared) -> Response<SimBody> {
     let stats = shared.stats();
     let model = shared.options.models.first().map_or("", String::as_str);
-    let text = reply::metrics(
-        model,
-        stats.running,
-        stats.waiting,
-        shared.gpu.usage(),
-        stats.prompt_tokens,
-        stats.generation_tokens,
-        stats.completed,
-    );
+    let reading = Reading {
+        running: stats.running,
+        waiting: stats.waiting,
+        kv_usage: shared.gpu.usage(),
+        prompt_tokens: stats.prompt_tokens,
+        generation_tokens: stats.generation_tokens,
+        completed: stats.completed,
+        prefix_cache: shared
+            .gpu
+            .kv()
+            .map(|_| PrefixCache { queried_tokens: stats.prefix_cache_queries, hit_tokens: stats.prefix_cache_hits }),
+    };
+    let text = metrics::page(shared.options.metrics_dialect, model, &reading);
     let mut response = Response::new(SimBody::full(text));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     response

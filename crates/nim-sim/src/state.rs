@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::gpu::Gpu;
+use crate::kv::KvCache;
 use crate::{Failures, RecordedRequest, SimOptions, SimStats};
 
 /// The `created` stamp of every answer: fixed, so answers are reproducible.
@@ -52,7 +53,11 @@ impl Shared {
         let models_json = Bytes::from(serde_json::json!({ "object": "list", "data": data }).to_string());
         Self {
             failures: Mutex::new(options.failures.clone()),
-            gpu: Arc::new(Gpu::new(options.max_concurrency, options.max_queue)),
+            gpu: Arc::new(Gpu::new(
+                options.max_concurrency,
+                options.max_queue,
+                (options.kv_cache_tokens > 0).then(|| KvCache::new(options.kv_cache_tokens, options.kv_block_tokens)),
+            )),
             options,
             counters: Counters::default(),
             gate: tokio::sync::Semaphore::new(0),
@@ -94,6 +99,9 @@ impl Shared {
             chunks_sent: load(&c.chunks_sent),
             prompt_tokens: load(&c.prompt_tokens),
             generation_tokens: load(&c.generation_tokens),
+            prefix_cache_queries: self.gpu.kv().map_or(0, KvCache::queried_tokens),
+            prefix_cache_hits: self.gpu.kv().map_or(0, KvCache::hit_tokens),
+            kv_cached_tokens: self.gpu.kv().map_or(0, KvCache::cached_tokens),
         }
     }
 }

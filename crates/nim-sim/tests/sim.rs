@@ -686,3 +686,251 @@ async fn an_early_end_closes_the_stream_cleanly_without_finish_or_done() {
     assert_eq!(sim.stats().errors_injected, 1);
     assert_eq!(sim.stats().completed, 0);
 }
+
+#[tokio::test]
+async fn the_default_metrics_page_is_nim1_byte_for_byte() {
+    let sim = Sim::start(SimOptions::default()).await.unwrap();
+    send(&sim, "/v1/chat/completions", &chat(false)).await;
+    let (_, page) = get(&sim, "/v1/metrics").await;
+    // The body is 97 bytes, so 24 prompt tokens.
+    let expected = "\
+# HELP num_requests_running Number of requests currently running on GPU.
+# TYPE num_requests_running gauge
+num_requests_running{model_name=\"meta/llama-3.1-8b-instruct\"} 0
+# HELP num_requests_waiting Number of requests waiting to be processed.
+# TYPE num_requests_waiting gauge
+num_requests_waiting{model_name=\"meta/llama-3.1-8b-instruct\"} 0
+# HELP gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE gpu_cache_usage_perc gauge
+gpu_cache_usage_perc{model_name=\"meta/llama-3.1-8b-instruct\"} 0
+# HELP prompt_tokens_total Number of prefill tokens processed.
+# TYPE prompt_tokens_total counter
+prompt_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 24
+# HELP generation_tokens_total Number of generation tokens processed.
+# TYPE generation_tokens_total counter
+generation_tokens_total{model_name=\"meta/llama-3.1-8b-instruct\"} 16
+# HELP request_success_total Count of successfully processed requests.
+# TYPE request_success_total counter
+request_success_total{model_name=\"meta/llama-3.1-8b-instruct\"} 1
+";
+    assert_eq!(page, expected);
+}
+
+/// A chat request whose only message is `content`.
+fn chat_about(content: &str, stream: bool) -> Value {
+    json!({ "model": LLAMA, "messages": [{ "role": "user", "content": content }], "stream": stream, "max_tokens": 1 })
+}
+
+/// Whole KV-cache blocks (16 tokens of 4 bytes) in a request's `messages` as sent.
+fn chat_blocks(request: &Value) -> u64 {
+    request["messages"].to_string().len() as u64 / 64
+}
+
+/// A sim with a KV cache of `kv_cache_tokens` in blocks of 16 tokens.
+fn cached(kv_cache_tokens: u64) -> SimOptions {
+    SimOptions { kv_cache_tokens, ..SimOptions::default() }
+}
+
+/// The prefix-cache hit tokens of one request.
+async fn hit_of(sim: &Sim, path: &str, request: &Value) -> u64 {
+    let before = sim.stats().prefix_cache_hits;
+    assert_eq!(send(sim, path, request).await.0, 200);
+    sim.stats().prefix_cache_hits - before
+}
+
+// The clock is paused and advances only to the sim's timers, so elapsed times are exactly what
+// the sim waited, whatever the machine is doing.
+#[tokio::test(start_paused = true)]
+async fn a_repeated_prompt_reaches_its_first_token_sooner_by_its_cached_prefill() {
+    let prefill = Duration::from_micros(200);
+    let sim = Sim::start(SimOptions {
+        ttft: Duration::from_millis(5),
+        prefill_per_token: prefill,
+        kv_cache_tokens: 100_000,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let request = chat_about(&"You are a helpful assistant. ".repeat(140), true);
+    let time_to_first_token = || async {
+        let started = tokio::time::Instant::now();
+        let response = client().request(post(&sim, "/v1/chat/completions", &request)).await.unwrap();
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap(); // the role event waits for the first token
+        let elapsed = started.elapsed();
+        drain(&mut body).await.unwrap();
+        elapsed
+    };
+
+    let cold = time_to_first_token().await;
+    let prompt_tokens = sim.stats().prompt_tokens;
+    assert!(prompt_tokens > 1000, "{prompt_tokens}");
+    let expected = Duration::from_millis(5) + prefill * prompt_tokens as u32;
+    assert!(cold >= expected && cold < expected + Duration::from_millis(5), "{cold:?}, expected {expected:?}");
+
+    let warm = time_to_first_token().await;
+    let stats = sim.stats();
+    assert_eq!(stats.prefix_cache_hits, chat_blocks(&request) * 16, "every whole block of the prompt");
+    let uncached = prompt_tokens - stats.prefix_cache_hits;
+    assert!(uncached < 50, "the body around the prompt and its ragged tail: {uncached}");
+    let expected = Duration::from_millis(5) + prefill * uncached as u32;
+    assert!(warm >= expected && warm < expected + Duration::from_millis(5), "{warm:?}, expected {expected:?}");
+    assert!(warm * 4 < cold, "{warm:?} against {cold:?}");
+    assert_eq!(stats.prefix_cache_queries, 2 * prompt_tokens);
+}
+
+#[tokio::test]
+async fn a_prompt_sharing_only_its_first_half_hits_about_half() {
+    let sim = Sim::start(cached(100_000)).await.unwrap();
+    let (shared, first, second) = ("s".repeat(4000), "a".repeat(4000), "b".repeat(4000));
+    let completion = |prompt: String| json!({ "model": LLAMA, "prompt": prompt, "max_tokens": 1 });
+    assert_eq!(hit_of(&sim, "/v1/completions", &completion(format!("{shared}{first}"))).await, 0);
+    let queried = sim.stats().prefix_cache_queries;
+    let hit = hit_of(&sim, "/v1/completions", &completion(format!("{shared}{second}"))).await;
+    // The raw prompt starts with its quote: 4001 shared bytes hold 62 whole blocks of 64 bytes.
+    assert_eq!(hit, 62 * 16);
+    let rate = hit as f64 / (sim.stats().prefix_cache_queries - queried) as f64;
+    assert!((0.45..0.55).contains(&rate), "{rate}");
+    assert_eq!(hit_of(&sim, "/v1/completions", &completion(format!("{shared}{second}"))).await, 2000, "now whole");
+}
+
+#[tokio::test]
+async fn the_least_recently_used_prompt_is_evicted_when_the_cache_is_full() {
+    // Room for 32 blocks: two prompts of 16 (1,024 bytes and the quote).
+    let sim = Sim::start(cached(512)).await.unwrap();
+    let completion = |c: char| json!({ "model": LLAMA, "prompt": c.to_string().repeat(1024), "max_tokens": 1 });
+    let path = "/v1/completions";
+    assert_eq!(hit_of(&sim, path, &completion('a')).await, 0);
+    assert_eq!(hit_of(&sim, path, &completion('b')).await, 0);
+    assert_eq!(hit_of(&sim, path, &completion('a')).await, 256, "both fit; a is now the most recent");
+    assert_eq!(hit_of(&sim, path, &completion('c')).await, 0);
+    assert_eq!(sim.stats().kv_cached_tokens, 512, "full");
+    assert_eq!(hit_of(&sim, path, &completion('a')).await, 256, "c evicted b, the least recent");
+    assert_eq!(hit_of(&sim, path, &completion('b')).await, 0);
+    assert_eq!(hit_of(&sim, path, &completion('a')).await, 256, "b then evicted c");
+    assert_eq!(hit_of(&sim, path, &completion('c')).await, 0);
+}
+
+/// Samples of a Prometheus text page as (name, labels, value), checking that every family has
+/// HELP and TYPE lines before its sample and every value parses.
+fn scrape(page: &str) -> Vec<(String, String, f64)> {
+    let mut typed = Vec::new();
+    let mut samples = Vec::new();
+    for line in page.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(kind == "gauge" || (kind == "counter" && name.ends_with("_total")), "{line}");
+            assert!(page.contains(&format!("# HELP {name} ")), "{name} has no HELP");
+            typed.push(name.to_owned());
+        } else if !line.starts_with('#') {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = series.split_once('{').unwrap();
+            assert!(typed.iter().any(|t| t == name), "{name} sampled before its TYPE");
+            samples.push((name.to_owned(), labels.trim_end_matches('}').to_owned(), value.parse().unwrap()));
+        }
+    }
+    samples
+}
+
+fn sample(samples: &[(String, String, f64)], name: &str) -> f64 {
+    let (_, labels, value) = samples.iter().find(|(n, ..)| n == name).unwrap_or_else(|| panic!("no {name}"));
+    assert_eq!(labels, &format!("model_name=\"{LLAMA}\""));
+    *value
+}
+
+/// Runs a prompt twice, then holds one request of it running and one waiting for the single
+/// GPU slot, and scrapes the page `dialect` writes then; returns the page and the stats.
+async fn page_under_load(dialect: nim_sim::MetricsDialect) -> (String, nim_sim::SimStats) {
+    let sim = Sim::start(SimOptions {
+        kv_cache_tokens: 4096,
+        max_concurrency: 1,
+        gated_chunks: true,
+        tokens: 1,
+        metrics_dialect: dialect,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let request = chat_about(&"x".repeat(2000), true);
+    for _ in 0..2 {
+        sim.release_chunks(1);
+        let response = client().request(post(&sim, "/v1/chat/completions", &request)).await.unwrap();
+        drain(&mut response.into_body()).await.unwrap();
+    }
+    let running = client().request(post(&sim, "/v1/chat/completions", &request)).await.unwrap();
+    let waiting = tokio::spawn(client().request(post(&sim, "/v1/chat/completions", &request)));
+    eventually("one running, one waiting", || sim.stats().running == 1 && sim.stats().waiting == 1).await;
+    let (status, page) = get(&sim, "/v1/metrics").await;
+    assert_eq!(status, 200);
+    let stats = sim.stats();
+    assert_eq!(chat_blocks(&request), 31);
+    drop((running, waiting));
+    (page, stats)
+}
+
+#[tokio::test]
+async fn the_vllm_dialect_names_the_queue_cache_usage_and_prefix_hits_as_vllm_does() {
+    let (page, stats) = page_under_load(nim_sim::MetricsDialect::Vllm).await;
+    let samples = scrape(&page);
+    assert!(samples.iter().all(|(name, ..)| name.starts_with("vllm:")), "{page}");
+    assert_eq!(sample(&samples, "vllm:num_requests_running"), 1.0);
+    assert_eq!(sample(&samples, "vllm:num_requests_waiting"), 1.0);
+    // The running request holds its 31 blocks of the 256 the cache has.
+    assert_eq!(sample(&samples, "vllm:kv_cache_usage_perc"), 31.0 / 256.0);
+    assert_eq!(sample(&samples, "vllm:prefix_cache_queries_total"), stats.prefix_cache_queries as f64);
+    assert_eq!(sample(&samples, "vllm:prefix_cache_hits_total"), (2 * 31 * 16) as f64, "two of three hit");
+    assert_eq!(sample(&samples, "vllm:prompt_tokens_total"), stats.prompt_tokens as f64);
+    assert_eq!(sample(&samples, "vllm:request_success_total"), 2.0);
+    assert!(page.contains(&format!("vllm:num_requests_waiting{{model_name=\"{LLAMA}\"}} 1.0\n")), "{page}");
+}
+
+#[tokio::test]
+async fn the_sglang_dialect_names_the_queue_token_usage_and_hit_rate_as_sglang_does() {
+    let (page, stats) = page_under_load(nim_sim::MetricsDialect::Sglang).await;
+    let samples = scrape(&page);
+    assert!(samples.iter().all(|(name, ..)| name.starts_with("sglang:")), "{page}");
+    assert_eq!(sample(&samples, "sglang:num_running_reqs"), 1.0);
+    assert_eq!(sample(&samples, "sglang:num_queue_reqs"), 1.0);
+    assert_eq!(sample(&samples, "sglang:token_usage"), 31.0 / 256.0);
+    assert_eq!(sample(&samples, "sglang:cache_hit_rate"), stats.prefix_cache_hit_rate());
+    assert_eq!(sample(&samples, "sglang:cached_tokens_total"), stats.prefix_cache_hits as f64);
+    assert_eq!(sample(&samples, "sglang:prompt_tokens_total"), stats.prompt_tokens as f64);
+}
+
+#[tokio::test]
+async fn the_nim1_dialect_adds_prefix_cache_counters_only_with_the_cache_model() {
+    let (page, stats) = page_under_load(nim_sim::MetricsDialect::Nim1).await;
+    let samples = scrape(&page);
+    let names: Vec<&str> = samples.iter().map(|(name, ..)| name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "num_requests_running",
+            "num_requests_waiting",
+            "gpu_cache_usage_perc",
+            "prompt_tokens_total",
+            "generation_tokens_total",
+            "request_success_total",
+            "prefix_cache_queries_total",
+            "prefix_cache_hits_total"
+        ]
+    );
+    assert_eq!(sample(&samples, "num_requests_waiting"), 1.0);
+    assert_eq!(sample(&samples, "gpu_cache_usage_perc"), 31.0 / 256.0);
+    assert_eq!(sample(&samples, "prefix_cache_queries_total"), stats.prefix_cache_queries as f64);
+    assert_eq!(sample(&samples, "prefix_cache_hits_total"), stats.prefix_cache_hits as f64);
+    assert!(page.contains(&format!("prefix_cache_hits_total{{model_name=\"{LLAMA}\"}} 992\n")), "{page}");
+
+    let plain = Sim::start(SimOptions::default()).await.unwrap();
+    send(&plain, "/v1/chat/completions", &chat(false)).await;
+    assert!(!get(&plain, "/v1/metrics").await.1.contains("prefix_cache"));
+    let stats = plain.stats();
+    assert_eq!((stats.prefix_cache_queries, stats.prefix_cache_hits, stats.kv_cached_tokens), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_kv_cache_with_blocks_of_no_tokens_is_refused_at_start() {
+    let options = SimOptions { kv_cache_tokens: 1024, kv_block_tokens: 0, ..SimOptions::default() };
+    let error = Sim::start(options).await.err().unwrap();
+    assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
+}
