@@ -233,13 +233,17 @@ async fn max_concurrency_holds_and_the_queue_is_bounded() {
         .start()
         .await;
     let client = gw.client("team-a");
-    let peak = Arc::new(AtomicU64::new(0));
+    let (peak, peak_queued) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let watcher = tokio::spawn({
-        let (peak, admin) = (Arc::clone(&peak), gw.admin_client());
+        let (peak, peak_queued, admin) = (Arc::clone(&peak), Arc::clone(&peak_queued), gw.admin_client());
+        let series = format!("nimgate_queue_length{{model=\"{LLAMA}\"}} ");
         async move {
             loop {
                 let reply = admin.get("/admin/backends").await;
                 peak.fetch_max(reply.json()["backends"][0]["in_flight"].as_u64().unwrap(), Ordering::Relaxed);
+                let text = admin.get("/metrics").await.text();
+                let queued = text.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse().ok());
+                peak_queued.fetch_max(queued.expect("the route's queue gauge"), Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
@@ -265,6 +269,7 @@ async fn max_concurrency_holds_and_the_queue_is_bounded() {
     assert_eq!(statuses, [200, 200, 200, 200, 200, 503, 503, 503, 503, 503], "2 served, 3 queued, 5 refused");
     assert_eq!(sim.stats().requests, 5);
     assert!(peak.load(Ordering::Relaxed) <= 2, "in flight peaked at {}", peak.load(Ordering::Relaxed));
+    assert_eq!(peak_queued.load(Ordering::Relaxed), 3, "nimgate_queue_length showed the 3 waiting");
     assert!(started.elapsed() >= Duration::from_millis(900), "the queued ones waited their turn");
 }
 

@@ -117,7 +117,8 @@ async fn answer(
                 in_flight: b.state.inflight(),
                 in_rotation: !b.state.is_out(&mut now),
             });
-            let mut response = Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render(gauges))));
+            let queues = snapshot.routes.iter().map(|r| (r.pattern.as_str(), r.pool.queued()));
+            let mut response = Response::new(ResponseBody::full(Bytes::from(gateway.metrics().render(gauges, queues))));
             response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             response
         }

@@ -254,8 +254,29 @@ impl Metrics {
     }
 
     /// The exposition in Prometheus' text format, with the backends' gauges as read now.
-    pub fn render<'a>(&self, backends: impl IntoIterator<Item = BackendGauges<'a>>) -> String {
+    /// The exposition: the registry's families, and the gauges read at scrape time from the
+    /// snapshot: per backend its in-flight count and rotation, per route (`model`, its pattern)
+    /// the requests waiting in its queue for a backend with room.
+    pub fn render<'a>(
+        &self,
+        backends: impl IntoIterator<Item = BackendGauges<'a>>,
+        queues: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> String {
         let mut families = self.registry.gather();
+        let queued = IntGaugeVec::new(
+            Opts::new("nimgate_queue_length", "Requests of a route waiting now for a backend with room."),
+            &["model"],
+        )
+        .expect("valid");
+        let mut routes = 0;
+        for (model, waiting) in queues {
+            queued.with_label_values(&[model]).set(i64::try_from(waiting).unwrap_or(i64::MAX));
+            routes += 1;
+        }
+        // The text encoder refuses a family without series, and the families after it with it.
+        if routes > 0 {
+            families.extend(queued.collect());
+        }
         let inflight = IntGaugeVec::new(
             Opts::new("nimgate_inflight_requests", "Requests in flight to a backend now, answers streaming included."),
             &["backend"],
@@ -269,12 +290,17 @@ impl Metrics {
             &["backend"],
         )
         .expect("valid");
+        let mut listed = 0;
         for backend in backends {
             inflight.with_label_values(&[backend.name]).set(i64::from(backend.in_flight));
             healthy.with_label_values(&[backend.name]).set(i64::from(backend.in_rotation));
+            listed += 1;
         }
-        families.extend(inflight.collect());
-        families.extend(healthy.collect());
+        // None when every backend is a group whose members DNS has not answered yet.
+        if listed > 0 {
+            families.extend(inflight.collect());
+            families.extend(healthy.collect());
+        }
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for the text format.
@@ -412,7 +438,7 @@ mod tests {
         let (prompt, completion) = metrics.token_counters("m", "team-a");
         prompt.inc_by(10);
         completion.inc_by(5);
-        let text = metrics.render(gpu());
+        let text = metrics.render(gpu(), [("m", 2)]);
         for line in [
             "nimgate_config_reloads_total{result=\"ok\"} 1",
             "nimgate_config_reloads_total{result=\"error\"} 0",
@@ -421,10 +447,24 @@ mod tests {
             "nimgate_tokens_total{key=\"team-a\",kind=\"completion\",model=\"m\"} 5",
             "nimgate_inflight_requests{backend=\"gpu\"} 0",
             "nimgate_backend_healthy{backend=\"gpu\"} 1",
+            "nimgate_queue_length{model=\"m\"} 2",
             "nimgate_build_info{version=",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn no_backend_yet_still_renders_every_other_family() {
+        let metrics = Metrics::new();
+        metrics.request("m", "gpu", "k", 200);
+        let text = metrics.render([], []);
+        assert!(text.contains("nimgate_requests_total{"), "{text}");
+        assert!(
+            text.contains("nimgate_tokens_total") || text.contains("nimgate_rate_limit_store_errors_total"),
+            "{text}"
+        );
+        assert!(!text.contains("nimgate_inflight_requests"), "{text}");
     }
 
     #[test]
@@ -433,7 +473,7 @@ mod tests {
         a.request("m", "gpu", "k", 200);
         b.request("m", "gpu", "k", 200);
         b.request("m", "gpu", "k", 200);
-        assert!(a.render(gpu()).contains("code=\"200\",key=\"k\",model=\"m\"} 1"));
-        assert!(b.render(gpu()).contains("code=\"200\",key=\"k\",model=\"m\"} 2"));
+        assert!(a.render(gpu(), []).contains("code=\"200\",key=\"k\",model=\"m\"} 1"));
+        assert!(b.render(gpu(), []).contains("code=\"200\",key=\"k\",model=\"m\"} 2"));
     }
 }
