@@ -305,20 +305,13 @@ fn unregistered_counter() -> prometheus::IntCounterVec {
 
 #[tokio::test]
 async fn rediss_reaches_a_tls_redis_trusted_through_its_ca_file_and_refuses_an_untrusted_one() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf =
-        CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let (ca_pem, cert_pem, key_pem) = test_pki(&["127.0.0.1"]);
     let dir = tempfile::tempdir().unwrap();
     let (ca_file, cert_file, key_file) =
         (dir.path().join("ca.pem"), dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(&cert_file, leaf.pem()).unwrap();
-    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    std::fs::write(&cert_file, cert_pem).unwrap();
+    std::fs::write(&key_file, key_pem).unwrap();
 
     let redis = RedisServer::start_tls(&cert_file, &key_file);
     assert!(redis.url().starts_with("rediss://"));

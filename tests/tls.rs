@@ -1,4 +1,4 @@
-//! TLS on both sides with a test CA generated here (rcgen): an https backend trusted through
+//! TLS on both sides with a test CA generated here (rcgen, `test_pki`): an https backend trusted through
 //! its `ca_file` (and refused without it), the gateway's own TLS listener negotiating h2, and
 //! its certificate rotated without a restart.
 
@@ -11,7 +11,6 @@ use http::Method;
 use http_body_util::{BodyExt, Full};
 use nimgate::config::raw::{RawBackend, RawConfig, RawTls};
 use nimgate_tests::*;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 
 const LLAMA: &str = "meta/llama-3.1-8b-instruct";
 
@@ -27,29 +26,14 @@ struct TestPki {
 }
 
 fn pki() -> TestPki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf =
-        CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&leaf_key, &ca, &ca_key).unwrap();
-
+    let (ca_pem, cert_pem, key_pem) = test_pki(&["localhost"]);
     let dir = tempfile::tempdir().unwrap();
     let (ca_file, cert_file, key_file) =
         (dir.path().join("ca.pem"), dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(&cert_file, leaf.pem()).unwrap();
-    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
-    TestPki {
-        _dir: dir,
-        ca_pem: ca.pem(),
-        ca_file,
-        cert_pem: leaf.pem(),
-        key_pem: leaf_key.serialize_pem(),
-        cert_file,
-        key_file,
-    }
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    std::fs::write(&cert_file, &cert_pem).unwrap();
+    std::fs::write(&key_file, &key_pem).unwrap();
+    TestPki { _dir: dir, ca_pem, ca_file, cert_pem, key_pem, cert_file, key_file }
 }
 
 async fn https_sim(pki: &TestPki) -> nim_sim::Sim {

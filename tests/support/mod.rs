@@ -531,3 +531,17 @@ impl Logs {
             .collect()
     }
 }
+
+/// A test CA and a leaf certificate it signed for `names` (host names or IP addresses): the
+/// CA's PEM, the leaf's PEM and the leaf key's PEM.
+pub fn test_pki(names: &[&str]) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().expect("a key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("a CA");
+    let leaf_key = KeyPair::generate().expect("a key");
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let leaf = CertificateParams::new(names).expect("leaf params").signed_by(&leaf_key, &ca, &ca_key).expect("a leaf");
+    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+}

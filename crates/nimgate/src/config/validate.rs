@@ -24,6 +24,7 @@ use crate::auth::{self, Key, KeyName, KeyTable, Limits};
 use crate::glob::ModelPattern;
 use crate::routing::{Route, RouteTable, UpstreamModel};
 use crate::tls::{self, TlsFileError};
+use crate::upstream::discovery;
 use crate::upstream::registry::{self, BackendSettings, BuildError};
 use crate::upstream::{
     BackendName, Balancing, Discovery, EjectionPolicy, Group, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool,
@@ -324,7 +325,7 @@ impl Validator<'_> {
         };
         let built = match discovery {
             Some(discovery) => {
-                let fingerprint = registry::group_fingerprint(&settings, &discovery);
+                let fingerprint = discovery::fingerprint(&settings, &discovery);
                 let previous = self.previous.and_then(|p| p.groups.iter().find(|g| g.name == settings.name));
                 if let Some(same) = previous.filter(|g| g.fingerprint == fingerprint) {
                     return Some(PoolEntry::Group(Arc::clone(same)));

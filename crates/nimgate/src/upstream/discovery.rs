@@ -159,6 +159,15 @@ fn address_of(member: &Backend) -> Option<SocketAddr> {
     member.name.as_str().rsplit_once('/')?.1.parse().ok()
 }
 
+/// What makes a group the same group: its members' settings and its discovery.
+pub fn fingerprint(settings: &BackendSettings, discovery: &Discovery) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(registry::settings_fingerprint(settings));
+    hash.update(format!("{discovery:?}"));
+    hash.finalize().into()
+}
+
 /// Starts the resolution of `groups` not yet started, each in a task that ends when its group
 /// is no longer in use. `errors` is `discovery_errors_total`.
 pub fn start(groups: &[Arc<Group>], errors: &IntCounterVec) {

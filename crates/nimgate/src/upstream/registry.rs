@@ -103,12 +103,10 @@ fn identity(settings: &BackendSettings) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// What makes a group the same group: its members' settings and its discovery.
-pub fn group_fingerprint(settings: &BackendSettings, discovery: &super::discovery::Discovery) -> [u8; 32] {
-    let mut hash = Sha256::new();
-    hash.update(fingerprint(&identity(settings), settings));
-    hash.update(format!("{discovery:?}"));
-    hash.finalize().into()
+/// What makes backends of these settings the same backend (a group's members have it in
+/// common): their identity and their tuning.
+pub fn settings_fingerprint(settings: &BackendSettings) -> [u8; 32] {
+    fingerprint(&identity(settings), settings)
 }
 
 /// What makes a backend the same backend: its identity and its tuning.
