@@ -264,25 +264,11 @@ fn resolver(nameserver: Option<SocketAddr>) -> Result<TokioResolver, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::health::EjectionPolicy;
+    use crate::upstream::Backend;
     use crate::upstream::pool::{Balancing, Pool, PoolEntry};
-    use crate::upstream::{Backend, Timeouts};
 
     fn group(url: &str) -> Group {
-        let template = BackendSettings {
-            name: BackendName::new("pods"),
-            url: url.to_owned(),
-            base: url.parse().unwrap(),
-            auth: None,
-            extra_ca: None,
-            weight: 1,
-            max_concurrency: None,
-            stream_usage: true,
-            health_check: None,
-            load_metrics: None,
-            timeouts: Timeouts::DEFAULT,
-            ejection: EjectionPolicy::DEFAULT,
-        };
+        let template = BackendSettings::for_tests("pods", url);
         let discovery = Discovery { interval: Duration::from_secs(10), nameserver: None };
         Group::new(template, discovery, [0; 32], None).unwrap()
     }

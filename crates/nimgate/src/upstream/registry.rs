@@ -40,6 +40,27 @@ pub struct BackendSettings {
     pub ejection: EjectionPolicy,
 }
 
+impl BackendSettings {
+    /// Settings named `name` at `url`, every other field at its default, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(name: &str, url: &str) -> Self {
+        Self {
+            name: BackendName::new(name),
+            url: url.to_owned(),
+            base: url.parse().expect("test URL"),
+            auth: None,
+            extra_ca: None,
+            weight: 1,
+            max_concurrency: None,
+            stream_usage: true,
+            health_check: None,
+            load_metrics: None,
+            timeouts: Timeouts::DEFAULT,
+            ejection: EjectionPolicy::DEFAULT,
+        }
+    }
+}
+
 /// Why a backend could not be built from valid-looking settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BuildError {
@@ -126,20 +147,7 @@ mod tests {
     use std::time::Duration;
 
     fn settings(url: &str, weight: u32) -> BackendSettings {
-        BackendSettings {
-            name: BackendName::new("a"),
-            url: url.to_owned(),
-            base: url.parse().unwrap(),
-            auth: None,
-            extra_ca: None,
-            weight,
-            max_concurrency: None,
-            stream_usage: true,
-            health_check: None,
-            load_metrics: None,
-            timeouts: Timeouts::DEFAULT,
-            ejection: EjectionPolicy::DEFAULT,
-        }
+        BackendSettings { weight, ..BackendSettings::for_tests("a", url) }
     }
 
     #[test]

@@ -167,7 +167,10 @@ impl RedisStore {
         let decision = match reply.refused_by {
             None => {
                 let slot = lease.map(|n| Slot::Redis(self.0.leases.hold(&self.0, n, &names.leases, member)));
-                self.0.blocked.remove(key);
+                // A look first: the common case (never refused) takes no write lock.
+                if self.0.blocked.contains_key(key) {
+                    self.0.blocked.remove(key);
+                }
                 Decision::Admitted { reserved: reply.reserved, quota: reply.quota, slot }
             }
             Some(limit) => {
