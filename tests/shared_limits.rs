@@ -317,8 +317,12 @@ async fn rediss_reaches_a_tls_redis_trusted_through_its_ca_file_and_refuses_an_u
     assert!(redis.url().starts_with("rediss://"));
     let sim = sim_serving(&[LLAMA]).await;
     let ca_path = ca_file.display().to_string();
+    // A TLS handshake in a debug build on a busy machine can outlast 200 ms.
     let trusted = replica(&sim, &redis.url(), "deny", rpm(5))
-        .with(move |raw| raw.rate_limits.redis_ca_file = Some(ca_path))
+        .with(move |raw| {
+            raw.rate_limits.redis_ca_file = Some(ca_path);
+            raw.rate_limits.timeout = Some("5s".into());
+        })
         .start()
         .await;
     let reply = trusted.client("team").chat(LLAMA).await;

@@ -34,6 +34,9 @@ use super::{CONCURRENCY_RETRY, Decision, LimitKind, Slot};
 use crate::auth::{KeyName, Limits};
 use crate::config::RedisSettings;
 
+/// How long the start-up connection and script load may take (admissions keep their timeout).
+const WARM_UP: Duration = Duration::from_secs(5);
+
 /// The store could not decide: Redis unreachable, too slow, or answering nonsense.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreError(pub String);
@@ -117,7 +120,26 @@ impl RedisStore {
             errors,
             settings,
         });
-        Self(shared)
+        let store = Self(shared);
+        store.warm_up();
+        store
+    }
+
+    /// Connects and loads the scripts in the background (when on a runtime), so that the first
+    /// admissions do not spend their short timeout on a TCP and TLS handshake; if Redis is not
+    /// there yet, the first admissions try again.
+    fn warm_up(&self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        let store = self.clone();
+        handle.spawn(async move {
+            let Ok(mut connection) = store.connection() else { return };
+            for script in [&store.0.admit, &store.0.settle] {
+                let loaded = tokio::time::timeout(WARM_UP, script.load_async(&mut connection)).await;
+                if !matches!(loaded, Ok(Ok(_))) {
+                    return;
+                }
+            }
+        });
     }
 
     pub fn settings(&self) -> &RedisSettings {
