@@ -8,7 +8,8 @@
 -- KEYS[3] leases:   sorted set of lease ids scored by their expiry (milliseconds)
 -- ARGV: 1 requests per minute (0: none), 2 burst, 3 tokens per minute (0: none),
 --       4 token estimate, 5 max concurrency (0: none), 6 lease id, 7 lease ttl (ms),
---       8 mode (1: admit, 0: look only)
+--       8 mode (1: admit, 0: look only), 9.. leases this replica released whose removal may
+--       not have arrived yet (removed first, so a released slot is free for the next request)
 -- Returns { admitted (1/0), refused by (0 none, 1 requests, 2 tokens, 3 concurrency),
 --           wait us, requests remaining, requests reset us, tokens remaining,
 --           tokens reset us, tokens reserved }; -1 for a limit the key does not have.
@@ -27,6 +28,7 @@ local refused, wait = 0, 0
 -- Concurrency: expired leases (their replica died) are dropped first.
 local now_ms = math.floor(now / 1000)
 if max_conc > 0 then
+  for i = 9, #ARGV do redis.call('ZREM', KEYS[3], ARGV[i]) end
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now_ms)
   if redis.call('ZCARD', KEYS[3]) >= max_conc then
     refused, wait = 3, 1000000

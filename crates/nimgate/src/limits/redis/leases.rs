@@ -25,12 +25,40 @@ return #ARGV - 1
 #[derive(Debug, Default)]
 pub(super) struct Leases {
     held: DashMap<u64, (Arc<str>, String)>,
+    /// Released here, their removal sent but perhaps not yet arrived, by lease set: the next
+    /// admission of the key removes them first, so that a client's next request never finds
+    /// its previous one's slot still taken.
+    releasing: DashMap<Arc<str>, Vec<String>>,
 }
+
+/// The most released leases remembered per key; beyond, the oldest are left to their removal
+/// (or their expiry).
+const MAX_RELEASING: usize = 256;
 
 impl Leases {
     pub(super) fn hold(&self, shared: &Arc<Shared>, n: u64, set: &Arc<str>, member: String) -> Lease {
         self.held.insert(n, (Arc::clone(set), member));
         Lease { store: Arc::downgrade(shared), n }
+    }
+
+    /// The leases of `set` released here lately, for an admission to remove first.
+    pub(super) fn releasing(&self, set: &Arc<str>) -> Vec<String> {
+        self.releasing.get(set).map(|members| members.clone()).unwrap_or_default()
+    }
+
+    fn released(&self, set: &Arc<str>, member: &str) {
+        let mut members = self.releasing.entry(Arc::clone(set)).or_default();
+        if members.len() >= MAX_RELEASING {
+            members.remove(0);
+        }
+        members.push(member.to_owned());
+    }
+
+    fn removed(&self, set: &Arc<str>, member: &str) {
+        if let Some(mut members) = self.releasing.get_mut(set) {
+            members.retain(|m| m != member);
+        }
+        self.releasing.remove_if(set, |_, members| members.is_empty());
     }
 }
 
@@ -45,15 +73,17 @@ impl Drop for Lease {
     fn drop(&mut self) {
         let Some(shared) = self.store.upgrade() else { return };
         let Some((_, (set, member))) = shared.leases.held.remove(&self.n) else { return };
+        shared.leases.released(&set, &member);
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let store = RedisStore(shared);
         handle.spawn(async move {
             let Ok(mut connection) = store.connection() else { return };
             let mut release = redis::cmd("ZREM");
             release.arg(&*set).arg(&member);
-            if let Err(e) = store.within_timeout(release.query_async::<i64>(&mut connection)).await {
-                // Lost: the lease expires in Redis by itself.
-                store.0.complaints.complain(&store.0.settings.shown, "releasing a concurrency slot", &e);
+            match store.within_timeout(release.query_async::<i64>(&mut connection)).await {
+                Ok(_) => store.0.leases.removed(&set, &member),
+                // Lost: the next admission of the key removes it, or it expires by itself.
+                Err(e) => store.0.complaints.complain(&store.0.settings.shown, "releasing a concurrency slot", &e),
             }
         });
     }

@@ -288,6 +288,9 @@ impl RedisStore {
             .arg(member)
             .arg(self.0.settings.lease_ttl.as_millis() as u64)
             .arg(u8::from(admit));
+        if limits.max_concurrency.is_some() {
+            invocation.arg(self.0.leases.releasing(&names.leases));
+        }
         let values: Vec<i64> = self.within_timeout(invocation.invoke_async(&mut connection)).await?;
         Reply::read(&values, limits)
     }
