@@ -19,7 +19,7 @@ use crate::gateway::Gateway;
 use crate::logsafe;
 use crate::request;
 use crate::streaming::{self, Origin, ResponseBody};
-use crate::upstream::{self, Outgoing};
+use crate::upstream::{self, Outgoing, Pick, PromptBlocks};
 
 /// Serves one request on the snapshot in force when it arrived.
 pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -117,7 +117,11 @@ async fn infer(
         request_id: &exchange.request_id,
         body: request::outgoing(route, &head, &body),
     };
-    let answer = upstream::send(&route.pool, &outgoing, exchange.started, gateway.metrics(), model).await;
+    // Hashed only for a route with prefix affinity: the others never look at the prompt.
+    let prompt =
+        route.pool.affinity().map(|settings| PromptBlocks::new(settings, model, &body, head.prompt_span.clone()));
+    let pick = Pick { prompt: prompt.as_ref() };
+    let answer = upstream::send(&route.pool, pick, &outgoing, exchange.started, gateway.metrics(), model).await;
     // The body has gone upstream (or never will): its room is free for others.
     drop(lease);
     let answer = answer?;

@@ -55,6 +55,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     rate_limited: IntCounterVec,
     tokens: IntCounterVec,
+    affinity_decisions: IntCounterVec,
     pub connections: IntGauge,
     /// Client connections the gateway closed on a deadline, by reason.
     pub connections_expired: IntCounterVec,
@@ -199,6 +200,13 @@ impl Metrics {
                 "Tokens by route model, key and kind (prompt, completion): reported by the backend or estimated.",
                 &["model", "key", "kind"],
             ),
+            affinity_decisions: counter(
+                r,
+                "affinity_decisions_total",
+                "Backends chosen by prefix affinity, by route model and result: hit (it holds part of the \
+                 prompt), miss (none does), overflow (one holding more was over the load bound or full).",
+                &["model", "result"],
+            ),
             connections,
             connections_expired,
             connection_limit_reached,
@@ -237,6 +245,11 @@ impl Metrics {
             series(self.id, 5, &self.tokens, &[model, key, "prompt"]),
             series(self.id, 5, &self.tokens, &[model, key, "completion"]),
         )
+    }
+
+    /// A choice of prefix affinity (`result`: hit, miss, overflow).
+    pub fn affinity_decision(&self, model: &str, result: &str) {
+        with_series(self.id, 6, &self.affinity_decisions, &[model, result], IntCounter::inc);
     }
 
     // Error paths: rare, so the family's own lookup is fine.

@@ -121,7 +121,12 @@ mod tests {
                 .map(|p| {
                     Arc::new(Route {
                         pattern: ModelPattern::parse(p).unwrap(),
-                        pool: Pool::new(Vec::new(), Vec::new(), &crate::upstream::Balancing::default()),
+                        pool: Pool::new(
+                            Vec::new(),
+                            Vec::new(),
+                            &crate::upstream::Balancing::default(),
+                            Default::default(),
+                        ),
                         upstream_model: None,
                     })
                 })

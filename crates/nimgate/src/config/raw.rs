@@ -149,6 +149,8 @@ pub struct RawRoute {
     #[serde(default)]
     pub fallback: Vec<String>,
     pub upstream_model: Option<String>,
+    /// two_choices (default) or prefix_affinity.
+    pub strategy: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -214,4 +216,20 @@ pub struct RawBalancing {
     pub ejection_base: Option<String>,
     /// ... up to this.
     pub ejection_max: Option<String>,
+    /// Tuning of `strategy: prefix_affinity` routes.
+    pub prefix_affinity: Option<RawPrefixAffinity>,
+}
+
+/// `balancing.prefix_affinity:`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrefixAffinity {
+    /// Prompt bytes per hashed block.
+    pub block_bytes: Option<usize>,
+    /// Block hashes remembered per backend (about 64 bytes each).
+    pub blocks_per_backend: Option<usize>,
+    /// Prompt bytes hashed at most.
+    pub max_prefix_bytes: Option<usize>,
+    /// A backend above this many times the mean load is not chosen for its cache.
+    pub load_bound: Option<f64>,
 }

@@ -13,7 +13,7 @@ use http::{HeaderValue, Uri};
 use super::load::EnvSource;
 use super::raw::{
     RawBackend, RawBalancing, RawConfig, RawDiscovery, RawHealthCheck, RawKey, RawLoadMetrics, RawLogging,
-    RawRateLimits, RawRoute, RawServer,
+    RawPrefixAffinity, RawRateLimits, RawRoute, RawServer,
 };
 use super::snapshot::{
     AdminToken, ConfigMeta, LogFormat, LoggingSettings, OnStoreError, RateLimitSettings, RedisSettings, ServerSettings,
@@ -27,8 +27,8 @@ use crate::tls::{self, TlsFileError};
 use crate::upstream::discovery;
 use crate::upstream::registry::{self, BackendSettings, BuildError};
 use crate::upstream::{
-    BackendName, Balancing, Discovery, EjectionPolicy, Group, HealthCheck, LoadMetrics, MAX_POOL_MEMBERS, Pool,
-    PoolEntry, Timeouts,
+    AffinitySettings, BackendName, Balancing, Discovery, EjectionPolicy, Group, HealthCheck, LoadMetrics,
+    MAX_POOL_MEMBERS, Pool, PoolEntry, Strategy, Timeouts,
 };
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -219,7 +219,9 @@ impl Validator<'_> {
         if max < base {
             self.problem("balancing.ejection_max", "must not be shorter than balancing.ejection_base");
         }
+        let prefix_affinity = self.prefix_affinity(raw.prefix_affinity.as_ref());
         Balancing {
+            prefix_affinity,
             queue_length: raw.queue_length.unwrap_or(d.queue_length),
             queue_timeout: self.duration_or("balancing.queue_timeout", raw.queue_timeout.as_deref(), d.queue_timeout),
             max_attempts,
@@ -227,6 +229,35 @@ impl Validator<'_> {
             min_retries_per_second: raw.min_retries_per_second.unwrap_or(d.min_retries_per_second),
             ejection: EjectionPolicy { after: eject_after, base, max },
         }
+    }
+
+    fn prefix_affinity(&mut self, raw: Option<&RawPrefixAffinity>) -> AffinitySettings {
+        let d = AffinitySettings::DEFAULT;
+        let Some(raw) = raw else { return d };
+        let at = "balancing.prefix_affinity";
+        let block_bytes = raw.block_bytes.unwrap_or(d.block_bytes);
+        if !(16..=65_536).contains(&block_bytes) {
+            self.problem(format!("{at}.block_bytes"), "must be between 16 and 65536 (bytes of prompt per block)");
+        }
+        let blocks_per_backend = raw.blocks_per_backend.unwrap_or(d.blocks_per_backend);
+        if !(1..=16_777_216).contains(&blocks_per_backend) {
+            self.problem(
+                format!("{at}.blocks_per_backend"),
+                "must be between 1 and 16777216 (about 64 bytes of memory each, per backend)",
+            );
+        }
+        let max_prefix_bytes = raw.max_prefix_bytes.unwrap_or(d.max_prefix_bytes);
+        if !(block_bytes..=16 * 1024 * 1024).contains(&max_prefix_bytes) {
+            self.problem(format!("{at}.max_prefix_bytes"), "must be between block_bytes and 16777216");
+        }
+        let load_bound = raw.load_bound.unwrap_or(d.load_bound);
+        if !(1.0..=100.0).contains(&load_bound) {
+            self.problem(
+                format!("{at}.load_bound"),
+                format!("{load_bound} is not a ratio between 1 and 100 (1.25: at most 25 % above the mean load)"),
+            );
+        }
+        AffinitySettings { block_bytes, blocks_per_backend, max_prefix_bytes, load_bound }
     }
 
     /// One entry per `backends[]` item, `None` where it was invalid (so indices line up).
@@ -500,8 +531,20 @@ impl Validator<'_> {
                 }
                 UpstreamModel::new(name)
             });
+            let strategy = match r.strategy.as_deref() {
+                None | Some("two_choices") => Strategy::TwoChoices,
+                Some("prefix_affinity") => Strategy::PrefixAffinity,
+                Some(other) => {
+                    self.problem(
+                        format!("{at}.strategy"),
+                        format!("`{other}` is not a strategy: use two_choices (the default) or prefix_affinity"),
+                    );
+                    Strategy::TwoChoices
+                }
+            };
             if let (Some(pattern), Some(primary), Some(fallback)) = (pattern, primary, fallback) {
-                routes.push(Arc::new(Route { pattern, pool: Pool::new(primary, fallback, balancing), upstream_model }));
+                let pool = Pool::new(primary, fallback, balancing, strategy);
+                routes.push(Arc::new(Route { pattern, pool, upstream_model }));
             }
         }
         RouteTable::new(routes)
@@ -907,6 +950,37 @@ keys:
         );
         assert_eq!(b.load_metrics.as_ref().unwrap().max_waiting, 3);
         assert_eq!((b.timeouts.idle, b.timeouts.total), (Duration::from_secs(10), Some(Duration::from_secs(300))));
+    }
+
+    #[test]
+    fn a_route_takes_its_strategy_and_affinity_its_tuning() {
+        let s = check(&GOOD.replace(
+            r#"{ model: "nvidia/*", backends: [a, b] }"#,
+            r#"{ model: "nvidia/*", backends: [a, b], strategy: prefix_affinity }"#,
+        ))
+        .unwrap();
+        let strategies: Vec<_> = s.routes.iter().map(|r| r.pool.strategy()).collect();
+        assert_eq!(strategies, [Strategy::TwoChoices, Strategy::PrefixAffinity]);
+        assert_eq!(s.routes.iter().nth(1).unwrap().pool.affinity(), Some(&AffinitySettings::DEFAULT));
+        let tuned = check(&format!(
+            "{GOOD}\nbalancing: {{ prefix_affinity: {{ block_bytes: 64, blocks_per_backend: 1000, load_bound: 2 }} }}"
+        ))
+        .unwrap();
+        let expected =
+            AffinitySettings { block_bytes: 64, blocks_per_backend: 1000, load_bound: 2.0, ..Default::default() };
+        assert_eq!(tuned.balancing.prefix_affinity, expected);
+        for (bad, problem) in [
+            ("block_bytes: 8", "balancing.prefix_affinity.block_bytes: must be between 16 and 65536"),
+            ("blocks_per_backend: 0", "balancing.prefix_affinity.blocks_per_backend: must be between 1"),
+            ("block_bytes: 512, max_prefix_bytes: 256", "balancing.prefix_affinity.max_prefix_bytes: must be between"),
+            ("load_bound: 0.5", "balancing.prefix_affinity.load_bound: 0.5 is not a ratio"),
+        ] {
+            assert_problem(&format!("{GOOD}\nbalancing: {{ prefix_affinity: {{ {bad} }} }}"), problem);
+        }
+        assert_problem(
+            &GOOD.replace(r#"backends: [a, b] }"#, r#"backends: [a, b], strategy: round_robin }"#),
+            "routes[1].strategy: `round_robin` is not a strategy: use two_choices (the default) or prefix_affinity",
+        );
     }
 
     #[test]

@@ -205,6 +205,9 @@ pub struct RequestHead<'a> {
     /// `max_completion_tokens`, else `max_tokens`.
     pub max_tokens: Option<u64>,
     pub stream_options: StreamOptions,
+    /// Byte range of the prompt as sent (`messages`, else `prompt`, else `input`), for prefix
+    /// affinity.
+    pub prompt_span: Option<Range<usize>>,
 }
 
 /// The request's `stream_options`, located so that it can be amended in place.
@@ -264,6 +267,13 @@ struct Fields<'a> {
     max_completion_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
+    // The prompt, by endpoint: borrowed as raw bytes, never built into a tree.
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
 }
 
 /// A field that is present, `null` included: `Option` alone would read `null` as absent, and
@@ -345,7 +355,15 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
             }
         }
     };
-    Ok(RequestHead { model, model_span: span_of(body, raw_model.get()), stream, max_tokens, stream_options })
+    let prompt_span = fields.messages.or(fields.prompt).or(fields.input).map(|raw| span_of(body, raw.get()));
+    Ok(RequestHead {
+        model,
+        model_span: span_of(body, raw_model.get()),
+        stream,
+        max_tokens,
+        stream_options,
+        prompt_span,
+    })
 }
 
 /// The value of a raw JSON string, borrowed unless it has escapes; `None` if not a string.
@@ -386,6 +404,18 @@ mod tests {
 
     fn message(body: &str) -> String {
         peek(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn finds_the_prompt_of_each_endpoint_as_sent() {
+        let chat = r#"{"model":"m","messages": [{"role":"user","content":"hi"}] ,"n":1}"#;
+        let head = peek(chat.as_bytes()).unwrap();
+        assert_eq!(&chat[head.prompt_span.unwrap()], r#"[{"role":"user","content":"hi"}]"#);
+        let completion = r#"{"prompt":"Once upon","model":"m"}"#;
+        assert_eq!(&completion[peek(completion.as_bytes()).unwrap().prompt_span.unwrap()], "\"Once upon\"");
+        let embedding = r#"{"model":"m","input":["a","b"]}"#;
+        assert_eq!(&embedding[peek(embedding.as_bytes()).unwrap().prompt_span.unwrap()], r#"["a","b"]"#);
+        assert_eq!(peek(br#"{"model":"m"}"#).unwrap().prompt_span, None);
     }
 
     #[test]

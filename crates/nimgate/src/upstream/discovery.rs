@@ -300,7 +300,8 @@ mod tests {
     fn members_that_stay_keep_their_state_and_pools_list_the_new_ones() {
         let group = Arc::new(group("http://nim:8000"));
         group.update(&at(&["10.0.0.1:8000", "10.0.0.2:8000"]), &[]).unwrap();
-        let pool = Pool::new(vec![PoolEntry::Group(Arc::clone(&group))], vec![], &Balancing::default());
+        let pool =
+            Pool::new(vec![PoolEntry::Group(Arc::clone(&group))], vec![], &Balancing::default(), Default::default());
         assert_eq!(names(&pool.members().primary), ["pods/10.0.0.1:8000", "pods/10.0.0.2:8000"]);
         let staying = Arc::clone(&group.members()[1]);
         staying.state.try_take_slot(None);

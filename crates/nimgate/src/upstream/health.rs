@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::affinity::PrefixTable;
 use crate::metrics::Metrics;
 
 /// Errors kept per backend for the admin API.
@@ -225,6 +226,9 @@ pub struct BackendState {
     probe_generation: AtomicU64,
     /// Requests queued for room here.
     pub room: Room,
+    /// The prompt blocks recently sent here, for prefix affinity; emptied when the backend
+    /// fails (ejected, or failing its health check): a restart loses its KV cache.
+    pub prefixes: PrefixTable,
 }
 
 impl BackendState {
@@ -290,9 +294,11 @@ impl BackendState {
     }
 
     pub fn set_healthy(&self, healthy: bool) {
-        self.unhealthy.store(!healthy, Ordering::Relaxed);
+        let was_unhealthy = self.unhealthy.swap(!healthy, Ordering::Relaxed);
         if healthy {
             self.room.all();
+        } else if !was_unhealthy {
+            self.prefixes.clear();
         }
     }
 
@@ -399,6 +405,7 @@ impl BackendState {
         let n = self.ejections.fetch_add(1, Ordering::Relaxed);
         let backoff = policy.backoff(n);
         self.ejected_until.store(now.saturating_add(millis(backoff)), Ordering::Relaxed);
+        self.prefixes.clear();
         Some(backoff)
     }
 

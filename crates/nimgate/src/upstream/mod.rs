@@ -5,7 +5,7 @@
 //!   `discovery`: a group of backends, one per address its host name resolves to.
 //! - `registry`: backends built from validated settings, keeping live parts across reloads.
 //! - `pool`: a route's backends, the wait queue and the fallback order; `balance`: the power
-//!   of two choices among them.
+//!   of two choices among them; `affinity`: prefix affinity, the other strategy.
 //! - `health`: what is learnt about a backend while it runs (in flight, ejection, health
 //!   check, NIM load) and `observe`, the one writer of passive health; `probe`: the active
 //!   health check and NIM load scrape.
@@ -13,6 +13,7 @@
 //! - `headers`: what crosses to and from a backend; `client` and `connections`: the
 //!   connections themselves; `error`: why a connection brought no answer.
 
+pub mod affinity;
 pub mod backend;
 pub mod balance;
 pub mod budget;
@@ -27,11 +28,12 @@ pub mod probe;
 pub mod registry;
 pub mod retry;
 
+pub use affinity::{AffinitySettings, Decision, PromptBlocks};
 pub use backend::{Backend, BackendName, HealthCheck, LoadMetrics, Timeouts};
 pub use balance::MAX_POOL_MEMBERS;
 pub use connections::Lease;
 pub use discovery::{Discovery, Group};
 pub use error::root_cause;
 pub use health::{EjectionPolicy, FailureKind, Outcome};
-pub use pool::{Balancing, Members, Pool, PoolEntry, Slot};
+pub use pool::{Balancing, Members, Pick, Pool, PoolEntry, Slot, Strategy};
 pub use retry::{Answer, AttemptError, Outgoing, UpstreamBody, UpstreamError, send, send_one};

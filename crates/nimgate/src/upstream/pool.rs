@@ -1,7 +1,8 @@
 //! Backend pools: which backend of a route takes a request.
 //!
-//! - The route's own backends first, by the power of two choices by weight and load
-//!   (`balance`).
+//! - The route's own backends first, by the route's `strategy`: the power of two choices by
+//!   weight and load (`balance`), or prefix affinity (`affinity`), which also remembers the
+//!   prompt blocks sent to each backend.
 //! - Backends out of rotation (ejected after failures, failing their health check) are
 //!   skipped, and so are full ones (at `max_concurrency`, or over NIM's load thresholds).
 //! - When none of them has room, the `fallback` backends in the order listed: put
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+use super::affinity::{AffinitySettings, Decision, PromptBlocks, choose};
 use super::backend::{Backend, BackendName};
 use super::balance::{Tried, random, two_choices};
 use super::budget::RetryBudget;
@@ -31,6 +33,33 @@ pub struct Balancing {
     pub retry_budget: f64,
     pub min_retries_per_second: u32,
     pub ejection: EjectionPolicy,
+    pub prefix_affinity: AffinitySettings,
+}
+
+/// How a route picks among its own backends (`strategy:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Two random draws by weight, the less loaded wins.
+    #[default]
+    TwoChoices,
+    /// Where the prompt's prefix most likely is cached, within a load bound.
+    PrefixAffinity,
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TwoChoices => "two_choices",
+            Self::PrefixAffinity => "prefix_affinity",
+        }
+    }
+}
+
+/// What the balancer is told about a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Pick<'a> {
+    /// The prompt's blocks, on a route with prefix affinity.
+    pub prompt: Option<&'a PromptBlocks>,
 }
 
 impl Default for Balancing {
@@ -42,6 +71,7 @@ impl Default for Balancing {
             retry_budget: 0.2,
             min_retries_per_second: 5,
             ejection: EjectionPolicy::DEFAULT,
+            prefix_affinity: AffinitySettings::DEFAULT,
         }
     }
 }
@@ -90,6 +120,8 @@ pub struct Pool {
     queue_length: usize,
     queue_timeout: Duration,
     max_attempts: u32,
+    /// Set for `strategy: prefix_affinity`.
+    affinity: Option<AffinitySettings>,
     queued: AtomicUsize,
     budget: RetryBudget,
 }
@@ -100,9 +132,19 @@ pub struct Pool {
 pub struct Slot {
     backend: Arc<Backend>,
     member: usize,
+    /// Why prefix affinity chose it, on a route with it.
+    affinity: Option<Decision>,
 }
 
 impl Slot {
+    fn new(backend: &Arc<Backend>, member: usize) -> Self {
+        Self { backend: Arc::clone(backend), member, affinity: None }
+    }
+
+    pub fn affinity(&self) -> Option<Decision> {
+        self.affinity
+    }
+
     pub fn backend(&self) -> &Arc<Backend> {
         &self.backend
     }
@@ -133,7 +175,7 @@ pub enum NoBackend {
 }
 
 impl Pool {
-    pub fn new(primary: Vec<PoolEntry>, fallback: Vec<PoolEntry>, balancing: &Balancing) -> Self {
+    pub fn new(primary: Vec<PoolEntry>, fallback: Vec<PoolEntry>, balancing: &Balancing, strategy: Strategy) -> Self {
         let groups: Vec<Arc<Group>> = primary
             .iter()
             .chain(&fallback)
@@ -151,6 +193,7 @@ impl Pool {
             queue_length: balancing.queue_length,
             queue_timeout: balancing.queue_timeout,
             max_attempts: balancing.max_attempts.max(1),
+            affinity: (strategy == Strategy::PrefixAffinity).then_some(balancing.prefix_affinity),
             queued: AtomicUsize::new(0),
             budget: RetryBudget::new(balancing.retry_budget, balancing.min_retries_per_second),
         }
@@ -185,6 +228,15 @@ impl Pool {
         self.members.load()
     }
 
+    pub fn strategy(&self) -> Strategy {
+        if self.affinity.is_some() { Strategy::PrefixAffinity } else { Strategy::TwoChoices }
+    }
+
+    /// The settings of prefix affinity, when the route uses it.
+    pub fn affinity(&self) -> Option<&AffinitySettings> {
+        self.affinity.as_ref()
+    }
+
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
     }
@@ -200,8 +252,8 @@ impl Pool {
 
     /// A backend for a request's first attempt, waiting in the queue while all are full
     /// (`waited` tells how long, when it did).
-    pub async fn acquire(&self, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
-        match self.try_acquire(Tried::default()) {
+    pub async fn acquire(&self, pick: Pick<'_>, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
+        match self.try_acquire(pick, Tried::default()) {
             Err(NoBackend::Full) => {}
             picked => return picked,
         }
@@ -227,7 +279,7 @@ impl Pool {
             for wakeup in &mut freed {
                 wakeup.as_mut().enable();
             }
-            match self.try_acquire(Tried::default()) {
+            match self.try_acquire(pick, Tried::default()) {
                 Err(NoBackend::Full) => {}
                 picked => return picked,
             }
@@ -247,19 +299,34 @@ impl Pool {
         }
     }
 
-    /// A backend not in `tried`, without waiting: the primary pool by two random choices,
+    /// A backend not in `tried`, without waiting: the primary pool by the route's strategy,
     /// then the fallback pool in order.
-    pub fn try_acquire(&self, tried: Tried) -> Result<Slot, NoBackend> {
+    pub fn try_acquire(&self, pick: Pick<'_>, tried: Tried) -> Result<Slot, NoBackend> {
         let mut now = None;
         let mut any_full = false;
         let members = self.members();
         // A slot can be taken by another request between the choice and the take: choose again.
         for _ in 0..4 {
-            let choice = two_choices(&members.primary, tried, &mut now, &mut any_full, &mut random);
-            let Some(member) = choice else { break };
+            let (member, affinity) = match (&self.affinity, pick.prompt) {
+                (Some(settings), Some(prompt)) => {
+                    match choose(&members.primary, tried, prompt, settings, &mut now, &mut any_full) {
+                        Some((member, decision)) => (member, Some(decision)),
+                        None => break,
+                    }
+                }
+                _ => match two_choices(&members.primary, tried, &mut now, &mut any_full, &mut random) {
+                    Some(member) => (member, None),
+                    None => break,
+                },
+            };
             let backend = &members.primary[member];
             if backend.state.try_take_slot(backend.max_concurrency) {
-                return Ok(Slot { backend: Arc::clone(backend), member });
+                if let (Some(settings), Some(prompt)) = (&self.affinity, pick.prompt) {
+                    backend.state.prefixes.record(prompt, settings.blocks_per_backend);
+                }
+                let mut slot = Slot::new(backend, member);
+                slot.affinity = affinity;
+                return Ok(slot);
             }
         }
         let offset = members.primary.len();
@@ -268,7 +335,7 @@ impl Pool {
                 continue;
             }
             if !backend.state.is_full_by_load() && backend.state.try_take_slot(backend.max_concurrency) {
-                return Ok(Slot { backend: Arc::clone(backend), member: offset + i });
+                return Ok(Slot::new(backend, offset + i));
             }
             any_full = true;
         }
@@ -360,7 +427,7 @@ mod tests {
 
     fn pool(primary: Vec<Arc<Backend>>, fallback: Vec<Arc<Backend>>) -> Pool {
         let entries = |list: Vec<Arc<Backend>>| list.into_iter().map(PoolEntry::Backend).collect();
-        Pool::new(entries(primary), entries(fallback), &Balancing::default())
+        Pool::new(entries(primary), entries(fallback), &Balancing::default(), Strategy::TwoChoices)
     }
 
     fn name(slot: &Slot) -> String {
@@ -373,7 +440,7 @@ mod tests {
         let mut b = 0;
         for _ in 0..4000 {
             // Dropped at once: every pick sees both idle, so the draw alone decides.
-            if name(&p.try_acquire(Tried::default()).unwrap()) == "b" {
+            if name(&p.try_acquire(Pick::default(), Tried::default()).unwrap()) == "b" {
                 b += 1;
             }
         }
@@ -383,7 +450,7 @@ mod tests {
     #[test]
     fn the_less_loaded_of_two_wins() {
         let p = pool(vec![backend("a", 1, None), backend("b", 1, None)], vec![]);
-        let held: Vec<Slot> = (0..10).map(|_| p.try_acquire(Tried::default()).unwrap()).collect();
+        let held: Vec<Slot> = (0..10).map(|_| p.try_acquire(Pick::default(), Tried::default()).unwrap()).collect();
         let a = held.iter().filter(|s| name(s) == "a").count();
         assert!((4..=6).contains(&a), "load stays even: a holds {a} of 10");
     }
@@ -391,34 +458,38 @@ mod tests {
     #[test]
     fn full_backends_are_skipped_then_the_fallback_serves_in_order() {
         let p = pool(vec![backend("a", 1, Some(1))], vec![backend("local", 1, Some(1)), backend("hosted", 1, None)]);
-        let first = p.try_acquire(Tried::default()).unwrap();
+        let first = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         assert_eq!(name(&first), "a");
-        let second = p.try_acquire(Tried::default()).unwrap();
+        let second = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         assert_eq!(name(&second), "local", "self-hosted fallback before the hosted API");
-        let third = p.try_acquire(Tried::default()).unwrap();
+        let third = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         assert_eq!(name(&third), "hosted");
         drop(first);
-        assert_eq!(name(&p.try_acquire(Tried::default()).unwrap()), "a", "back to the pool once it has room");
+        assert_eq!(
+            name(&p.try_acquire(Pick::default(), Tried::default()).unwrap()),
+            "a",
+            "back to the pool once it has room"
+        );
     }
 
     #[test]
     fn tried_backends_are_not_picked_again() {
         let p = pool(vec![backend("a", 1, None), backend("b", 1, None)], vec![]);
-        let first = p.try_acquire(Tried::default()).unwrap();
+        let first = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         let mut tried = Tried::default();
         tried.add(first.member());
-        let second = p.try_acquire(tried).unwrap();
+        let second = p.try_acquire(Pick::default(), tried).unwrap();
         assert_ne!(name(&first), name(&second));
         tried.add(second.member());
-        assert_eq!(p.try_acquire(tried).unwrap_err(), NoBackend::AllOut);
+        assert_eq!(p.try_acquire(Pick::default(), tried).unwrap_err(), NoBackend::AllOut);
     }
 
     #[test]
     fn ejected_backends_are_out_and_full_is_not_out() {
         let a = backend("a", 1, Some(1));
         let p = pool(vec![Arc::clone(&a)], vec![]);
-        let held = p.try_acquire(Tried::default()).unwrap();
-        assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::Full);
+        let held = p.try_acquire(Pick::default(), Tried::default()).unwrap();
+        assert_eq!(p.try_acquire(Pick::default(), Tried::default()).unwrap_err(), NoBackend::Full);
         drop(held);
         let overloaded = Outcome::Overloaded {
             status: Overload::TooManyRequests,
@@ -426,17 +497,17 @@ mod tests {
             others_can_serve: true,
         };
         a.observe(overloaded, &crate::metrics::Metrics::new());
-        assert_eq!(p.try_acquire(Tried::default()).unwrap_err(), NoBackend::AllOut);
+        assert_eq!(p.try_acquire(Pick::default(), Tried::default()).unwrap_err(), NoBackend::AllOut);
         assert!(p.describe().contains("a ejected for"), "{}", p.describe());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_queued_request_gets_the_slot_freed_for_it() {
         let p = Arc::new(pool(vec![backend("a", 1, Some(1))], vec![]));
-        let held = p.try_acquire(Tried::default()).unwrap();
+        let held = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         let waiter = tokio::spawn({
             let p = Arc::clone(&p);
-            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+            async move { p.acquire(Pick::default(), &mut None).await.map(|s| name(&s)) }
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(p.queued(), 1);
@@ -448,7 +519,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn queued_requests_get_freed_slots_one_each_in_arrival_order() {
         let p = Arc::new(pool(vec![backend("a", 1, Some(1))], vec![]));
-        let held = p.try_acquire(Tried::default()).unwrap();
+        let held = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         let (served, mut order) = tokio::sync::mpsc::unbounded_channel();
         let mut releases = Vec::new();
         for id in 0..3 {
@@ -456,7 +527,7 @@ mod tests {
             releases.push(release);
             let (waiter, served) = (Arc::clone(&p), served.clone());
             tokio::spawn(async move {
-                let slot = waiter.acquire(&mut None).await.unwrap();
+                let slot = waiter.acquire(Pick::default(), &mut None).await.unwrap();
                 served.send(id).unwrap();
                 let _ = released.await;
                 drop(slot);
@@ -479,19 +550,21 @@ mod tests {
         let (a, b) = (backend("a", 1, Some(1)), backend("b", 1, Some(1)));
         let pool_a = Arc::new(pool(vec![Arc::clone(&a)], vec![]));
         let pool_b = Arc::new(pool(vec![Arc::clone(&b)], vec![]));
-        let (held_a, _held_b) =
-            (pool_a.try_acquire(Tried::default()).unwrap(), pool_b.try_acquire(Tried::default()).unwrap());
+        let (held_a, _held_b) = (
+            pool_a.try_acquire(Pick::default(), Tried::default()).unwrap(),
+            pool_b.try_acquire(Pick::default(), Tried::default()).unwrap(),
+        );
         // A request for b queues first, then one for a.
         let for_b = tokio::spawn({
             let p = Arc::clone(&pool_b);
-            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+            async move { p.acquire(Pick::default(), &mut None).await.map(|s| name(&s)) }
         });
         while pool_b.queued() == 0 {
             tokio::task::yield_now().await;
         }
         let for_a = tokio::spawn({
             let p = Arc::clone(&pool_a);
-            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+            async move { p.acquire(Pick::default(), &mut None).await.map(|s| name(&s)) }
         });
         while pool_a.queued() == 0 {
             tokio::task::yield_now().await;
@@ -508,14 +581,19 @@ mod tests {
     async fn the_queue_is_bounded_in_length_and_time() {
         let balancing =
             Balancing { queue_length: 1, queue_timeout: Duration::from_millis(100), ..Balancing::default() };
-        let p = Arc::new(Pool::new(vec![PoolEntry::Backend(backend("a", 1, Some(1)))], vec![], &balancing));
-        let _held = p.try_acquire(Tried::default()).unwrap();
+        let p = Arc::new(Pool::new(
+            vec![PoolEntry::Backend(backend("a", 1, Some(1)))],
+            vec![],
+            &balancing,
+            Strategy::TwoChoices,
+        ));
+        let _held = p.try_acquire(Pick::default(), Tried::default()).unwrap();
         let waiter = tokio::spawn({
             let p = Arc::clone(&p);
-            async move { p.acquire(&mut None).await.map(|s| name(&s)) }
+            async move { p.acquire(Pick::default(), &mut None).await.map(|s| name(&s)) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(p.acquire(&mut None).await.unwrap_err(), NoBackend::QueueFull);
+        assert_eq!(p.acquire(Pick::default(), &mut None).await.unwrap_err(), NoBackend::QueueFull);
         assert_eq!(waiter.await.unwrap().unwrap_err(), NoBackend::Waited(Duration::from_millis(100)));
     }
 }

@@ -23,7 +23,7 @@ use super::connections::Lease;
 use super::error::ClientError;
 use super::headers;
 use super::health::{FailureKind, Outcome, Overload};
-use super::pool::{NoBackend, Pool, Slot};
+use super::pool::{NoBackend, Pick, Pool, Slot};
 use crate::api::Endpoint;
 use crate::metrics::Metrics;
 
@@ -136,6 +136,7 @@ enum Attempt {
 /// counts from then.
 pub async fn send(
     pool: &Pool,
+    pick: Pick<'_>,
     outgoing: &Outgoing<'_>,
     started: Instant,
     metrics: &Metrics,
@@ -143,11 +144,14 @@ pub async fn send(
 ) -> Result<Answer, UpstreamError> {
     pool.budget().deposit();
     let mut waited = None;
-    let acquired = pool.acquire(&mut waited).await;
+    let acquired = pool.acquire(pick, &mut waited).await;
     if let Some(waited) = waited {
         metrics.queue_wait(model).observe(waited.as_secs_f64());
     }
     let mut slot = acquired.map_err(|e| no_backend(pool, &e))?;
+    if let Some(decision) = slot.affinity() {
+        metrics.affinity_decision(model, decision.as_str());
+    }
     let mut tried = Tried::default();
     let retries_possible = pool.max_attempts() > 1 && pool.members().all().nth(1).is_some();
     let mut attempts = 0;
@@ -172,7 +176,7 @@ pub async fn send(
             Attempt::Failed(e) => (e.cause(), Err(e)),
         };
         let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-        let next = if last_chance || out_of_time { None } else { pool.try_acquire(tried).ok() };
+        let next = if last_chance || out_of_time { None } else { pool.try_acquire(pick, tried).ok() };
         // The budget is spent only when there is somewhere to retry, and not on an error by
         // which the backend never got the request: retrying that adds no load.
         let free = outcome.as_ref().is_err_and(|e| !e.reached_backend());
