@@ -89,16 +89,6 @@ async fn silent_and_half_open_connections_are_closed_by_the_first_bytes_deadline
     assert_eq!(gw.client("team").chat(LLAMA).await.status, 200);
 }
 
-/// More than a process's default 1,024 descriptors are needed: raise the soft limit to the hard.
-fn raise_open_files_limit(wanted: u64) -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    if soft < wanted {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(wanted), hard);
-    }
-    getrlimit(Resource::RLIMIT_NOFILE).unwrap().0
-}
-
 #[tokio::test]
 async fn a_thousand_silent_connections_over_max_connections_do_not_lock_out_a_real_client() {
     // Each silent connection costs two descriptors here (client and server side, one process).

@@ -1,9 +1,10 @@
 //! GPU-aware scheduling (#17) over real sockets with nim-sim backends that model a KV cache:
 //! prefix affinity (conversations stick where their prefix is cached, a hot prefix spreads
-//! within the load bound, the decisions are counted).
+//! within the load bound, the decisions are counted) and fair share of a saturated pool between
+//! keys (a backlog does not make others wait behind it; weights share the freed slots).
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nim_sim::Sim;
 use nimgate::config::raw::RawRoute;
@@ -168,4 +169,114 @@ where
         out.push(handle.await.expect("task"));
     }
     out
+}
+
+/// A pool of one backend that serves `slots` requests at a time, each taking `service`;
+/// keys `a` and `b` (weights as given), a queue long enough for every test's backlog. Its
+/// streams send a chunk only when the test lets them (`Sim::release_chunks`).
+async fn saturated(service: Duration, slots: u32, weights: (u32, u32)) -> (Sim, TestGateway) {
+    let options =
+        SimOptions { ttft: service, tokens: 1, record_requests: true, gated_chunks: true, ..Default::default() };
+    let gpu = sim(options).await;
+    let gw = gateway()
+        .backend("gpu", &gpu.url())
+        .route(LLAMA, &["gpu"])
+        .key("a", &["*"])
+        .key("b", &["*"])
+        .with(move |raw| {
+            raw.backends[0].max_concurrency = Some(slots);
+            raw.balancing.queue_length = Some(2000);
+            raw.balancing.queue_timeout = Some("120s".into());
+            raw.keys[0].weight = Some(weights.0);
+            raw.keys[1].weight = Some(weights.1);
+        })
+        .start()
+        .await;
+    (gpu, gw)
+}
+
+/// A chat request marked with `who`, so the sim's record tells whose it was.
+fn marked(who: &str) -> Value {
+    json!({ "model": LLAMA, "messages": [{ "role": "user", "content": format!("from {who}") }], "max_tokens": 1 })
+}
+
+/// Starts `n` requests of key `key` at once; each task returns its latency.
+fn backlog(gw: &TestGateway, key: &str, n: usize) -> Vec<tokio::task::JoinHandle<Duration>> {
+    (0..n)
+        .map(|_| {
+            let (client, body) = (gw.client(key), marked(key));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let reply = client.post_json("/v1/chat/completions", &body).await;
+                assert_eq!(reply.status, 200, "{}", reply.text());
+                started.elapsed()
+            })
+        })
+        .collect()
+}
+
+async fn queue_length(gw: &TestGateway) -> f64 {
+    let (_, samples) = scrape(gw).await;
+    value(&samples, &format!("nimgate_queue_length{{model=\"{LLAMA}\"}}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sending_after_a_backlog_of_500_waits_its_fair_share_not_the_backlog() {
+    raise_open_files_limit(4096);
+    let (_gpu, gw) = saturated(Duration::from_millis(20), 2, (1, 1)).await;
+    let started = Instant::now();
+    let a = backlog(&gw, "a", 500);
+    eventually("a backlog of 300 queued", Duration::from_secs(30), || async { queue_length(&gw).await >= 300.0 }).await;
+    // Key b's requests, one after another, while a's backlog is still there.
+    let b = gw.client("b");
+    let mut waits = Vec::new();
+    for _ in 0..5 {
+        let sent = Instant::now();
+        assert_eq!(b.post_json("/v1/chat/completions", &marked("b")).await.status, 200);
+        waits.push(sent.elapsed());
+    }
+    let backlog_left = queue_length(&gw).await;
+    let mut a_latencies = Vec::new();
+    for task in a {
+        a_latencies.push(task.await.unwrap());
+    }
+    let drained = started.elapsed();
+    assert!(backlog_left >= 100.0, "b was served while a's backlog stood: {backlog_left} left");
+    let slowest_b = waits.iter().max().unwrap();
+    eprintln!("b's waits {waits:?} with {backlog_left} of a's left; a's backlog drained in {drained:?}");
+    // Behind a's backlog, b would wait for it to drain (2 slots x 20 ms x 500: over 5 s);
+    // served fairly, about one of a's requests goes before each of b's.
+    assert!(*slowest_b < drained / 10, "b waited {slowest_b:?}; a's backlog took {drained:?}");
+    let (_, samples) = scrape(&gw).await;
+    assert!(value(&samples, "nimgate_key_queue_wait_seconds_count{key=\"b\"}") >= 1.0);
+    assert!(value(&samples, "nimgate_key_queue_wait_seconds_count{key=\"a\"}") >= 300.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_contention_weights_3_to_1_share_the_freed_slots_3_to_1() {
+    raise_open_files_limit(4096);
+    let (gpu, gw) = saturated(Duration::from_millis(1), 1, (3, 1)).await;
+    // A stream holds the only slot until both backlogs have formed behind it.
+    let blocker = gw.client("a").chat_stream(LLAMA).await;
+    let mut tasks = backlog(&gw, "a", 300);
+    tasks.extend(backlog(&gw, "b", 300));
+    eventually("both backlogs queued", Duration::from_secs(30), || async { queue_length(&gw).await >= 600.0 }).await;
+    gpu.release_chunks(1000);
+    drop(blocker);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let order: Vec<bool> = gpu
+        .recorded()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .filter(|body| body.contains("from "))
+        .map(|body| body.contains("from a"))
+        .collect();
+    assert_eq!(order.len(), 600);
+    // While both keys have requests waiting: a's 300 last until about the 400th served.
+    let a = order[..360].iter().filter(|&&from_a| from_a).count() as f64;
+    let ratio = a / (360.0 - a);
+    eprintln!("a:b = {ratio:.2} (a {a} of the first 360 served)");
+    assert!((2.7..=3.3).contains(&ratio), "a:b = {ratio:.2} (a {a} of 360)");
 }

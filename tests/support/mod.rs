@@ -545,3 +545,13 @@ pub fn test_pki(names: &[&str]) -> (String, String, String) {
     let leaf = CertificateParams::new(names).expect("leaf params").signed_by(&leaf_key, &ca, &ca_key).expect("a leaf");
     (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
+
+/// More than a process's default 1,024 descriptors are needed: raise the soft limit to the hard.
+pub fn raise_open_files_limit(wanted: u64) -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < wanted {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard.min(wanted), hard);
+    }
+    getrlimit(Resource::RLIMIT_NOFILE).unwrap().0
+}

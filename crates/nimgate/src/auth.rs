@@ -24,6 +24,11 @@ impl KeyName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as a shared string (a queued request keeps it without copying).
+    pub fn shared(&self) -> &Arc<str> {
+        &self.0
+    }
 }
 
 impl fmt::Display for KeyName {
@@ -61,11 +66,20 @@ pub struct Key {
     pub name: KeyName,
     acl: Vec<ModelPattern>,
     pub limits: Limits,
+    /// Its share of a saturated pool's freed slots against other keys' (`weight`, default 1).
+    pub weight: u32,
 }
 
 impl Key {
+    pub const MAX_WEIGHT: u32 = 1000;
+
     pub fn new(name: KeyName, acl: Vec<ModelPattern>, limits: Limits) -> Self {
-        Self { name, acl, limits }
+        Self { name, acl, limits, weight: 1 }
+    }
+
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
     }
 
     /// Whether this key may call `model` (the name the client asked for, before any alias).

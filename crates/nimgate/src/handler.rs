@@ -120,7 +120,7 @@ async fn infer(
     // Hashed only for a route with prefix affinity: the others never look at the prompt.
     let prompt =
         route.pool.affinity().map(|settings| PromptBlocks::new(settings, model, &body, head.prompt_span.clone()));
-    let pick = Pick { prompt: prompt.as_ref() };
+    let pick = Pick { prompt: prompt.as_ref(), key: Some(key.name.shared()), weight: key.weight };
     let answer = upstream::send(&route.pool, pick, &outgoing, exchange.started, gateway.metrics(), model).await;
     // The body has gone upstream (or never will): its room is free for others.
     drop(lease);

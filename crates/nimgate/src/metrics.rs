@@ -51,6 +51,7 @@ pub struct Metrics {
     ttfb: HistogramVec,
     chunk_gap: HistogramVec,
     queue_wait: HistogramVec,
+    key_queue_wait: HistogramVec,
     upstream_errors: IntCounterVec,
     retries: IntCounterVec,
     rate_limited: IntCounterVec,
@@ -181,6 +182,13 @@ impl Metrics {
                 &["model"],
                 QUEUE_BUCKETS,
             ),
+            key_queue_wait: histogram(
+                r,
+                "key_queue_wait_seconds",
+                "Time a key's requests waited for a backend with room (served by weighted fair queueing).",
+                &["key"],
+                QUEUE_BUCKETS,
+            ),
             upstream_errors: counter(
                 r,
                 "upstream_errors_total",
@@ -237,6 +245,10 @@ impl Metrics {
 
     pub fn queue_wait(&self, model: &str) -> Histogram {
         series(self.id, 4, &self.queue_wait, &[model])
+    }
+
+    pub fn key_queue_wait(&self, key: &str) -> Histogram {
+        series(self.id, 7, &self.key_queue_wait, &[key])
     }
 
     /// The prompt and completion token counters of a route model and key.

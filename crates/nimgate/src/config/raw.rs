@@ -162,6 +162,8 @@ pub struct RawKey {
     #[serde(default)]
     pub models: Vec<String>,
     pub limits: Option<RawLimits>,
+    /// Its share of a saturated pool against other keys (default 1).
+    pub weight: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

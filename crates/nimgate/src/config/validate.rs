@@ -675,8 +675,16 @@ impl Validator<'_> {
                     max_concurrency: l.max_concurrency,
                 }
             });
+            let weight = k.weight.unwrap_or(1);
+            if !(1..=Key::MAX_WEIGHT).contains(&weight) {
+                self.problem(
+                    format!("{at}.weight"),
+                    format!("must be between 1 and {} (its share of a saturated pool)", Key::MAX_WEIGHT),
+                );
+            }
             if let Some(digest) = digest {
-                keys.push((digest, Arc::new(Key::new(KeyName::new(&k.name), acl, limits))));
+                let key = Key::new(KeyName::new(&k.name), acl, limits).with_weight(weight);
+                keys.push((digest, Arc::new(key)));
             }
         }
         KeyTable::new(keys, allow_anonymous)
@@ -950,6 +958,19 @@ keys:
         );
         assert_eq!(b.load_metrics.as_ref().unwrap().max_waiting, 3);
         assert_eq!((b.timeouts.idle, b.timeouts.total), (Duration::from_secs(10), Some(Duration::from_secs(300))));
+    }
+
+    #[test]
+    fn a_key_takes_its_weight_between_1_and_1000() {
+        let s = check(&GOOD.replace(r#"models: ["meta/*"] }"#, r#"models: ["meta/*"], weight: 3 }"#)).unwrap();
+        let weights: Vec<u32> = s.keys.keys().map(|k| k.weight).collect();
+        assert!(weights.contains(&3) && weights.contains(&1), "{weights:?}");
+        for bad in ["0", "1001"] {
+            assert_problem(
+                &GOOD.replace(r#"models: ["meta/*"] }"#, &format!(r#"models: ["meta/*"], weight: {bad} }}"#)),
+                "keys[1].weight: must be between 1 and 1000",
+            );
+        }
     }
 
     #[test]

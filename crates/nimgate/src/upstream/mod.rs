@@ -5,7 +5,8 @@
 //!   `discovery`: a group of backends, one per address its host name resolves to.
 //! - `registry`: backends built from validated settings, keeping live parts across reloads.
 //! - `pool`: a route's backends, the wait queue and the fallback order; `balance`: the power
-//!   of two choices among them; `affinity`: prefix affinity, the other strategy.
+//!   of two choices among them; `affinity`: prefix affinity, the other strategy; `fair`: the
+//!   order of the wait queue (weighted fair queueing by key).
 //! - `health`: what is learnt about a backend while it runs (in flight, ejection, health
 //!   check, NIM load) and `observe`, the one writer of passive health; `probe`: the active
 //!   health check and NIM load scrape.
@@ -21,6 +22,7 @@ pub mod client;
 pub mod connections;
 pub mod discovery;
 pub mod error;
+pub mod fair;
 pub mod headers;
 pub mod health;
 pub mod pool;

@@ -22,6 +22,7 @@ use super::backend::{Backend, BackendName};
 use super::balance::{Tried, random, two_choices};
 use super::budget::RetryBudget;
 use super::discovery::Group;
+use super::fair::FairQueue;
 use super::health::EjectionPolicy;
 
 /// `balancing:`, validated.
@@ -60,6 +61,9 @@ impl Strategy {
 pub struct Pick<'a> {
     /// The prompt's blocks, on a route with prefix affinity.
     pub prompt: Option<&'a PromptBlocks>,
+    /// The key's name and weight: its share of a full pool's freed slots.
+    pub key: Option<&'a Arc<str>>,
+    pub weight: u32,
 }
 
 impl Default for Balancing {
@@ -123,6 +127,8 @@ pub struct Pool {
     /// Set for `strategy: prefix_affinity`.
     affinity: Option<AffinitySettings>,
     queued: AtomicUsize,
+    /// Who among the queued gets the next freed slot.
+    fair: FairQueue,
     budget: RetryBudget,
 }
 
@@ -195,6 +201,7 @@ impl Pool {
             max_attempts: balancing.max_attempts.max(1),
             affinity: (strategy == Strategy::PrefixAffinity).then_some(balancing.prefix_affinity),
             queued: AtomicUsize::new(0),
+            fair: FairQueue::default(),
             budget: RetryBudget::new(balancing.retry_budget, balancing.min_retries_per_second),
         }
     }
@@ -251,11 +258,15 @@ impl Pool {
     }
 
     /// A backend for a request's first attempt, waiting in the queue while all are full
-    /// (`waited` tells how long, when it did).
+    /// (`waited` tells how long, when it did). Queued requests are served by weighted fair
+    /// queueing of their keys (`fair`); while any wait, a new request queues behind them
+    /// instead of taking a slot freed for them.
     pub async fn acquire(&self, pick: Pick<'_>, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
-        match self.try_acquire(pick, Tried::default()) {
-            Err(NoBackend::Full) => {}
-            picked => return picked,
+        if self.queued.load(Ordering::Acquire) == 0 {
+            match self.try_acquire(pick, Tried::default()) {
+                Err(NoBackend::Full) => {}
+                picked => return picked,
+            }
         }
         if self.queue_length == 0 {
             return Err(NoBackend::QueueFull);
@@ -268,8 +279,10 @@ impl Pool {
         let queued_at = tokio::time::Instant::now();
         let deadline = queued_at + self.queue_timeout;
         let _measure = Measure(queued_at, waited);
+        let ticket = self.fair.join(&pick);
+        let _give_up = GiveUp(&self.fair, ticket.place);
         // Listening on each member's room: a freed slot wakes one waiter of that backend, not
-        // every queued request of every route.
+        // every queued request of every route; that waiter passes it to the queue's head.
         let listed = self.members.load_full();
         let members: Vec<&Backend> = listed.all().map(|b| &**b).collect();
         let _listening: Vec<_> = members.iter().map(|b| b.state.room.listen()).collect();
@@ -279,23 +292,38 @@ impl Pool {
             for wakeup in &mut freed {
                 wakeup.as_mut().enable();
             }
-            match self.try_acquire(pick, Tried::default()) {
-                Err(NoBackend::Full) => {}
-                picked => return picked,
+            let mut turn = std::pin::pin!(ticket.wake.notified());
+            turn.as_mut().enable();
+            if self.fair.is_head(ticket.place) {
+                match self.try_acquire(pick, Tried::default()) {
+                    Err(NoBackend::Full) => {}
+                    Ok(slot) => {
+                        self.fair.served(ticket.place);
+                        return Ok(slot);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Err(NoBackend::Waited(self.queue_timeout));
             }
-            let any_freed = std::future::poll_fn(|cx| {
+            let woken = std::future::poll_fn(|cx| {
+                if turn.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(false);
+                }
                 if freed.iter_mut().any(|wakeup| wakeup.as_mut().poll(cx).is_ready()) {
-                    std::task::Poll::Ready(())
+                    std::task::Poll::Ready(true)
                 } else {
                     std::task::Poll::Pending
                 }
             });
             // Ejections end by the clock, not by a release: look again at least every 100 ms.
-            let _ = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(100)), any_freed).await;
+            let by_room = tokio::time::timeout_at(deadline.min(now + Duration::from_millis(100)), woken).await;
+            if by_room != Ok(false) {
+                // A slot was freed (or the clock says look): it is the head's to take.
+                self.fair.wake_head();
+            }
         }
     }
 
@@ -402,6 +430,15 @@ struct Measure<'a>(tokio::time::Instant, &'a mut Option<Duration>);
 impl Drop for Measure<'_> {
     fn drop(&mut self) {
         *self.1 = Some(self.0.elapsed());
+    }
+}
+
+/// Takes a request out of the fair queue however its wait ends (a no-op once served).
+struct GiveUp<'a>(&'a FairQueue, super::fair::Place);
+
+impl Drop for GiveUp<'_> {
+    fn drop(&mut self) {
+        self.0.leave(self.1);
     }
 }
 

@@ -147,6 +147,7 @@ pub async fn send(
     let acquired = pool.acquire(pick, &mut waited).await;
     if let Some(waited) = waited {
         metrics.queue_wait(model).observe(waited.as_secs_f64());
+        metrics.key_queue_wait(pick.key.map_or(crate::metrics::NONE, |k| k)).observe(waited.as_secs_f64());
     }
     let mut slot = acquired.map_err(|e| no_backend(pool, &e))?;
     if let Some(decision) = slot.affinity() {
