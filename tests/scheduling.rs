@@ -115,6 +115,29 @@ async fn each_conversation_stays_on_the_backend_that_caches_its_prefix() {
 }
 
 #[tokio::test]
+async fn two_replicas_that_share_nothing_keep_a_conversation_on_one_backend() {
+    let sims = gpus(4, Duration::ZERO).await;
+    let replicas = [cluster(&sims, "prefix_affinity").await, cluster(&sims, "prefix_affinity").await];
+    let clients = [replicas[0].client("team-a"), replicas[1].client("team-a")];
+    let mut histories: Vec<Vec<Value>> =
+        (0..8).map(|c| vec![json!({ "role": "system", "content": system_prompt(c) })]).collect();
+    // Each turn of each conversation reaches the other replica than the turn before.
+    for turn in 0..4 {
+        for (c, history) in histories.iter_mut().enumerate() {
+            history.push(json!({ "role": "user", "content": format!("turn {turn}") }));
+            let reply = clients[(turn + c) % 2].post_json("/v1/chat/completions", &chat(history)).await;
+            assert_eq!(reply.status, 200);
+            let answer = reply.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+            history.push(json!({ "role": "assistant", "content": answer }));
+        }
+    }
+    for c in 0..8 {
+        let served = served_by(&sims, &format!("You are assistant number {c}. "));
+        assert!(served.len() == 4 && served.iter().all(|&gpu| gpu == served[0]), "conversation {c}: {served:?}");
+    }
+}
+
+#[tokio::test]
 async fn two_choices_scatters_the_same_conversations() {
     // The baseline the strategy exists for: without it, turns land anywhere.
     let sims = gpus(4, Duration::ZERO).await;

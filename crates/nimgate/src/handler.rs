@@ -117,9 +117,12 @@ async fn infer(
         request_id: &exchange.request_id,
         body: request::outgoing(route, &head, &body),
     };
-    // Hashed only for a route with prefix affinity: the others never look at the prompt.
-    let prompt =
-        route.pool.affinity().map(|settings| PromptBlocks::new(settings, model, &body, head.prompt_span.clone()));
+    // Hashed only for a route with prefix affinity: the others never look at the prompt. Seeded
+    // by the model the backend sees: a cached prefix serves that model only.
+    let prompt = route.pool.affinity().map(|settings| {
+        let served = route.upstream_model.as_ref().map_or(&*head.model, |alias| alias.name.as_str());
+        PromptBlocks::new(settings, served, &body, head.prompt_span.clone())
+    });
     let pick = Pick { prompt: prompt.as_ref(), key: Some(key.name.shared()), weight: key.weight };
     let answer = upstream::send(&route.pool, pick, &outgoing, exchange.started, gateway.metrics(), model).await;
     // The body has gone upstream (or never will): its room is free for others.
