@@ -112,6 +112,12 @@ async fn each_conversation_stays_on_the_backend_that_caches_its_prefix() {
         (q + stats.prefix_cache_queries, h + stats.prefix_cache_hits)
     });
     assert!(hits as f64 > 0.7 * queried as f64, "hit {hits} of {queried} prompt tokens");
+    // Every block sent is remembered where it went: 8 histories of about 4 KB in 256-byte blocks.
+    let mut held = 0;
+    for i in 0..4 {
+        held += gw.admin_backend(&format!("gpu{i}")).await["prefix_blocks"].as_u64().unwrap();
+    }
+    assert!((8 * 16..=8 * 20).contains(&held), "{held} blocks remembered");
 }
 
 #[tokio::test]

@@ -234,6 +234,8 @@ fn backend(b: &Backend) -> Value {
         "requests": requests,
         "failures": failures,
         "load": load,
+        // Prompt blocks prefix affinity remembers as sent here (0 when no route uses it).
+        "prefix_blocks": state.prefixes.len(),
         "recent_errors": state.recent_errors().iter().map(|e| json!({
             "at": humantime::format_rfc3339_millis(e.at).to_string(),
             "kind": e.kind.as_str(),
