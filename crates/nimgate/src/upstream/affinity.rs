@@ -69,7 +69,9 @@ impl PromptBlocks {
         let mut hash = xxh3_64(model.as_bytes());
         let mut blocks = Vec::with_capacity(prompt.len() / block_bytes);
         for block in prompt.chunks_exact(block_bytes) {
-            hash = xxh3_64_with_seed(block, hash);
+            // The block hashed alone, then chained to the prefix's hash: xxh3 seeded on a long
+            // input would derive a new secret per call, costing more than the hash itself.
+            hash = xxh3_64_with_seed(&xxh3_64(block).to_le_bytes(), hash);
             blocks.push(hash);
         }
         let anchor = blocks.first().copied().unwrap_or_else(|| xxh3_64_with_seed(prompt, hash));
