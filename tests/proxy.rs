@@ -285,6 +285,43 @@ async fn an_alias_is_rewritten_in_place_and_nothing_else_changes() {
 }
 
 #[tokio::test]
+async fn a_route_that_passes_priority_sends_the_keys_in_place_of_the_clients() {
+    let sim = sim(SimOptions { models: vec![LLAMA.into()], record_requests: true, ..SimOptions::default() }).await;
+    let gw = gateway()
+        .backend("vllm", &sim.url())
+        .route_with(RawRoute {
+            model: LLAMA.into(),
+            backends: vec!["vllm".into()],
+            pass_priority: Some(true),
+            ..RawRoute::default()
+        })
+        .key("interactive", &["*"])
+        .key("batch", &["*"])
+        .with(|raw| raw.keys[1].priority = Some(10))
+        .start()
+        .await;
+    let plain = r#"{"model":"meta/llama-3.1-8b-instruct","messages":[],"max_tokens":4}"#;
+    let claimed = r#"{"model":"meta/llama-3.1-8b-instruct","priority": -100,"messages":[],"max_tokens":4}"#;
+    for (key, body) in [("interactive", plain), ("batch", plain), ("batch", claimed)] {
+        assert_eq!(gw.client(key).post("/v1/chat/completions", body).await.status, 200);
+    }
+    let sent: Vec<String> = sim.recorded().iter().map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    assert_eq!(sent[0], r#"{"priority":0,"model":"meta/llama-3.1-8b-instruct","messages":[],"max_tokens":4}"#);
+    assert_eq!(sent[1], r#"{"priority":10,"model":"meta/llama-3.1-8b-instruct","messages":[],"max_tokens":4}"#);
+    assert_eq!(sent[2], r#"{"model":"meta/llama-3.1-8b-instruct","priority": 10,"messages":[],"max_tokens":4}"#);
+    // A stream that asks for its usage on the client's behalf carries both edits.
+    let stream = r#"{"model":"meta/llama-3.1-8b-instruct","stream":true,"messages":[]}"#;
+    let reply = gw.client("batch").post("/v1/chat/completions", stream).await;
+    assert!(reply.status == 200 && reply.text().ends_with("data: [DONE]\n\n"), "{}", reply.text());
+    let last = String::from_utf8_lossy(&sim.recorded()[3].body).into_owned();
+    let upstream: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        (upstream["priority"].as_i64(), upstream["stream_options"]["include_usage"].as_bool()),
+        (Some(10), Some(true))
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_error_response_reaches_the_client_unchanged() {
     let sim = sim(SimOptions {
         models: vec![LLAMA.into()],

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::HeaderMap;
 use http::header::AUTHORIZATION;
 use sha2::{Digest, Sha256};
@@ -68,13 +69,21 @@ pub struct Key {
     pub limits: Limits,
     /// Its share of a saturated pool's freed slots against other keys' (`weight`, default 1).
     pub weight: u32,
+    /// `priority` as the JSON number sent to engines on routes with `pass_priority`, encoded
+    /// once (lower is served first; default 0).
+    pub priority: Bytes,
 }
 
 impl Key {
     pub const MAX_WEIGHT: u32 = 1000;
 
     pub fn new(name: KeyName, acl: Vec<ModelPattern>, limits: Limits) -> Self {
-        Self { name, acl, limits, weight: 1 }
+        Self { name, acl, limits, weight: 1, priority: Bytes::from_static(b"0") }
+    }
+
+    pub fn with_priority(mut self, priority: i32) -> Self {
+        self.priority = Bytes::from(priority.to_string());
+        self
     }
 
     pub fn with_weight(mut self, weight: u32) -> Self {

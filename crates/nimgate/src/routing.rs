@@ -18,6 +18,9 @@ pub struct Route {
     pub pattern: ModelPattern,
     pub pool: Pool,
     pub upstream_model: Option<UpstreamModel>,
+    /// `pass_priority: true`: requests carry their key's `priority` to the engine (vLLM's
+    /// priority scheduling), replacing any the client set.
+    pub pass_priority: bool,
 }
 
 /// A route's `upstream_model` alias, with its JSON string form encoded once so that the
@@ -128,6 +131,7 @@ mod tests {
                             Default::default(),
                         ),
                         upstream_model: None,
+                        pass_priority: false,
                     })
                 })
                 .collect(),

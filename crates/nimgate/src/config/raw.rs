@@ -151,6 +151,8 @@ pub struct RawRoute {
     pub upstream_model: Option<String>,
     /// two_choices (default) or prefix_affinity.
     pub strategy: Option<String>,
+    /// Send the key's `priority` to the engine in the body.
+    pub pass_priority: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -164,6 +166,8 @@ pub struct RawKey {
     pub limits: Option<RawLimits>,
     /// Its share of a saturated pool against other keys (default 1).
     pub weight: Option<u32>,
+    /// Sent as the body's `priority` on routes with `pass_priority` (lower is served first).
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]

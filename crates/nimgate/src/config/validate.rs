@@ -544,7 +544,8 @@ impl Validator<'_> {
             };
             if let (Some(pattern), Some(primary), Some(fallback)) = (pattern, primary, fallback) {
                 let pool = Pool::new(primary, fallback, balancing, strategy);
-                routes.push(Arc::new(Route { pattern, pool, upstream_model }));
+                let pass_priority = r.pass_priority.unwrap_or(false);
+                routes.push(Arc::new(Route { pattern, pool, upstream_model, pass_priority }));
             }
         }
         RouteTable::new(routes)
@@ -683,7 +684,9 @@ impl Validator<'_> {
                 );
             }
             if let Some(digest) = digest {
-                let key = Key::new(KeyName::new(&k.name), acl, limits).with_weight(weight);
+                let key = Key::new(KeyName::new(&k.name), acl, limits)
+                    .with_weight(weight)
+                    .with_priority(k.priority.unwrap_or(0));
                 keys.push((digest, Arc::new(key)));
             }
         }
@@ -958,6 +961,19 @@ keys:
         );
         assert_eq!(b.load_metrics.as_ref().unwrap().max_waiting, 3);
         assert_eq!((b.timeouts.idle, b.timeouts.total), (Duration::from_secs(10), Some(Duration::from_secs(300))));
+    }
+
+    #[test]
+    fn a_route_may_pass_its_keys_priority() {
+        let yaml = GOOD
+            .replace(r#"backends: [a, b] }"#, r#"backends: [a, b], pass_priority: true }"#)
+            .replace(r#"models: ["meta/*"] }"#, r#"models: ["meta/*"], priority: -5 }"#);
+        let s = check(&yaml).unwrap();
+        let passing: Vec<bool> = s.routes.iter().map(|r| r.pass_priority).collect();
+        assert_eq!(passing, [false, true]);
+        let mut priorities: Vec<_> = s.keys.keys().map(|k| k.priority.clone()).collect();
+        priorities.sort();
+        assert_eq!(priorities, [bytes::Bytes::from_static(b"-5"), bytes::Bytes::from_static(b"0")]);
     }
 
     #[test]

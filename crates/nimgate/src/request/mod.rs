@@ -111,7 +111,7 @@ async fn collect(
 }
 
 /// One change to a request body: the bytes at `span` replaced (an empty span inserts).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Edit {
     pub span: Range<usize>,
     pub bytes: Bytes,
@@ -178,19 +178,35 @@ pub fn request_usage(body: &[u8], options: &StreamOptions) -> Edit {
 /// alias spliced in), and for a stream whose client did not ask for its usage a variant that
 /// does, for the backends that take `stream_options` (streams are counted, and token-limited
 /// ones settled, from their usage chunk, which is then kept from the client).
-pub fn outgoing(route: &Route, head: &RequestHead<'_>, body: &Bytes) -> UpstreamBody {
+///
+/// On a route with `pass_priority`, `priority` (the key's, as JSON) replaces the body's own
+/// `priority` or is added.
+pub fn outgoing(route: &Route, head: &RequestHead<'_>, body: &Bytes, priority: &Bytes) -> UpstreamBody {
     let alias =
         route.upstream_model.as_ref().map(|alias| Edit { span: head.model_span.clone(), bytes: alias.json.clone() });
-    let plain = match &alias {
-        Some(edit) => splice(body, &mut [edit.clone()]),
-        None => body.clone(),
-    };
-    let with_usage = (head.stream && !head.wants_usage()).then(|| {
-        let usage = request_usage(body, &head.stream_options);
-        match alias {
-            Some(edit) => splice(body, &mut [edit, usage]),
-            None => splice(body, &mut [usage]),
+    let priority = route.pass_priority.then(|| match &head.priority_span {
+        Some(span) => Edit { span: span.clone(), bytes: priority.clone() },
+        None => {
+            // `peek` checked that the body is an object, so its first non-blank byte is `{`.
+            let open = body.iter().position(|b| *b == b'{').map_or(0, |i| i + 1);
+            let mut field = BytesMut::with_capacity(priority.len() + 12);
+            field.extend_from_slice(b"\"priority\":");
+            field.extend_from_slice(priority);
+            field.extend_from_slice(b",");
+            Edit { span: open..open, bytes: field.freeze() }
         }
+    });
+    // At most three edits: kept on the stack.
+    let mut edits: [Edit; 3] = Default::default();
+    let mut count = 0;
+    for edit in alias.into_iter().chain(priority) {
+        edits[count] = edit;
+        count += 1;
+    }
+    let plain = splice(body, &mut edits[..count]);
+    let with_usage = (head.stream && !head.wants_usage()).then(|| {
+        edits[count] = request_usage(body, &head.stream_options);
+        splice(body, &mut edits[..=count])
     });
     UpstreamBody { plain, with_usage }
 }
@@ -208,6 +224,8 @@ pub struct RequestHead<'a> {
     /// Byte range of the prompt as sent (`messages`, else `prompt`, else `input`), for prefix
     /// affinity.
     pub prompt_span: Option<Range<usize>>,
+    /// Byte range of the `priority` value, replaced on routes that pass the key's.
+    pub priority_span: Option<Range<usize>>,
 }
 
 /// The request's `stream_options`, located so that it can be amended in place.
@@ -274,6 +292,8 @@ struct Fields<'a> {
     prompt: Option<&'a RawValue>,
     #[serde(borrow, default)]
     input: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    priority: Option<&'a RawValue>,
 }
 
 /// A field that is present, `null` included: `Option` alone would read `null` as absent, and
@@ -363,6 +383,7 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
         max_tokens,
         stream_options,
         prompt_span,
+        priority_span: fields.priority.map(|raw| span_of(body, raw.get())),
     })
 }
 
