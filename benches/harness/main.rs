@@ -387,7 +387,9 @@ async fn run(args: Args) -> Result<(), String> {
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
-    write(&args.out.join("RESULTS.md"), &markdown)?;
+    let results_md = args.out.join("RESULTS.md");
+    let previous = std::fs::read_to_string(&results_md).unwrap_or_default();
+    write(&results_md, &report::keeping_cluster_section(&markdown, &previous))?;
     write(&args.out.join("results.json"), &serde_json::to_string_pretty(&report.json()).unwrap_or_default())?;
     drop(targets);
     drop(nginx);

@@ -100,6 +100,15 @@ pub struct Report {
     pub memory: Option<Memory>,
 }
 
+/// `markdown` followed by the cluster section of the `RESULTS.md` it replaces, when that has
+/// one: the section is `nimgate-cluster`'s, and a harness run must not lose its figures.
+pub fn keeping_cluster_section(markdown: &str, previous: &str) -> String {
+    match nimgate_benches::cluster_section(previous) {
+        Some(section) => nimgate_benches::with_cluster_section(markdown, section),
+        None => markdown.to_owned(),
+    }
+}
+
 fn us(v: f64) -> String {
     if v >= 10_000.0 { format!("{:.1} ms", v / 1000.0) } else { format!("{v:.0} µs") }
 }
