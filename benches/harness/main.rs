@@ -53,6 +53,10 @@ struct Args {
     /// redis`, on a redis-server of the harness's own (core 1, beside the load generator).
     #[arg(long)]
     redis: bool,
+    /// Also run `nimgate-affinity`: the same nimgate binary and config with `strategy:
+    /// prefix_affinity` on the benchmarked routes, for the strategy's cost against two choices.
+    #[arg(long)]
+    affinity: bool,
     /// Run only the scenarios whose name contains this (e.g. `closed`, `streams`, `none`).
     /// Repeatable: a scenario runs when it matches any.
     #[arg(long)]
@@ -67,12 +71,14 @@ const FILLER_ROUTES: usize = 47;
 /// Events of a streamed answer of 100 tokens: role, 100 tokens, finish, `[DONE]`.
 const STREAM_EVENTS: usize = 103;
 
-/// Where the generated config keeps the limiter's state.
-#[derive(Clone, Copy)]
+/// Where the generated config keeps the limiter's state, or which strategy it balances by.
+#[derive(Clone, Copy, PartialEq)]
 enum Store {
     Memory,
     /// A redis-server listening here.
     Redis(SocketAddr),
+    /// In memory, with `strategy: prefix_affinity` on the benchmarked routes.
+    MemoryWithAffinity,
 }
 
 #[derive(Clone, Copy)]
@@ -229,6 +235,24 @@ async fn run(args: Args) -> Result<(), String> {
         proc.wait_listening(addr, &log)?;
         baselines.push((name, addr, proc));
     }
+    if args.affinity {
+        let addr = procs::free_addr();
+        let config = work.join("nimgate-affinity.yaml");
+        std::fs::write(&config, nimgate_config(addr, fast_addr, stream_addr, idle_addr, Store::MemoryWithAffinity))
+            .map_err(|e| e.to_string())?;
+        let log = work.join("nimgate-affinity.log");
+        let argv = ["--config".to_owned(), config.display().to_string()];
+        let mut proc = Proc::spawn(
+            "nimgate-affinity",
+            Some(0),
+            &bin_dir.join("nimgate"),
+            &argv,
+            &[("NIMGATE_LOG", "warn")],
+            &log,
+        )?;
+        proc.wait_listening(addr, &log)?;
+        baselines.push(("nimgate-affinity".to_owned(), addr, proc));
+    }
 
     // hyper-floor on core 0, when asked for.
     let (floor_fast, floor_stream) = (procs::free_addr(), procs::free_addr());
@@ -373,6 +397,15 @@ async fn run(args: Args) -> Result<(), String> {
                 .to_owned(),
         );
     }
+    if args.affinity {
+        notes.push(
+            "nimgate-affinity: the same nimgate binary and config with `strategy: prefix_affinity` on the \
+             benchmarked routes (one backend each, a prompt shorter than one 256-byte block): the strategy's \
+             fixed cost per request. What hashing longer prompts adds is in benches/instructions \
+             (--strategies two_choices,prefix_affinity --prompt-bytes N)."
+                .to_owned(),
+        );
+    }
     let report = Report {
         machine: machine(),
         date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
@@ -472,12 +505,13 @@ async fn memory_test(gateway: SocketAddr, keys: &Arc<Vec<String>>, count: usize,
 /// limiter's state in memory or in the redis-server at the given address.
 fn nimgate_config(listen: SocketAddr, fast: SocketAddr, stream: SocketAddr, idle: SocketAddr, store: Store) -> String {
     let mut yaml = String::new();
+    let strategy = if store == Store::MemoryWithAffinity { ", strategy: prefix_affinity" } else { "" };
     let _ = writeln!(
         yaml,
         "server:\n  listen: {listen}\n  admin_listen: 127.0.0.1:0\n  drain_timeout: 1s\nbackends:\n  \
          - {{ name: fast, url: \"http://{fast}\" }}\n  - {{ name: stream, url: \"http://{stream}\" }}\n  \
-         - {{ name: idle, url: \"http://{idle}\" }}\nroutes:\n  - {{ model: bench/fast, backends: [fast] }}\n  \
-         - {{ model: bench/stream, backends: [stream] }}\n  - {{ model: bench/idle, backends: [idle] }}"
+         - {{ name: idle, url: \"http://{idle}\" }}\nroutes:\n  - {{ model: bench/fast, backends: [fast]{strategy} }}\n  \
+         - {{ model: bench/stream, backends: [stream]{strategy} }}\n  - {{ model: bench/idle, backends: [idle] }}"
     );
     for i in 0..FILLER_ROUTES {
         let model = if i % 5 == 0 { format!("\"org{i}/*\"") } else { format!("org{i}/model-{i}") };
@@ -568,5 +602,16 @@ mod tests {
         let memory = nimgate_config(addr(1), addr(2), addr(3), addr(4), Store::Memory);
         let redis = nimgate_config(addr(1), addr(2), addr(3), addr(4), Store::Redis(addr(6380)));
         assert!(redis.starts_with(&memory), "the redis config only appends its rate_limits section");
+    }
+
+    #[test]
+    fn the_affinity_variant_balances_the_benchmarked_routes_by_prefix_affinity() {
+        use nimgate::upstream::Strategy;
+        let snapshot = validated(Store::MemoryWithAffinity);
+        let strategy = |model: &str| snapshot.routes.find(model).unwrap().pool.strategy();
+        assert_eq!(strategy("bench/fast"), Strategy::PrefixAffinity);
+        assert_eq!(strategy("bench/stream"), Strategy::PrefixAffinity);
+        assert_eq!(strategy("bench/idle"), Strategy::TwoChoices);
+        assert_eq!(validated(Store::Memory).routes.find("bench/fast").unwrap().pool.strategy(), Strategy::TwoChoices);
     }
 }
