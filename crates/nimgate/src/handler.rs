@@ -19,7 +19,7 @@ use crate::gateway::Gateway;
 use crate::logsafe;
 use crate::request;
 use crate::streaming::{self, Origin, ResponseBody};
-use crate::upstream::{self, Outgoing, Pick, PromptBlocks};
+use crate::upstream::{self, Outgoing, Pick};
 
 /// Serves one request on the snapshot in force when it arrived.
 pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<ResponseBody> {
@@ -121,7 +121,7 @@ async fn infer(
     // by the model the backend sees: a cached prefix serves that model only.
     let prompt = route.pool.affinity().map(|settings| {
         let served = route.upstream_model.as_ref().map_or(&*head.model, |alias| alias.name.as_str());
-        PromptBlocks::new(settings, served, &body, head.prompt_span.clone())
+        settings.blocks(served, &body, head.prompt_span.clone())
     });
     let pick = Pick { prompt: prompt.as_ref(), key: Some(key.name.shared()), weight: key.weight };
     let answer = upstream::send(&route.pool, pick, &outgoing, exchange.started, gateway.metrics(), model).await;

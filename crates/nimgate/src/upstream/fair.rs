@@ -18,8 +18,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use super::pool::Pick;
-
 /// Virtual time a request of weight 1 costs; a weight w costs COST / w.
 const COST: u64 = 1 << 20;
 
@@ -64,10 +62,10 @@ impl FairQueue {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a request of `pick`'s key.
-    pub fn join(&self, pick: &Pick<'_>) -> Ticket {
-        let key: Arc<str> = pick.key.map_or_else(|| Arc::from(""), Arc::clone);
-        let weight = u64::from(pick.weight.max(1));
+    /// Queues a request of `key` (none: an unnamed one) with `weight`.
+    pub fn join(&self, key: Option<&Arc<str>>, weight: u32) -> Ticket {
+        let key: Arc<str> = key.map_or_else(|| Arc::from(""), Arc::clone);
+        let weight = u64::from(weight.max(1));
         let wake = Arc::new(Notify::new());
         let mut state = self.lock();
         let virtual_time = state.virtual_time;
@@ -134,10 +132,6 @@ impl FairQueue {
 mod tests {
     use super::*;
 
-    fn pick(key: &Arc<str>, weight: u32) -> Pick<'_> {
-        Pick { key: Some(key), weight, ..Pick::default() }
-    }
-
     /// Serves the queue's head `n` times; returns whose requests were served.
     fn serve(queue: &FairQueue, tickets: &mut Vec<(Arc<str>, Ticket)>, n: usize) -> Vec<Arc<str>> {
         let mut served = Vec::new();
@@ -154,9 +148,9 @@ mod tests {
     fn a_key_arriving_behind_a_backlog_is_served_next_not_last() {
         let queue = FairQueue::default();
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("batch"), Arc::from("chat"));
-        let mut tickets: Vec<_> = (0..500).map(|_| (Arc::clone(&a), queue.join(&pick(&a, 1)))).collect();
+        let mut tickets: Vec<_> = (0..500).map(|_| (Arc::clone(&a), queue.join(Some(&a), 1))).collect();
         assert_eq!(serve(&queue, &mut tickets, 10).iter().filter(|k| ***k == *"batch").count(), 10);
-        tickets.push((Arc::clone(&b), queue.join(&pick(&b, 1))));
+        tickets.push((Arc::clone(&b), queue.join(Some(&b), 1)));
         let next = serve(&queue, &mut tickets, 2);
         assert!(next.iter().any(|k| **k == *"chat"), "served within two slots: {next:?}");
         assert_eq!(queue.len(), 490 - 2 + 1);
@@ -168,8 +162,8 @@ mod tests {
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         let mut tickets = Vec::new();
         for _ in 0..300 {
-            tickets.push((Arc::clone(&a), queue.join(&pick(&a, 3))));
-            tickets.push((Arc::clone(&b), queue.join(&pick(&b, 1))));
+            tickets.push((Arc::clone(&a), queue.join(Some(&a), 3)));
+            tickets.push((Arc::clone(&b), queue.join(Some(&b), 1)));
         }
         let served = serve(&queue, &mut tickets, 200);
         let from_a = served.iter().filter(|k| ***k == *"a").count();
@@ -180,8 +174,8 @@ mod tests {
     async fn leaving_the_head_wakes_the_next_and_an_idle_key_saves_no_credit() {
         let queue = FairQueue::default();
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
-        let first = queue.join(&pick(&a, 1));
-        let second = queue.join(&pick(&b, 1));
+        let first = queue.join(Some(&a), 1);
+        let second = queue.join(Some(&b), 1);
         assert!(queue.is_head(first.place) && !queue.is_head(second.place));
         queue.leave(first.place);
         assert!(queue.is_head(second.place));
@@ -191,9 +185,9 @@ mod tests {
         queue.served(second.place);
         assert!(queue.is_empty() && queue.lock().keys.is_empty(), "nothing kept for keys with no waiter");
         // After a long quiet spell of b, a's backlog and b's new request interleave.
-        let mut tickets: Vec<_> = (0..20).map(|_| (Arc::clone(&a), queue.join(&pick(&a, 1)))).collect();
+        let mut tickets: Vec<_> = (0..20).map(|_| (Arc::clone(&a), queue.join(Some(&a), 1))).collect();
         serve(&queue, &mut tickets, 10);
-        tickets.push((Arc::clone(&b), queue.join(&pick(&b, 1))));
+        tickets.push((Arc::clone(&b), queue.join(Some(&b), 1)));
         assert!(serve(&queue, &mut tickets, 2).iter().any(|k| **k == *"b"));
     }
 }

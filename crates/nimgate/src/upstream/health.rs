@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::affinity::PrefixTable;
+use super::prefix::PrefixTable;
 use crate::metrics::Metrics;
 
 /// Errors kept per backend for the admin API.

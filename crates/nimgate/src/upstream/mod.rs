@@ -6,7 +6,8 @@
 //! - `registry`: backends built from validated settings, keeping live parts across reloads.
 //! - `pool`: a route's backends, the wait queue and the fallback order; `balance`: the power
 //!   of two choices among them; `affinity`: prefix affinity, the other strategy; `fair`: the
-//!   order of the wait queue (weighted fair queueing by key).
+//!   order of the wait queue (weighted fair queueing by key); `prefix`: prompts in chained
+//!   blocks and the table of those each backend was sent.
 //! - `health`: what is learnt about a backend while it runs (in flight, ejection, health
 //!   check, NIM load) and `observe`, the one writer of passive health; `probe`: the active
 //!   health check and NIM load scrape.
@@ -26,11 +27,12 @@ pub mod fair;
 pub mod headers;
 pub mod health;
 pub mod pool;
+pub mod prefix;
 pub mod probe;
 pub mod registry;
 pub mod retry;
 
-pub use affinity::{AffinitySettings, Decision, PromptBlocks};
+pub use affinity::{AffinitySettings, Decision};
 pub use backend::{Backend, BackendName, HealthCheck, LoadMetrics, Timeouts};
 pub use balance::MAX_POOL_MEMBERS;
 pub use connections::Lease;
@@ -38,4 +40,5 @@ pub use discovery::{Discovery, Group};
 pub use error::root_cause;
 pub use health::{EjectionPolicy, FailureKind, Outcome};
 pub use pool::{Balancing, Members, Pick, Pool, PoolEntry, Slot, Strategy};
+pub use prefix::PromptBlocks;
 pub use retry::{Answer, AttemptError, Outgoing, UpstreamBody, UpstreamError, send, send_one};

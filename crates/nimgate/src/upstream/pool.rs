@@ -17,13 +17,14 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use super::affinity::{AffinitySettings, Decision, PromptBlocks, choose};
+use super::affinity::{AffinitySettings, Decision, choose};
 use super::backend::{Backend, BackendName};
 use super::balance::{Tried, random, two_choices};
 use super::budget::RetryBudget;
 use super::discovery::Group;
 use super::fair::FairQueue;
 use super::health::EjectionPolicy;
+use super::prefix::PromptBlocks;
 
 /// `balancing:`, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,7 +280,7 @@ impl Pool {
         let queued_at = tokio::time::Instant::now();
         let deadline = queued_at + self.queue_timeout;
         let _measure = Measure(queued_at, waited);
-        let ticket = self.fair.join(&pick);
+        let ticket = self.fair.join(pick.key, pick.weight);
         let _give_up = GiveUp(&self.fair, ticket.place);
         // Listening on each member's room: a freed slot wakes one waiter of that backend, not
         // every queued request of every route; that waiter passes it to the queue's head.
