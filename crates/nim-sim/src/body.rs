@@ -1,9 +1,12 @@
 //! Response bodies: whole answers, and the streamed answer produced event by event with the
 //! configured delays (or on release when gated), which also plays the injected stream failures.
+//! What a stream says comes from its API's `Script`; when it says it, and how it fails, is here
+//! for every API alike.
 //! Every inference body holds its request guard, so the body reaching its end counts a
 //! completion and the body being dropped early (the client left) counts a cancellation. A stream
 //! also holds its GPU slot, freed when the stream ends or is dropped.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,11 +16,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 use crate::Failures;
 use crate::gpu::Slot;
-use crate::reply::{DONE, Plan};
 use crate::state::{RequestGuard, Shared};
 
 /// The injected failure that breaks a connection mid-answer (or, as a service error, before
@@ -94,34 +96,61 @@ impl Body for SimBody {
     }
 }
 
+/// What a streamed answer says, event by event; `Stream` decides when each goes out and plays
+/// the failures. Each API's answer implements it (chat and completions in `reply`, the Responses
+/// API in `responses`).
+pub trait Script: Send + Sync + 'static {
+    /// Content events to send: one per token (a chat tool call is one).
+    fn tokens(&self) -> u32;
+    /// Events sent at once, before the time to first token: the Responses API's `created` and
+    /// `in_progress`. None for chat and completions.
+    fn opening(&self) -> Vec<Bytes> {
+        Vec::new()
+    }
+    /// Events sent with the first token, before it: chat's role event, or the Responses API's
+    /// output item and content part.
+    fn heading(&self) -> Vec<Bytes>;
+    /// Content event `i` (0-based).
+    fn content(&self, i: u32) -> Bytes;
+    /// Events after the last token, the last of which completes the answer.
+    fn closing(&self) -> Vec<Bytes>;
+    /// The whole answer as one JSON document, for requests that do not stream.
+    fn answer(&self) -> Bytes;
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    Start,
+    Opening,
+    Heading,
     Content,
-    Finish,
-    Usage,
-    Done,
+    Closing,
     End,
 }
 
 /// A streamed answer in progress.
 pub struct Stream {
     shared: Arc<Shared>,
-    plan: Plan,
+    script: Box<dyn Script>,
+    /// `script.tokens()`, read once.
+    tokens: u32,
     stage: Stage,
+    /// Events due now, sent before anything else.
+    due: VecDeque<Bytes>,
+    /// When the first token is ready (`None`: at once); the heading events wait for it.
+    first_token: Option<Instant>,
     /// Content events produced so far.
     sent: u32,
     delay: Option<Pin<Box<Sleep>>>,
     gate: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// Content events after which the connection breaks, at most `plan.tokens`.
+    /// Content events after which the connection breaks, at most `tokens`.
     reset_at: Option<u32>,
     /// Whether the pause that lets hyper flush before the reset was taken.
     flushed: bool,
-    /// Content events after which the stream goes silent, at most `plan.tokens`.
+    /// Content events after which the stream goes silent, at most `tokens`.
     stall_at: Option<u32>,
     /// Whether the stall began (and was counted).
     stalled: bool,
-    /// Content events after which the stream ends without finishing, at most `plan.tokens`.
+    /// Content events after which the stream ends without finishing, at most `tokens`.
     end_at: Option<u32>,
     guard: Option<RequestGuard>,
     /// With `split_events`: the second half of the last event, sent after a short pause.
@@ -130,25 +159,30 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// A stream of `plan`, playing the stream failures of `failures`. The first event waits
-    /// for `first_token` (the fixed part and the prefill).
+    /// A stream of `script`, playing the stream failures of `failures`. The opening events go
+    /// out at once; the heading ones wait for `first_token` (the fixed part and the prefill).
     pub fn new(
         shared: Arc<Shared>,
-        plan: Plan,
+        script: Box<dyn Script>,
         failures: &Failures,
         guard: RequestGuard,
         slot: Slot,
         first_token: Duration,
     ) -> Self {
+        let tokens = script.tokens();
         Self {
-            delay: sleep(first_token),
-            reset_at: failures.reset_after_chunks.map(|n| n.min(plan.tokens)),
-            stall_at: failures.stall_after_chunks.map(|n| n.min(plan.tokens)),
-            end_at: failures.end_after_chunks.map(|n| n.min(plan.tokens)),
+            reset_at: failures.reset_after_chunks.map(|n| n.min(tokens)),
+            stall_at: failures.stall_after_chunks.map(|n| n.min(tokens)),
+            end_at: failures.end_after_chunks.map(|n| n.min(tokens)),
             shared,
-            plan,
-            stage: Stage::Start,
+            script,
+            tokens,
+            stage: Stage::Opening,
+            due: VecDeque::new(),
+            // From now, not from the first poll: the clock runs while the headers go out.
+            first_token: (!first_token.is_zero()).then(|| Instant::now() + first_token),
             sent: 0,
+            delay: None,
             gate: None,
             flushed: false,
             stalled: false,
@@ -176,17 +210,26 @@ impl Stream {
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, InjectedReset>>> {
-        if let Some(delay) = &mut self.delay {
-            ready!(delay.as_mut().poll(cx));
-            self.delay = None;
-        }
         loop {
+            if let Some(event) = self.due.pop_front() {
+                if self.stage == Stage::Closing && self.due.is_empty() {
+                    self.finish();
+                }
+                return Poll::Ready(Some(Ok(event)));
+            }
+            if let Some(delay) = &mut self.delay {
+                ready!(delay.as_mut().poll(cx));
+                self.delay = None;
+            }
             match self.stage {
-                Stage::Start => {
+                Stage::Opening => {
+                    self.stage = Stage::Heading;
+                    self.due.extend(self.script.opening());
+                    self.delay = self.first_token.map(|at| Box::pin(tokio::time::sleep_until(at)));
+                }
+                Stage::Heading => {
                     self.stage = Stage::Content;
-                    if let Some(role) = self.plan.role_event() {
-                        return Poll::Ready(Some(Ok(role)));
-                    }
+                    self.due.extend(self.script.heading());
                 }
                 Stage::Content => {
                     if self.reset_at == Some(self.sent) {
@@ -222,8 +265,9 @@ impl Stream {
                         // Never woken: the stream is held until the client drops it.
                         return Poll::Pending;
                     }
-                    if self.sent == self.plan.tokens {
-                        self.stage = Stage::Finish;
+                    if self.sent == self.tokens {
+                        self.stage = Stage::Closing;
+                        self.due.extend(self.script.closing());
                         continue;
                     }
                     if self.shared.options.gated_chunks {
@@ -238,33 +282,28 @@ impl Stream {
                         ready!(gate.as_mut().poll(cx));
                         self.gate = None;
                     }
-                    let event = self.plan.content_event(self.sent);
+                    let event = self.script.content(self.sent);
                     self.sent += 1;
                     let counters = &self.shared.counters;
                     counters.chunks_sent.fetch_add(1, Ordering::Relaxed);
                     counters.generation_tokens.fetch_add(1, Ordering::Relaxed);
-                    if self.sent < self.plan.tokens {
+                    if self.sent < self.tokens {
                         self.delay = sleep(self.shared.options.chunk_delay);
                     }
                     return Poll::Ready(Some(Ok(event)));
                 }
-                Stage::Finish => {
-                    self.stage = if self.plan.include_usage { Stage::Usage } else { Stage::Done };
-                    return Poll::Ready(Some(Ok(self.plan.finish_event())));
-                }
-                Stage::Usage => {
-                    self.stage = Stage::Done;
-                    return Poll::Ready(Some(Ok(self.plan.usage_event())));
-                }
-                Stage::Done => {
-                    self.stage = Stage::End;
-                    if let Some(guard) = self.guard.take() {
-                        guard.complete();
-                    }
-                    return Poll::Ready(Some(Ok(Bytes::from_static(DONE))));
-                }
+                // Only with no closing events at all: the answer is whole now.
+                Stage::Closing => self.finish(),
                 Stage::End => return Poll::Ready(None),
             }
+        }
+    }
+
+    /// The answer went out whole: counts the completion and sends nothing more.
+    fn finish(&mut self) {
+        self.stage = Stage::End;
+        if let Some(guard) = self.guard.take() {
+            guard.complete();
         }
     }
 }

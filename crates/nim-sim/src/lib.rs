@@ -1,7 +1,8 @@
 //! nim-sim: a fast, deterministic simulated NVIDIA NIM for tests, demos and benchmarks.
 //!
 //! It speaks NIM's OpenAI-compatible API (chat completions and completions, JSON and SSE,
-//! embeddings, `/v1/models`, health) and NIM's Prometheus `/v1/metrics` (NIM 1.x's names, or
+//! OpenAI's Responses API, JSON and typed SSE events, embeddings, `/v1/models`, health), NIM's
+//! reranking API (`/v1/ranking`) and NIM's Prometheus `/v1/metrics` (NIM 1.x's names, or
 //! vLLM's or SGLang's as NIM 2.x passes them through), fed by a simulated GPU with a concurrency
 //! limit, a waiting queue and optionally a KV cache of prompt prefixes that shortens the time to
 //! first token of a prompt starting like a recent one. Latency, answer length and failures (error
@@ -9,7 +10,8 @@
 //! counters, never from randomness, so a test can predict it exactly.
 //!
 //! Modules: `server` (listener, connections, dispatch), `reply` (what each endpoint answers),
-//! `metrics` (the Prometheus page in each dialect), `body` (response bodies, the stream's timing
+//! `responses` (the Responses API's object and typed events), `ranking` (reranking and its
+//! logits), `metrics` (the Prometheus page in each dialect), `body` (response bodies, the stream's timing
 //! and its injected failures), `gpu` (slots, queue, and the cache blocks a slot holds), `kv` (the
 //! prefix-block cache), `state` (shared counters, the request guard behind `completed` and
 //! `cancelled`).
@@ -18,7 +20,9 @@ mod body;
 mod gpu;
 mod kv;
 mod metrics;
+mod ranking;
 mod reply;
+mod responses;
 mod server;
 mod state;
 
@@ -39,14 +43,16 @@ pub struct SimOptions {
     pub models: Vec<String>,
     /// Time before the first token: its fixed part, to which `prefill_per_token` adds. Streams
     /// send their headers at once and hold the first event (the role chunk, as vLLM does) for
-    /// it; non-streams add it to the generation time.
+    /// it, except the Responses API's `response.created` and `response.in_progress`, sent at once
+    /// as OpenAI and vLLM send them; non-streams add it to the generation time.
     pub ttft: Duration,
     /// Prefill time per prompt token the KV cache does not hold (every token without the cache
     /// model), added to `ttft`. Prompt tokens are a quarter of the request body's bytes.
     pub prefill_per_token: Duration,
     /// Capacity of the simulated GPU's KV cache of prompt-prefix blocks, in tokens; 0 = no cache
     /// model (nothing is hashed). The prompt is the raw JSON of `messages` (chat), `prompt`
-    /// (completions) or `input` (embeddings) as sent, 4 bytes a token, cut into blocks of
+    /// (completions), `instructions` then `input` (Responses) or `input` (embeddings) as sent;
+    /// reranking neither looks up nor fills the cache. 4 bytes a token, cut into blocks of
     /// `kv_block_tokens`, each block's hash chained with the one before; a request's cached
     /// prefix is its longest run of leading blocks found in the cache. Blocks running requests
     /// hold are never evicted; the others go least recently used first.
@@ -54,7 +60,8 @@ pub struct SimOptions {
     /// Tokens per KV-cache block (vLLM's default is 16); at least 1 when the cache is on.
     pub kv_block_tokens: u32,
     /// Completion tokens per answer, capped by the request's `max_completion_tokens` or
-    /// `max_tokens` (the answer then finishes with `length`).
+    /// `max_tokens` (the answer then finishes with `length`), or for the Responses API by
+    /// `max_output_tokens` (the response is then `incomplete`).
     pub tokens: u32,
     /// Time between tokens (one token per stream chunk).
     pub chunk_delay: Duration,
@@ -172,7 +179,9 @@ pub struct Failures {
     /// head only. Either holds until the client leaves (counted as cancelled).
     pub stall_after_chunks: Option<u32>,
     /// Streams send min(n, tokens) content chunks and then end cleanly, without their finish
-    /// event or `data: [DONE]`: a stream that looks whole to HTTP but is not.
+    /// event or `data: [DONE]` (Responses: without `response.output_text.done` and what follows,
+    /// the terminal `response.completed` among them): a stream that looks whole to HTTP but is
+    /// not.
     pub end_after_chunks: Option<u32>,
     /// Accept inference requests and never answer, until the client leaves (counted as
     /// cancelled).
@@ -182,8 +191,8 @@ pub struct Failures {
 /// Counters since the sim started.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SimStats {
-    /// Inference requests received (chat, completions, embeddings) past the API key check,
-    /// failed ones included.
+    /// Inference requests received (chat, completions, Responses, embeddings, rankings) past
+    /// the API key check, failed ones included.
     pub requests: u64,
     /// Inference answers sent to their end.
     pub completed: u64,
@@ -195,7 +204,7 @@ pub struct SimStats {
     pub running: u64,
     /// Requests waiting for a GPU slot now.
     pub waiting: u64,
-    /// Stream content chunks produced.
+    /// Stream content chunks produced (one per token: Responses count their text deltas).
     pub chunks_sent: u64,
     /// Prompt tokens of requests that reached the GPU (a quarter of the body bytes, at least 1).
     pub prompt_tokens: u64,

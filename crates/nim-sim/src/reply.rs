@@ -11,6 +11,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::body::Script;
+use crate::responses;
 use crate::state::CREATED;
 
 /// The fields of an inference request the sim acts on; the rest is skipped unread.
@@ -30,11 +32,49 @@ pub struct InferRequest<'a> {
     pub tools: Option<Vec<Tool>>,
     #[serde(default)]
     pub tool_choice: Option<serde_json::Value>,
-    /// Embeddings input: a string, strings, or token arrays.
+    /// Embeddings input: a string, strings, or token arrays. Responses input: a string or an
+    /// array of input items.
     #[serde(default)]
     pub input: Option<serde_json::Value>,
     #[serde(default)]
     pub encoding_format: Option<String>,
+    /// Responses: caps the generated tokens, as `max_tokens` does for chat.
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    /// Responses: the system message, echoed as sent in the answer.
+    #[serde(borrow, default)]
+    pub instructions: Option<&'a RawValue>,
+    /// Ranking: `{"text": ...}`.
+    #[serde(default)]
+    pub query: Option<serde_json::Value>,
+    /// Ranking: `[{"text": ...}, ...]`.
+    #[serde(default)]
+    pub passages: Option<serde_json::Value>,
+}
+
+/// The inference APIs the sim serves, one path each.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    Chat,
+    Completion,
+    /// OpenAI's Responses API.
+    Responses,
+    Embeddings,
+    /// NIM's reranking API.
+    Ranking,
+}
+
+/// The prompt of a request to `api` as the KV-cache model hashes it (see `prompt_bytes` and
+/// `responses::prompt_bytes`), or `None` for reranking: a reranker scores each passage with the
+/// query as a pair of its own, so its requests neither look up nor fill the prefix cache.
+pub fn prompt(body: &[u8], api: Api) -> Option<Cow<'_, [u8]>> {
+    match api {
+        Api::Chat => Some(Cow::Borrowed(prompt_bytes(body, Some(Kind::Chat)))),
+        Api::Completion => Some(Cow::Borrowed(prompt_bytes(body, Some(Kind::Completion)))),
+        Api::Embeddings => Some(Cow::Borrowed(prompt_bytes(body, None))),
+        Api::Responses => Some(responses::prompt_bytes(body)),
+        Api::Ranking => None,
+    }
 }
 
 /// The prompt fields of an inference request, raw as sent. Read in a pass of their own, and only
@@ -89,7 +129,7 @@ const WORDS: [&str; 16] = [
     " fast", " and", " well",
 ];
 
-pub const DONE: &[u8] = b"data: [DONE]\n\n";
+const DONE: &[u8] = b"data: [DONE]\n\n";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -222,7 +262,7 @@ impl Plan {
     /// Content event `i` (0-based): one token, or the whole tool call.
     pub fn content_event(&self, i: u32) -> Bytes {
         const TAIL: &str = r#"","logprobs":null,"finish_reason":null}"#;
-        let word = WORDS[i as usize % WORDS.len()];
+        let word = word(i);
         match (self.kind, &self.tool_call) {
             (Kind::Chat, Some(call)) => self.event(&[
                 r#"{"index":0,"delta":{"tool_calls":[{"index":0,"#,
@@ -251,16 +291,48 @@ impl Plan {
     }
 }
 
+impl Script for Plan {
+    fn tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    fn heading(&self) -> Vec<Bytes> {
+        self.role_event().into_iter().collect()
+    }
+
+    fn content(&self, i: u32) -> Bytes {
+        self.content_event(i)
+    }
+
+    fn closing(&self) -> Vec<Bytes> {
+        let mut events = vec![self.finish_event()];
+        if self.include_usage {
+            events.push(self.usage_event());
+        }
+        events.push(Bytes::from_static(DONE));
+        events
+    }
+
+    fn answer(&self) -> Bytes {
+        Plan::answer(self)
+    }
+}
+
 /// `value` as a JSON string literal, quotes included.
-fn json_string(value: &str) -> String {
+pub fn json_string(value: &str) -> String {
     serde_json::Value::from(value).to_string()
+}
+
+/// Token `i` (0-based) of every answer. No word needs escaping in JSON.
+pub fn word(i: u32) -> &'static str {
+    WORDS[i as usize % WORDS.len()]
 }
 
 /// The text of `tokens` tokens.
 pub fn text(tokens: u32) -> String {
     let mut text = String::with_capacity(tokens as usize * 6);
     for i in 0..tokens {
-        text.push_str(WORDS[i as usize % WORDS.len()]);
+        text.push_str(word(i));
     }
     text
 }

@@ -24,9 +24,11 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::{InjectedReset, SimBody, Stream};
+use crate::body::{InjectedReset, Script, SimBody, Stream};
 use crate::metrics::{self, PrefixCache, Reading};
-use crate::reply::{self, InferRequest, Kind, Plan};
+use crate::ranking::Ranking;
+use crate::reply::{self, Api, InferRequest, Kind, Plan};
+use crate::responses;
 use crate::state::{RequestGuard, Shared, injects_error};
 use crate::{RecordedRequest, SimOptions, SimTls};
 
@@ -138,7 +140,7 @@ type Answer = Result<Response<SimBody>, InjectedReset>;
 /// What the sim serves at each path.
 enum Endpoint {
     Models,
-    Infer(Option<Kind>),
+    Infer(Api),
     /// Anything else, with the message saying so.
     NotFound(String),
 }
@@ -154,9 +156,11 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
         // Open like health: Prometheus and load-aware balancers scrape it without a key.
         (&Method::GET, "/v1/metrics") => return Ok(metrics(&shared)),
         (&Method::GET, "/v1/models") => Endpoint::Models,
-        (&Method::POST, "/v1/chat/completions") => Endpoint::Infer(Some(Kind::Chat)),
-        (&Method::POST, "/v1/completions") => Endpoint::Infer(Some(Kind::Completion)),
-        (&Method::POST, "/v1/embeddings") => Endpoint::Infer(None),
+        (&Method::POST, "/v1/chat/completions") => Endpoint::Infer(Api::Chat),
+        (&Method::POST, "/v1/completions") => Endpoint::Infer(Api::Completion),
+        (&Method::POST, "/v1/responses") => Endpoint::Infer(Api::Responses),
+        (&Method::POST, "/v1/embeddings") => Endpoint::Infer(Api::Embeddings),
+        (&Method::POST, "/v1/ranking") => Endpoint::Infer(Api::Ranking),
         (method, path) => Endpoint::NotFound(format!("no route for {method} {path}")),
     };
     // The API key guards `/v1/*` (health and metrics answered above); other paths are unknown.
@@ -170,7 +174,7 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
     }
     match endpoint {
         Endpoint::Models => Ok(json(StatusCode::OK, shared.models_json.clone())),
-        Endpoint::Infer(kind) => infer(shared, kind, body).await,
+        Endpoint::Infer(api) => infer(shared, api, body).await,
         Endpoint::NotFound(message) => Ok(error(StatusCode::NOT_FOUND, &message)),
     }
 }
@@ -195,8 +199,20 @@ fn authorized(shared: &Shared, authorization: Option<&HeaderValue>) -> bool {
     presented == Some(expected)
 }
 
-/// A chat completion, completion or embeddings request (`kind` None), already authorized.
-async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
+/// What an inference request asks the GPU for, its body checked.
+enum Work {
+    /// Tokens, as a chat completion or a completion.
+    Generate(Kind),
+    /// Tokens, as a Response.
+    Respond,
+    /// Embeddings of these texts.
+    Embed(Vec<String>),
+    /// Rankings of these passages.
+    Rank(Ranking),
+}
+
+/// An inference request to `api`, already authorized.
+async fn infer(shared: Arc<Shared>, api: Api, body: Bytes) -> Answer {
     let counters = &shared.counters;
     counters.requests.fetch_add(1, Ordering::Relaxed);
     // From here on, being dropped before `complete` or `refuse` means the client left.
@@ -243,15 +259,25 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
         guard.refuse();
         return Ok(error(StatusCode::NOT_FOUND, &format!("The model `{model}` does not exist.")));
     }
-    let embedding_inputs = match kind {
-        Some(_) => None,
-        None => match request.input.as_ref().and_then(reply::embedding_inputs) {
-            Some(inputs) => Some(inputs),
-            None => {
-                guard.refuse();
-                return Ok(error(StatusCode::BAD_REQUEST, "`input` must be a string, strings or token arrays"));
-            }
+    let checked = match api {
+        Api::Chat => Ok(Work::Generate(Kind::Chat)),
+        Api::Completion => Ok(Work::Generate(Kind::Completion)),
+        Api::Responses => match request.input.as_ref().is_some_and(responses::is_input) {
+            true => Ok(Work::Respond),
+            false => Err("`input` must be a string or an array of input items"),
         },
+        Api::Embeddings => match request.input.as_ref().and_then(reply::embedding_inputs) {
+            Some(inputs) => Ok(Work::Embed(inputs)),
+            None => Err("`input` must be a string, strings or token arrays"),
+        },
+        Api::Ranking => Ranking::read(request.query.as_ref(), request.passages.as_ref()).map(Work::Rank),
+    };
+    let work = match checked {
+        Ok(work) => work,
+        Err(message) => {
+            guard.refuse();
+            return Ok(error(StatusCode::BAD_REQUEST, message));
+        }
     };
     let prompt_tokens = (body.len() as u64 / 4).max(1);
 
@@ -260,31 +286,47 @@ async fn infer(shared: Arc<Shared>, kind: Option<Kind>, body: Bytes) -> Answer {
         return Ok(error(StatusCode::TOO_MANY_REQUESTS, "the request queue is full; retry later"));
     };
     counters.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
-    let uncached = slot.prefill(|| reply::prompt_bytes(&body, kind), prompt_tokens);
+    // The prompt is extracted only for the cache model, so the cache-less hot path never reads it.
+    let uncached = match shared.gpu.kv().and_then(|_| reply::prompt(&body, api)) {
+        Some(prompt) => slot.prefill(|| prompt.as_ref(), prompt_tokens),
+        None => prompt_tokens,
+    };
     let first_token = time_to_first_token(&shared.options, uncached);
 
-    let Some(kind) = kind else {
-        let inputs = embedding_inputs.unwrap_or_default();
-        let base64 = request.encoding_format.as_deref() == Some("base64");
-        sleep(first_token).await;
-        drop(slot);
-        let answer = reply::embeddings_answer(model, &inputs, shared.options.embedding_dim, base64, prompt_tokens);
-        return Ok(answer_response(answer, guard));
+    let script: Box<dyn Script> = match work {
+        Work::Embed(inputs) => {
+            let base64 = request.encoding_format.as_deref() == Some("base64");
+            sleep(first_token).await;
+            drop(slot);
+            let answer = reply::embeddings_answer(model, &inputs, shared.options.embedding_dim, base64, prompt_tokens);
+            return Ok(answer_response(answer, guard));
+        }
+        Work::Rank(ranking) => {
+            sleep(first_token).await;
+            drop(slot);
+            return Ok(answer_response(ranking.answer(prompt_tokens), guard));
+        }
+        Work::Generate(kind) => {
+            Box::new(Plan::new(kind, sequence, model, &request, shared.options.tokens, prompt_tokens))
+        }
+        Work::Respond => {
+            let cached = prompt_tokens.saturating_sub(uncached);
+            Box::new(responses::Plan::new(sequence, model, &request, shared.options.tokens, prompt_tokens, cached))
+        }
     };
-
-    let plan = Plan::new(kind, sequence, model, &request, shared.options.tokens, prompt_tokens);
     if request.stream.unwrap_or(false) {
-        let stream = Stream::new(Arc::clone(&shared), plan, &failures, guard, slot, first_token);
+        let stream = Stream::new(Arc::clone(&shared), script, &failures, guard, slot, first_token);
         let mut response = Response::new(SimBody::Stream(Box::new(stream)));
         response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
         response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         return Ok(response);
     }
 
-    sleep(first_token + shared.options.chunk_delay * plan.tokens).await;
-    counters.generation_tokens.fetch_add(plan.completion_tokens(), Ordering::Relaxed);
+    let tokens = script.tokens();
+    sleep(first_token + shared.options.chunk_delay * tokens).await;
+    counters.generation_tokens.fetch_add(u64::from(tokens), Ordering::Relaxed);
     drop(slot);
-    let answer = plan.answer();
+    let answer = script.answer();
     if failures.stall_after_chunks.is_some() {
         counters.errors_injected.fetch_add(1, Ordering::Relaxed);
         return Ok(with_length(SimBody::Stalled { _held: guard }, answer.len()));

@@ -934,3 +934,441 @@ async fn a_kv_cache_with_blocks_of_no_tokens_is_refused_at_start() {
     let error = Sim::start(options).await.err().unwrap();
     assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput);
 }
+
+const RERANK: &str = "nvidia/nv-rerankqa-mistral-4b-v3";
+
+fn respond(input: Value, stream: bool) -> Value {
+    json!({ "model": LLAMA, "input": input, "stream": stream })
+}
+
+/// The typed events of a whole Responses stream as (event line, parsed data), checking that every
+/// event is one `event:` line and one `data:` line.
+fn typed_events(text: &str) -> Vec<(String, Value)> {
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(text.ends_with("\n\n"), "{text}");
+    events
+        .iter()
+        .map(|event| {
+            let (line, data) = event.split_once('\n').unwrap_or_else(|| panic!("not typed: {event}"));
+            let kind = line.strip_prefix("event: ").unwrap_or_else(|| panic!("no event line: {event}"));
+            let data = data.strip_prefix("data: ").unwrap_or_else(|| panic!("no data line: {event}"));
+            assert!(!data.contains('\n'), "{event}");
+            (kind.to_owned(), serde_json::from_str(data).unwrap())
+        })
+        .collect()
+}
+
+/// A Responses answer with its ids (`resp_<n>`, `msg_<n>`) blanked, which differ per request.
+fn without_ids(mut response: Value) -> Value {
+    assert!(response["id"].as_str().unwrap().starts_with("resp_"), "{response}");
+    response["id"] = json!("resp_");
+    for item in response["output"].as_array_mut().unwrap() {
+        assert!(item["id"].as_str().unwrap().starts_with("msg_"), "{item}");
+        item["id"] = json!("msg_");
+    }
+    response
+}
+
+#[tokio::test]
+async fn a_response_has_openais_shape_chats_text_and_usage() {
+    let sim = Sim::start(SimOptions { tokens: 4, ..SimOptions::default() }).await.unwrap();
+    let request = respond(json!("hi"), false);
+    let (status, body) = send(&sim, "/v1/responses", &request).await;
+    assert_eq!(status, 200);
+    let (_, chat) = send(&sim, "/v1/chat/completions", &chat(false)).await;
+    let input_tokens = request.to_string().len() as u64 / 4;
+    assert_eq!(
+        without_ids(body.clone()),
+        json!({
+            "id": "resp_", "object": "response", "created_at": 1_700_000_000, "status": "completed",
+            "error": null, "incomplete_details": null, "instructions": null, "max_output_tokens": null,
+            "model": LLAMA,
+            "output": [{
+                "type": "message", "id": "msg_", "status": "completed", "role": "assistant",
+                "content": [{ "type": "output_text", "text": " The quick brown fox", "annotations": [], "logprobs": [] }]
+            }],
+            "parallel_tool_calls": true, "previous_response_id": null,
+            "reasoning": { "effort": null, "summary": null }, "store": false, "temperature": 1.0,
+            "text": { "format": { "type": "text" } }, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": input_tokens, "input_tokens_details": { "cached_tokens": 0 },
+                "output_tokens": 4, "output_tokens_details": { "reasoning_tokens": 0 },
+                "total_tokens": input_tokens + 4
+            },
+            "user": null, "metadata": {}
+        })
+    );
+    assert_eq!(body["output"][0]["content"][0]["text"], chat["choices"][0]["message"]["content"], "chat's text");
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.completed, stats.generation_tokens), (2, 2, 8));
+    assert_eq!(stats.prompt_tokens, input_tokens + chat["usage"]["prompt_tokens"].as_u64().unwrap());
+
+    // Input items in either form, and instructions, echoed as sent; only the ids differ.
+    let items = json!([
+        { "role": "user", "content": "hi" },
+        { "type": "message", "role": "user", "content": [{ "type": "input_text", "text": "there" }] }
+    ]);
+    let mut request = respond(items, false);
+    request["instructions"] = json!("Be \"brief\".");
+    let (status, first) = send(&sim, "/v1/responses", &request).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["instructions"], "Be \"brief\".");
+    let (_, second) = send(&sim, "/v1/responses", &request).await;
+    assert_ne!(first["id"], second["id"]);
+    assert_ne!(first["output"][0]["id"], second["output"][0]["id"]);
+    assert_eq!(without_ids(first), without_ids(second), "deterministic but for the ids");
+}
+
+#[tokio::test]
+async fn a_responses_request_for_an_unknown_model_or_without_input_is_refused_as_chat_is() {
+    let sim = Sim::start(SimOptions { api_key: Some("k".into()), ..SimOptions::default() }).await.unwrap();
+    let (status, body) = send(&sim, "/v1/responses", &respond(json!("hi"), false)).await;
+    assert_eq!((status.as_u16(), body["error"]["type"].clone()), (401, json!("AuthenticationError")));
+    assert_eq!(sim.stats().requests, 0);
+
+    let authorized = |body: Value| {
+        Request::post(format!("{}/v1/responses", sim.url()))
+            .header("authorization", "Bearer k")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let read = |response: http::Response<Incoming>| async move {
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        (status, body)
+    };
+    let (status, body) =
+        read(client().request(authorized(json!({ "model": "no/such", "input": "hi" }))).await.unwrap()).await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        body,
+        json!({ "error": { "message": "The model `no/such` does not exist.", "type": "NotFoundError", "code": 404 } })
+    );
+    for bad in [json!({ "model": LLAMA }), json!({ "model": LLAMA, "input": 42 })] {
+        let (status, body) = read(client().request(authorized(bad)).await.unwrap()).await;
+        assert_eq!((status, body["error"]["type"].clone()), (400, json!("BadRequestError")), "{body}");
+    }
+    let (status, _) = read(client().request(authorized(json!({ "model": LLAMA, "input": "hi" }))).await.unwrap()).await;
+    assert_eq!(status, 200);
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.completed), (4, 1));
+}
+
+#[tokio::test]
+async fn a_responses_stream_sends_typed_events_in_openais_order_and_no_done() {
+    let sim = Sim::start(SimOptions { tokens: 3, record_requests: true, ..SimOptions::default() }).await.unwrap();
+    let (_, json_answer) = send(&sim, "/v1/responses", &respond(json!("hi"), false)).await;
+    let response = client().request(post(&sim, "/v1/responses", &respond(json!("hi"), true))).await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let text = drain(&mut response.into_body()).await.unwrap();
+    assert!(!text.contains("[DONE]"), "{text}");
+    let events = typed_events(&text);
+    let kinds: Vec<&str> = events.iter().map(|(kind, _)| kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed"
+        ]
+    );
+    for (n, (kind, data)) in events.iter().enumerate() {
+        assert_eq!((data["type"].as_str(), data["sequence_number"].as_u64()), (Some(kind.as_str()), Some(n as u64)));
+    }
+    let created = &events[0].1["response"];
+    assert_eq!((created["status"].clone(), created["output"].clone()), (json!("in_progress"), json!([])));
+    assert_eq!(created["usage"], Value::Null);
+    assert_eq!(events[1].1["response"], *created);
+    let item_id = events[2].1["item"]["id"].clone();
+    assert_eq!(
+        events[2].1["item"],
+        json!({ "type": "message", "id": item_id, "status": "in_progress", "role": "assistant", "content": [] })
+    );
+    assert_eq!(
+        events[4].1,
+        json!({
+            "type": "response.output_text.delta", "item_id": item_id, "output_index": 0, "content_index": 0,
+            "delta": " The", "logprobs": [], "sequence_number": 4
+        })
+    );
+    let deltas: String = events[4..7].iter().map(|(_, data)| data["delta"].as_str().unwrap()).collect();
+    let json_text = json_answer["output"][0]["content"][0]["text"].as_str().unwrap();
+    assert_eq!(deltas, json_text);
+    assert_eq!(events[7].1["text"], json_text);
+    assert_eq!(events[8].1["part"], json_answer["output"][0]["content"][0]);
+    assert_eq!(events[9].1["item"]["id"], item_id);
+    let completed = &events[10].1["response"];
+    assert_eq!(completed["id"], created["id"]);
+    assert_eq!(without_ids(completed.clone()), without_ids(json_answer.clone()), "the whole response");
+    let requested = sim.recorded()[1].body.len() as u64 / 4;
+    assert_eq!(completed["usage"]["input_tokens"], requested);
+    assert_eq!(completed["usage"]["output_tokens"], 3);
+    assert_eq!(completed["usage"]["total_tokens"], requested + 3);
+    let stats = sim.stats();
+    assert_eq!((stats.chunks_sent, stats.generation_tokens, stats.completed), (3, 6, 2));
+}
+
+#[tokio::test]
+async fn max_output_tokens_cuts_a_response_as_incomplete() {
+    let sim = Sim::start(SimOptions { tokens: 5, ..SimOptions::default() }).await.unwrap();
+    let mut request = respond(json!("hi"), false);
+    request["max_output_tokens"] = json!(2);
+    let (status, body) = send(&sim, "/v1/responses", &request).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["status"].clone(), body["incomplete_details"].clone()),
+        (json!("incomplete"), json!({ "reason": "max_output_tokens" }))
+    );
+    assert_eq!(body["max_output_tokens"], 2);
+    assert_eq!(body["output"][0]["status"], "incomplete");
+    assert_eq!(body["output"][0]["content"][0]["text"], " The quick");
+    assert_eq!(body["usage"]["output_tokens"], 2);
+
+    request["stream"] = json!(true);
+    let response = client().request(post(&sim, "/v1/responses", &request)).await.unwrap();
+    let events = typed_events(&drain(&mut response.into_body()).await.unwrap());
+    assert_eq!(events.len(), 4 + 2 + 4);
+    let (kind, last) = events.last().unwrap();
+    assert_eq!(kind, "response.incomplete");
+    let mut terminal = without_ids(last["response"].clone());
+    assert_eq!(terminal["usage"]["output_tokens"], 2);
+    // The streamed request's body is longer ("stream":true), so it has its own input tokens.
+    terminal["usage"] = body["usage"].clone();
+    assert_eq!(terminal, without_ids(body));
+    assert!(events.iter().all(|(kind, _)| kind != "response.completed"));
+
+    request["max_output_tokens"] = json!(5);
+    request["stream"] = json!(false);
+    let (_, body) = send(&sim, "/v1/responses", &request).await;
+    assert_eq!(body["status"], "completed", "a cap the answer does not reach cuts nothing");
+}
+
+#[tokio::test]
+async fn an_early_end_of_a_responses_stream_sends_no_terminal_event() {
+    let sim = Sim::start(SimOptions {
+        tokens: 5,
+        failures: Failures { end_after_chunks: Some(2), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let response = client().request(post(&sim, "/v1/responses", &respond(json!("hi"), true))).await.unwrap();
+    let text = drain(&mut response.into_body()).await.expect("ends cleanly, not broken");
+    let kinds: Vec<String> = typed_events(&text).into_iter().map(|(kind, _)| kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.delta"
+        ]
+    );
+    let stats = sim.stats();
+    assert_eq!((stats.errors_injected, stats.completed, stats.cancelled), (1, 0, 0));
+
+    sim.set_failures(Failures { reset_after_chunks: Some(1), ..Failures::default() });
+    let response = client().request(post(&sim, "/v1/responses", &respond(json!("hi"), true))).await.unwrap();
+    let text = drain(&mut response.into_body()).await.expect_err("the stream breaks");
+    assert_eq!(text.matches("event: response.output_text.delta\n").count(), 1, "{text}");
+    assert!(!text.contains("response.completed"), "{text}");
+
+    sim.set_failures(Failures { stall_after_chunks: Some(1), ..Failures::default() });
+    let response = client().request(post(&sim, "/v1/responses", &respond(json!("hi"), true))).await.unwrap();
+    let mut body = response.into_body();
+    let mut seen = String::new();
+    while !seen.contains("response.output_text.delta") {
+        seen.push_str(&String::from_utf8_lossy(&body.frame().await.unwrap().unwrap().into_data().unwrap()));
+    }
+    assert!(tokio::time::timeout(Duration::from_millis(150), body.frame()).await.is_err(), "silent after one delta");
+    drop(body);
+    eventually("the stalled stream counts as cancelled", || sim.stats().cancelled == 1).await;
+    assert_eq!(sim.stats().errors_injected, 3);
+}
+
+#[tokio::test]
+async fn injected_errors_and_a_full_queue_refuse_responses_and_rankings_too() {
+    let sim = Sim::start(SimOptions {
+        models: vec![LLAMA.into(), RERANK.into()],
+        failures: Failures { error_rate: 1.0, error_status: 503, retry_after: Some(3), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let ranking = json!({ "model": RERANK, "query": { "text": "q" }, "passages": [{ "text": "p" }] });
+    for (path, body) in [("/v1/responses", respond(json!("hi"), true)), ("/v1/ranking", ranking)] {
+        let response = client().request(post(&sim, path, &body)).await.unwrap();
+        assert_eq!(
+            (response.status().as_u16(), response.headers()["retry-after"].to_str().unwrap()),
+            (503, "3"),
+            "{path}"
+        );
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.errors_injected, stats.completed), (2, 2, 0));
+}
+
+// The clock is paused, as in the chat test, so the time to first token is exact.
+#[tokio::test(start_paused = true)]
+async fn a_responses_stream_acknowledges_at_once_and_waits_for_the_first_token_after_cached_prefill() {
+    let prefill = Duration::from_micros(200);
+    let sim = Sim::start(SimOptions {
+        ttft: Duration::from_millis(5),
+        prefill_per_token: prefill,
+        kv_cache_tokens: 100_000,
+        record_requests: true,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let instructions = "You are a helpful assistant. ".repeat(100);
+    let request = |input: &str| json!({ "model": LLAMA, "instructions": instructions, "input": input, "stream": true });
+    // Times to the frame holding `response.created` and to the first delta.
+    let sim = &sim;
+    let timed = |request: Value| async move {
+        let started = tokio::time::Instant::now();
+        let response = client().request(post(sim, "/v1/responses", &request)).await.unwrap();
+        let mut body = response.into_body();
+        let mut seen = String::new();
+        let mut acknowledged = None;
+        while !seen.contains("response.output_text.delta") {
+            seen.push_str(&String::from_utf8_lossy(&body.frame().await.unwrap().unwrap().into_data().unwrap()));
+            acknowledged.get_or_insert(started.elapsed());
+        }
+        let first_token = started.elapsed();
+        let events = typed_events(&format!("{seen}{}", drain(&mut body).await.unwrap()));
+        (acknowledged.unwrap(), first_token, events.last().unwrap().1["response"]["usage"].clone())
+    };
+
+    let (acknowledged, cold, usage) = timed(request("first question")).await;
+    let prompt_tokens = sim.recorded()[0].body.len() as u64 / 4;
+    assert_eq!(usage["input_tokens"], prompt_tokens);
+    assert_eq!(usage["input_tokens_details"]["cached_tokens"], 0);
+    assert!(acknowledged < Duration::from_millis(1), "created and in_progress at once: {acknowledged:?}");
+    let expected = Duration::from_millis(5) + prefill * prompt_tokens as u32;
+    assert!(cold >= expected && cold < expected + Duration::from_millis(5), "{cold:?}, expected {expected:?}");
+
+    // Another input after the same instructions: the instructions' whole blocks are cached.
+    let (_, warm, usage) = timed(request("second question")).await;
+    let cached = usage["input_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached, json!(instructions).to_string().len() as u64 / 64 * 16, "the instructions' whole blocks");
+    assert_eq!(sim.stats().prefix_cache_hits, cached);
+    let uncached = usage["input_tokens"].as_u64().unwrap() - cached;
+    let expected = Duration::from_millis(5) + prefill * uncached as u32;
+    assert!(warm >= expected && warm < expected + Duration::from_millis(5), "{warm:?}, expected {expected:?}");
+}
+
+fn rerank(query: &str, passages: &[&str]) -> Value {
+    let passages: Vec<Value> = passages.iter().map(|text| json!({ "text": text })).collect();
+    json!({ "model": RERANK, "query": { "text": query }, "passages": passages, "truncate": "END" })
+}
+
+#[tokio::test]
+async fn rankings_order_passages_by_shared_words_deterministically_with_usage() {
+    let sim = Sim::start(SimOptions {
+        models: vec![RERANK.into()],
+        ttft: Duration::from_millis(30),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let request = rerank(
+        "Which GPU runs NIM fastest?",
+        &["Bananas are yellow.", "NIM runs on any NVIDIA GPU.", "The fastest GPU runs NIM: which is it?", "gpu"],
+    );
+    let started = Instant::now();
+    let (status, body) = send(&sim, "/v1/ranking", &request).await;
+    assert!(started.elapsed() >= Duration::from_millis(30), "ttft applies: {:?}", started.elapsed());
+    assert_eq!(status, 200);
+    let tokens = request.to_string().len() as u64 / 4;
+    // Five query words: which gpu runs nim fastest. A logit is those present minus those absent.
+    assert_eq!(
+        body,
+        json!({
+            "rankings": [
+                { "index": 2, "logit": 5.0 },
+                { "index": 1, "logit": 1.0 },
+                { "index": 3, "logit": -3.0 },
+                { "index": 0, "logit": -5.0 }
+            ],
+            "usage": { "prompt_tokens": tokens, "total_tokens": tokens }
+        })
+    );
+    let (_, again) = send(&sim, "/v1/ranking", &request).await;
+    assert_eq!(again, body, "deterministic");
+
+    let (_, ties) = send(&sim, "/v1/ranking", &rerank("a b", &["b", "c", "a"])).await;
+    let order: Vec<u64> = ties["rankings"].as_array().unwrap().iter().map(|r| r["index"].as_u64().unwrap()).collect();
+    assert_eq!(order, [0, 2, 1], "equal logits by index");
+
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.completed, stats.generation_tokens, stats.chunks_sent), (3, 3, 0, 0));
+    assert_eq!(stats.prompt_tokens, 2 * tokens + rerank("a b", &["b", "c", "a"]).to_string().len() as u64 / 4);
+}
+
+#[tokio::test]
+async fn a_ranking_with_a_bad_body_an_unknown_model_or_no_key_is_refused() {
+    let sim = Sim::start(SimOptions {
+        models: vec![RERANK.into()],
+        api_key: Some("k".into()),
+        record_requests: true,
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let ranking = |body: &Value, key: &str| {
+        Request::post(format!("{}/v1/ranking", sim.url()))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    };
+    let read = |response: http::Response<Incoming>| async move {
+        let status = response.status().as_u16();
+        let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        (status, body)
+    };
+    let good = rerank("q", &["p"]);
+    let (status, body) = read(client().request(ranking(&good, "nope")).await.unwrap()).await;
+    assert_eq!((status, body["error"]["code"].clone()), (401, json!(401)));
+
+    let bad_bodies = [
+        json!({ "model": RERANK, "passages": [{ "text": "p" }] }),
+        json!({ "model": RERANK, "query": "q", "passages": [{ "text": "p" }] }),
+        json!({ "model": RERANK, "query": { "text": "q" } }),
+        json!({ "model": RERANK, "query": { "text": "q" }, "passages": ["p"] }),
+        json!({ "model": RERANK, "query": { "text": "q" }, "passages": [{ "text": "p" }, { "content": "p" }] }),
+        json!({ "model": RERANK, "query": { "text": "q" }, "passages": { "text": "p" } }),
+    ];
+    for bad in &bad_bodies {
+        let (status, body) = read(client().request(ranking(bad, "k")).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"]["type"].clone(), body["error"]["code"].clone()),
+            (400, json!("BadRequestError"), json!(400)),
+            "{bad}"
+        );
+        assert!(body["error"]["message"].as_str().unwrap().contains("must be"), "{body}");
+    }
+    let mut unknown = good.clone();
+    unknown["model"] = json!("no/such");
+    let (status, body) = read(client().request(ranking(&unknown, "k")).await.unwrap()).await;
+    assert_eq!((status, body["error"]["type"].clone()), (404, json!("NotFoundError")));
+    let (status, _) = read(client().request(ranking(&good, "k")).await.unwrap()).await;
+    assert_eq!(status, 200);
+
+    let stats = sim.stats();
+    assert_eq!((stats.requests, stats.completed, stats.prompt_tokens), (8, 1, good.to_string().len() as u64 / 4));
+    let recorded = sim.recorded();
+    assert_eq!(recorded.len(), 9, "refused ones included");
+    assert_eq!((recorded[8].path.as_str(), recorded[8].body.clone()), ("/v1/ranking", Bytes::from(good.to_string())));
+}
