@@ -1,5 +1,5 @@
-"""End-to-end fixtures: a real llama.cpp server (tiny generated model) behind a real nimgate
-binary, driven by the official OpenAI Python SDK. Ports are ephemeral, everything is loopback,
+"""End-to-end fixtures: a real llama.cpp server (tiny generated model) and nim-sim (for the APIs
+llama.cpp does not serve) behind a real nimgate binary, driven by the official OpenAI Python SDK. Ports are ephemeral, everything is loopback,
 and every process is stopped at the end of the session (nimgate must exit 0 on SIGTERM)."""
 
 import hashlib
@@ -25,6 +25,7 @@ KEY_ALL = "sk-e2e-all"
 KEY_ALIAS_ONLY = "sk-e2e-alias-only"
 KEY_METERED = "sk-e2e-metered"  # tokens_per_minute: 600
 KEY_ONE_PER_MINUTE = "sk-e2e-one-per-minute"  # requests_per_minute: 1
+SIM_MODEL = "sim/llama"  # served by nim-sim
 
 
 def free_port() -> int:
@@ -74,7 +75,23 @@ def llama_server(workdir):
 
 
 @pytest.fixture(scope="session")
-def gateway(llama_server, workdir):
+def nim_sim(workdir):
+    binary = os.environ.get("NIM_SIM_BIN") or str(ROOT / "target" / "debug" / "nim-sim")
+    port = free_port()
+    log = workdir / "nim-sim.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([binary, "--listen", f"127.0.0.1:{port}", "--model", SIM_MODEL, "--tokens", "8"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/v1/health/ready", proc, log, 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def gateway(llama_server, nim_sim, workdir):
     binary = os.environ.get("NIMGATE_BIN") or str(ROOT / "target" / "debug" / "nimgate")
     port = free_port()
     digest = lambda key: hashlib.sha256(key.encode()).hexdigest()  # noqa: E731
@@ -88,7 +105,11 @@ backends:
   - name: llama-cpp
     url: {llama_server}
     timeouts: {{ first_byte: 60s }}
+  - name: nim-sim
+    url: {nim_sim}
 routes:
+  - model: {SIM_MODEL}
+    backends: [nim-sim]
   - model: {MODEL}
     backends: [llama-cpp]
   - model: {ALIAS}

@@ -1,10 +1,11 @@
-"""The official OpenAI SDK through nimgate to a real llama.cpp server. The model is random, so
-these tests assert structure, usage and finish reasons, never the text."""
+"""The official OpenAI SDK through nimgate to a real llama.cpp server (and to nim-sim for the
+Responses API, which llama.cpp does not serve). The model is random, so these tests assert
+structure, usage and finish reasons, never the text."""
 
 import openai
 import pytest
 
-from conftest import ALIAS, KEY_ALIAS_ONLY, KEY_METERED, KEY_ONE_PER_MINUTE, MODEL, sdk
+from conftest import ALIAS, KEY_ALIAS_ONLY, KEY_METERED, KEY_ONE_PER_MINUTE, MODEL, SIM_MODEL, sdk
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 
@@ -53,7 +54,7 @@ def test_completion(client):
 
 def test_models_lists_the_routed_models(client):
     ids = [model.id for model in client.models.list()]
-    assert ids == [MODEL, ALIAS]
+    assert ids == [SIM_MODEL, MODEL, ALIAS]
 
 
 def test_alias_is_served_by_the_upstream_model(gateway):
@@ -115,3 +116,39 @@ def test_over_the_request_limit_is_a_rate_limit_error(gateway):
     assert error.value.code == "rate_limit_exceeded"
     assert 1 <= int(error.value.response.headers["retry-after"]) <= 60
     assert error.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_responses_create(client):
+    response = client.responses.create(model=SIM_MODEL, input="Write a haiku about GPUs", max_output_tokens=32)
+    assert response.status == "completed"
+    assert response.output_text.strip()
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens == 8
+
+
+def test_responses_stream(client):
+    events = list(client.responses.create(model=SIM_MODEL, input=[{"role": "user", "content": "Hi"}], stream=True))
+    types = [event.type for event in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed", types
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text
+    assert events[-1].response.usage.output_tokens == 8
+
+
+def test_responses_stream_helper_and_metering(gateway):
+    client = sdk(gateway, KEY_METERED)
+    budget = int(client.models.with_raw_response.list().headers["x-ratelimit-remaining-tokens"])
+    with client.responses.stream(model=SIM_MODEL, input="Hi", max_output_tokens=100) as stream:
+        final = stream.get_final_response()
+    after = int(client.models.with_raw_response.list().headers["x-ratelimit-remaining-tokens"])
+    # Charged the usage of the terminal event, not the reservation (its prompt + 100).
+    assert final.usage.total_tokens - 1 <= budget - after <= final.usage.total_tokens, (budget, after, final.usage)
+
+
+def test_responses_through_llama_cpp(client):
+    # llama.cpp's server serves the Responses API too: plain and streamed through nimgate.
+    response = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, temperature=0)
+    assert response.usage.output_tokens > 0 and response.usage.input_tokens > 0
+    events = list(client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, stream=True))
+    types = [event.type for event in events]
+    assert types[-1] in ("response.completed", "response.incomplete"), types
+    assert events[-1].response.usage.output_tokens > 0

@@ -11,20 +11,51 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// OpenAI's Responses API.
+    Responses,
+    /// NIM's reranking API.
+    Ranking,
     Models,
+}
+
+/// How an endpoint's streams end when they are complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// Chat and completions: a last `data: [DONE]`.
+    Done,
+    /// The Responses API: a terminal typed event (`response.completed`, `response.incomplete`
+    /// or `response.failed`), and no `[DONE]`.
+    TerminalEvent,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order of `index`.
-    pub const ALL: [Endpoint; 4] = [Self::ChatCompletions, Self::Completions, Self::Embeddings, Self::Models];
+    pub const ALL: [Endpoint; 6] =
+        [Self::ChatCompletions, Self::Completions, Self::Embeddings, Self::Responses, Self::Ranking, Self::Models];
 
     pub const fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/v1/chat/completions",
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+            Self::Ranking => "/v1/ranking",
             Self::Models => "/v1/models",
         }
+    }
+
+    /// How its streams end.
+    pub fn stream_end(self) -> StreamEnd {
+        match self {
+            Self::Responses => StreamEnd::TerminalEvent,
+            _ => StreamEnd::Done,
+        }
+    }
+
+    /// Whether a stream's usage must be asked for with `stream_options` (chat and completions;
+    /// a Responses stream always carries it in its terminal event and refuses the option).
+    pub fn usage_needs_stream_options(self) -> bool {
+        matches!(self, Self::ChatCompletions | Self::Completions)
     }
 
     /// A dense index, for per-endpoint tables built once per backend.
@@ -32,9 +63,9 @@ impl Endpoint {
         self as usize
     }
 
-    /// Whether its answers generate tokens (embeddings only read them).
+    /// Whether its answers generate tokens (embeddings and rankings only read them).
     pub fn completes(self) -> bool {
-        self != Self::Embeddings
+        !matches!(self, Self::Embeddings | Self::Ranking)
     }
 }
 
@@ -71,10 +102,12 @@ impl Resource {
 
 /// Every path nimgate serves. NIM's own health paths are served too, so that probes written
 /// for a NIM work against the gateway unchanged.
-const SERVED: [(&str, Resource); 8] = [
+const SERVED: [(&str, Resource); 10] = [
     (Endpoint::ChatCompletions.path(), Resource::Inference(Endpoint::ChatCompletions)),
     (Endpoint::Completions.path(), Resource::Inference(Endpoint::Completions)),
     (Endpoint::Embeddings.path(), Resource::Inference(Endpoint::Embeddings)),
+    (Endpoint::Responses.path(), Resource::Inference(Endpoint::Responses)),
+    (Endpoint::Ranking.path(), Resource::Inference(Endpoint::Ranking)),
     (Endpoint::Models.path(), Resource::Models),
     ("/health/live", Resource::Live),
     ("/health/ready", Resource::Ready),
@@ -104,6 +137,9 @@ mod tests {
         assert_eq!(resource("/v1/embeddings"), Some((Resource::Inference(Endpoint::Embeddings), "/v1/embeddings")));
         assert_eq!(resource("/v1/models").map(|r| r.0), Some(Resource::Models));
         assert_eq!(resource("/v1/chat/completions/"), None);
+        assert_eq!(resource("/v1/responses").map(|r| r.0), Some(Resource::Inference(Endpoint::Responses)));
+        assert_eq!(resource("/v1/ranking").map(|r| r.0), Some(Resource::Inference(Endpoint::Ranking)));
+        assert!(!Endpoint::Ranking.completes() && Endpoint::Responses.completes());
     }
 
     #[test]

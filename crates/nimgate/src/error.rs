@@ -253,6 +253,27 @@ impl GatewayError {
         event.extend_from_slice(b"\n\n");
         Bytes::from(event)
     }
+
+    /// The error as the last event of a Responses API stream, in that API's own shape (its
+    /// streams have typed events and no `[DONE]`): `event: error` with
+    /// `{"type": "error", "code", "message", "param"}`.
+    pub fn responses_sse_event(&self) -> Bytes {
+        #[derive(serde::Serialize)]
+        struct ErrorEvent<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            code: &'static str,
+            message: &'a str,
+            param: Option<&'a str>,
+        }
+        let message = self.to_string();
+        let data = ErrorEvent { kind: "error", code: self.code(), message: &message, param: None };
+        let mut event = b"event: error\ndata: ".to_vec();
+        // Serialising plain strings into a Vec cannot fail.
+        event.extend_from_slice(&serde_json::to_vec(&data).unwrap_or_default());
+        event.extend_from_slice(b"\n\n");
+        Bytes::from(event)
+    }
 }
 
 #[cfg(test)]

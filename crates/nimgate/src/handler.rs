@@ -115,7 +115,7 @@ async fn infer(
         endpoint,
         client_headers: &parts.headers,
         request_id: &exchange.request_id,
-        body: request::outgoing(route, &head, &body, &key.priority),
+        body: request::outgoing(route, endpoint, &head, &body, &key.priority),
     };
     // Hashed only for a route with prefix affinity: the others never look at the prompt. Seeded
     // by the model the backend sees: a cached prefix serves that model only.
@@ -137,6 +137,7 @@ async fn infer(
         started: exchange.started,
         stream: head.stream,
         estimate,
+        endpoint,
     };
     Ok(streaming::forward(answer, admission.and_then(|a| a.permit), origin))
 }

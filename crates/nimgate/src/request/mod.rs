@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::api::Endpoint;
 use crate::error::GatewayError;
 use crate::routing::Route;
 use crate::upstream::UpstreamBody;
@@ -181,7 +182,13 @@ pub fn request_usage(body: &[u8], options: &StreamOptions) -> Edit {
 ///
 /// On a route with `pass_priority`, `priority` (the key's, as JSON) replaces the body's own
 /// `priority` or is added.
-pub fn outgoing(route: &Route, head: &RequestHead<'_>, body: &Bytes, priority: &Bytes) -> UpstreamBody {
+pub fn outgoing(
+    route: &Route,
+    endpoint: Endpoint,
+    head: &RequestHead<'_>,
+    body: &Bytes,
+    priority: &Bytes,
+) -> UpstreamBody {
     let alias =
         route.upstream_model.as_ref().map(|alias| Edit { span: head.model_span.clone(), bytes: alias.json.clone() });
     let priority = route.pass_priority.then(|| match &head.priority_span {
@@ -204,7 +211,8 @@ pub fn outgoing(route: &Route, head: &RequestHead<'_>, body: &Bytes, priority: &
         count += 1;
     }
     let plain = splice(body, &mut edits[..count]);
-    let with_usage = (head.stream && !head.wants_usage()).then(|| {
+    let asks_for_usage = head.stream && !head.wants_usage() && endpoint.usage_needs_stream_options();
+    let with_usage = asks_for_usage.then(|| {
         edits[count] = request_usage(body, &head.stream_options);
         splice(body, &mut edits[..=count])
     });
@@ -218,7 +226,7 @@ pub struct RequestHead<'a> {
     /// Byte range of the `model` value (with its quotes) in the body, for alias rewrites.
     pub model_span: Range<usize>,
     pub stream: bool,
-    /// `max_completion_tokens`, else `max_tokens`.
+    /// `max_completion_tokens`, else `max_tokens`, else (Responses API) `max_output_tokens`.
     pub max_tokens: Option<u64>,
     pub stream_options: StreamOptions,
     /// Byte range of the prompt as sent (`messages`, else `prompt`, else `input`), for prefix
@@ -283,6 +291,8 @@ struct Fields<'a> {
     max_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     stream_options: Option<&'a RawValue>,
     // The prompt, by endpoint: borrowed as raw bytes, never built into a tree.
@@ -350,7 +360,11 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
         },
     };
     let mut max_tokens = None;
-    for (name, raw) in [("max_completion_tokens", fields.max_completion_tokens), ("max_tokens", fields.max_tokens)] {
+    for (name, raw) in [
+        ("max_completion_tokens", fields.max_completion_tokens),
+        ("max_tokens", fields.max_tokens),
+        ("max_output_tokens", fields.max_output_tokens),
+    ] {
         match raw.map(RawValue::get) {
             None | Some("null") => {}
             Some(text) => {

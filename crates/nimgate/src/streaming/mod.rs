@@ -6,14 +6,16 @@
 //! - the backend's in-flight slot, held to the last byte;
 //! - the idle timeout (longest gap between chunks) and the total deadline;
 //! - a broken stream made detectable: once bytes went out the status cannot change, so when
-//!   an SSE answer's upstream resets, stalls or closes without `data: [DONE]`, the client gets
-//!   one final `data: {"error": ...}` event in OpenAI's shape and the stream ends without
-//!   `[DONE]`. A broken JSON answer ends with an error, which aborts the connection. Either
+//!   an SSE answer's upstream resets, stalls or closes before its end (`data: [DONE]`, or a
+//!   Responses stream's terminal event: `end`), the client gets one final error event in the
+//!   endpoint's shape (`data: {"error": ...}` as OpenAI's chat, `event: error` for the
+//!   Responses API) and the stream ends without its usual end. A broken JSON answer ends with an error, which aborts the connection. Either
 //!   way the backend hears of it (`Backend::observe`), as it does of a failed request.
 //!
 //! Dropping the body (the client left) drops the upstream body, which closes the upstream
 //! connection so the backend stops generating.
 
+pub mod end;
 pub mod meter;
 pub mod usage;
 
@@ -31,6 +33,7 @@ use hyper::body::Incoming;
 use prometheus::Histogram;
 use tokio::time::{Instant, Sleep};
 
+use crate::api::{Endpoint, StreamEnd};
 use crate::error::GatewayError;
 use crate::exchange::{Ending, Exchange};
 use crate::limits::Permit;
@@ -39,6 +42,7 @@ use crate::request::TokenEstimate;
 use crate::server::activity::Active;
 use crate::upstream::headers::strip_response_headers;
 use crate::upstream::{Answer, FailureKind, Lease, Outcome, Slot, root_cause};
+use end::Completion;
 pub use meter::Meter;
 use meter::Metering;
 
@@ -69,8 +73,9 @@ pub struct Forwarding {
     pub lease: Lease,
     /// Token metering, for keys with a token limit.
     pub meter: Option<Meter>,
-    /// A 2xx `text/event-stream` answer: it must end with `data: [DONE]`.
+    /// A 2xx `text/event-stream` answer: it must end as its endpoint's streams do.
     pub sse: bool,
+    pub stream_end: StreamEnd,
     pub idle_timeout: Duration,
     pub deadline: Option<Instant>,
     /// Where the answer's duration, chunk gaps and failures are recorded.
@@ -89,6 +94,7 @@ pub struct Origin<'a> {
     /// The client asked for a stream.
     pub stream: bool,
     pub estimate: TokenEstimate,
+    pub endpoint: Endpoint,
 }
 
 /// The answer to pass back: the upstream's head (hop-by-hop headers removed) and its body
@@ -96,7 +102,7 @@ pub struct Origin<'a> {
 /// `permit` with the real usage) and timed.
 pub fn forward(answer: Answer, permit: Option<Permit>, origin: Origin<'_>) -> Response<ResponseBody> {
     let Answer { slot, response, lease, usage_requested, deadline, .. } = answer;
-    let Origin { metrics, model, key, started, stream, estimate } = origin;
+    let Origin { metrics, model, key, started, stream, estimate, endpoint } = origin;
     let backend = slot.backend();
     let label = backend.name.as_str();
     let success = response.status().is_success();
@@ -117,7 +123,8 @@ pub fn forward(answer: Answer, permit: Option<Permit>, origin: Origin<'_>) -> Re
         prompt_estimate: estimate.prompt,
     });
     let idle_timeout = backend.timeouts.idle;
-    let forwarding = Forwarding { meter, sse, idle_timeout, deadline, observe, slot: Some(slot), lease };
+    let stream_end = endpoint.stream_end();
+    let forwarding = Forwarding { meter, sse, stream_end, idle_timeout, deadline, observe, slot: Some(slot), lease };
     let mut response = response.map(|upstream| ResponseBody::upstream(upstream, forwarding));
     strip_response_headers(response.headers_mut());
     response
@@ -234,8 +241,8 @@ pin_project_lite::pin_project! {
         metering: Option<Metering>,
         slot: Option<Slot>,
         sse: bool,
-        // The stream's last bytes: did it end with `data: [DONE]`?
-        tail: Tail,
+        // Has the stream ended as its endpoint's streams do?
+        completion: Completion,
         ended: bool,
         // A data frame went out: the first byte's time is recorded, gaps are counted from it.
         seen_data: bool,
@@ -279,34 +286,6 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// The last bytes of a stream, kept across frames: an event can be split anywhere.
-#[derive(Debug, Default)]
-struct Tail {
-    bytes: [u8; 16],
-    len: usize,
-}
-
-impl Tail {
-    fn push(&mut self, data: &[u8]) {
-        let cap = self.bytes.len();
-        if data.len() >= cap {
-            self.bytes.copy_from_slice(&data[data.len() - cap..]);
-            self.len = cap;
-            return;
-        }
-        let keep = (cap - data.len()).min(self.len);
-        self.bytes.copy_within(self.len - keep..self.len, 0);
-        self.bytes[keep..keep + data.len()].copy_from_slice(data);
-        self.len = keep + data.len();
-    }
-
-    /// The stream's last event is `[DONE]` (`data:` takes one optional space, per the SSE spec).
-    fn ends_with_done(&self) -> bool {
-        let end = self.bytes[..self.len].trim_ascii_end();
-        end.ends_with(b"data: [DONE]") || end.ends_with(b"data:[DONE]")
-    }
-}
-
 /// How an upstream answer broke.
 struct Broken {
     kind: FailureKind,
@@ -323,7 +302,7 @@ impl Forwarded {
             metering: f.meter.map(Metering::new),
             slot: f.slot,
             sse: f.sse,
-            tail: Tail::default(),
+            completion: Completion::new(f.stream_end),
             ended: false,
             seen_data: false,
             idle_timeout: f.idle_timeout,
@@ -368,10 +347,21 @@ impl Forwarded {
                         Err(frame) => return Poll::Ready(Some(Ok(frame))),
                     };
                     if *this.sse {
-                        this.tail.push(&data);
+                        this.completion.push(&data);
                     }
                     let out = match this.metering {
-                        Some(metering) => metering.on_data(data),
+                        Some(metering) => {
+                            let out = metering.on_data(data);
+                            // The end for the client, who may send its next request before
+                            // the body formally ends (chat's `[DONE]` is seen by the meter).
+                            if *this.sse
+                                && matches!(this.completion, Completion::Terminal(_))
+                                && this.completion.complete()
+                            {
+                                metering.settle();
+                            }
+                            out
+                        }
                         None => data,
                     };
                     // A frame that only began an event waits, whole, for its end.
@@ -381,7 +371,7 @@ impl Forwarded {
                     *this.bytes += out.len() as u64;
                     return Poll::Ready(Some(Ok(Frame::data(out))));
                 }
-                Poll::Ready(None) if !*this.sse || this.tail.ends_with_done() => {
+                Poll::Ready(None) if !*this.sse || this.completion.complete() => {
                     *this.ended = true;
                     *this.outcome = "complete";
                     this.observe.finish();
@@ -438,39 +428,15 @@ impl Forwarded {
                 } else {
                     "the backend's answer broke before it was complete"
                 };
-                let event = GatewayError::AnswerBroken { timed_out, message: message.into() }.sse_event();
+                let error = GatewayError::AnswerBroken { timed_out, message: message.into() };
+                let event = match this.completion {
+                    Completion::Done(_) => error.sse_event(),
+                    Completion::Terminal(_) => error.responses_sse_event(),
+                };
                 *this.bytes += event.len() as u64;
                 return Poll::Ready(Some(Ok(Frame::data(event))));
             }
             return Poll::Ready(Some(Err("the backend's answer broke before it was complete".into())));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_tail_sees_done_however_the_frames_cut_it() {
-        let stream = b"data: {\"x\":1}\n\ndata: [DONE]\n\n";
-        for cut in 0..stream.len() {
-            for second in cut..stream.len() {
-                let mut tail = Tail::default();
-                tail.push(&stream[..cut]);
-                tail.push(&stream[cut..second]);
-                tail.push(&stream[second..]);
-                assert!(tail.ends_with_done(), "cut at {cut} and {second}");
-            }
-        }
-        let mut tail = Tail::default();
-        tail.push(b"data: {}\n\ndata:[DONE]\n\n");
-        assert!(tail.ends_with_done(), "the space after `data:` is optional");
-        let mut tail = Tail::default();
-        tail.push(b"data: [DONE]\n\ndata: {\"late\":1}\n\n");
-        assert!(!tail.ends_with_done());
-        let mut tail = Tail::default();
-        tail.push(b"data: {\"choices\":[]}\n\n");
-        assert!(!tail.ends_with_done());
     }
 }

@@ -11,12 +11,13 @@ use bytes::{Bytes, BytesMut};
 use memchr::memmem;
 use serde::Deserialize;
 
-/// Token counts an upstream reported.
+/// Token counts an upstream reported: chat's names, or the Responses API's (`input_tokens`,
+/// `output_tokens`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Usage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     pub prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     pub completion_tokens: u64,
     #[serde(default)]
     pub total_tokens: Option<u64>,
@@ -330,7 +331,8 @@ fn is_usage_only(event: &[u8]) -> bool {
 }
 
 /// Counts the SSE events that carry generated text, an estimate of completion tokens for
-/// servers that report no usage (NIM and vLLM send one token per event).
+/// servers that report no usage, or streams cut before it (NIM and vLLM send one token per
+/// event).
 #[derive(Debug, Default)]
 pub struct ContentCounter {
     /// The last bytes of the previous frame, where a marker may have begun.
@@ -339,7 +341,9 @@ pub struct ContentCounter {
     events: u64,
 }
 
-const CONTENT_MARKERS: [&[u8]; 3] = [b"\"content\":\"", b"\"text\":\"", b"\"arguments\":\""];
+/// Chat's `content`, completions' `text`, tool calls' `arguments`, the Responses API's text
+/// `delta` (chat's `delta` is an object, never a string).
+const CONTENT_MARKERS: [&[u8]; 4] = [b"\"content\":\"", b"\"text\":\"", b"\"arguments\":\"", b"\"delta\":\""];
 /// The longest marker.
 const MARKER_MAX: usize = 13;
 /// The end every marker shares: one pass over a frame finds them all.

@@ -176,8 +176,11 @@ pub struct EndpointUris([Uri; Endpoint::ALL.len()]);
 impl EndpointUris {
     /// Fails only if the base URL cannot take the API paths.
     pub fn new(base: &Uri) -> Result<Self, String> {
-        let [chat, completions, embeddings, models] = Endpoint::ALL.map(|endpoint| join(base, endpoint.path()));
-        Ok(Self([chat?, completions?, embeddings?, models?]))
+        let joined = Endpoint::ALL.map(|endpoint| join(base, endpoint.path()));
+        if let Some(Err(e)) = joined.iter().find(|uri| uri.is_err()) {
+            return Err(e.clone());
+        }
+        Ok(Self(joined.map(Result::unwrap_or_default)))
     }
 }
 
