@@ -175,7 +175,11 @@ async fn ranking_is_routed_acl_checked_and_limited_like_chat() {
     assert_eq!(gw.client("search").post_json("/v1/ranking", &request).await.status, 200);
     gw.client("search").post_json("/v1/ranking", &request).await.assert_error(429, "rate_limit_exceeded");
     let (_, samples) = scrape(&gw).await;
-    let completion =
-        value(&samples, &format!("nimgate_tokens_total{{key=\"search\",kind=\"completion\",model=\"{RERANK}\"}}"));
-    assert_eq!(completion, 0.0, "a ranking generates nothing");
+    let counted = |kind: &str| {
+        value(&samples, &format!("nimgate_tokens_total{{key=\"search\",kind=\"{kind}\",model=\"{RERANK}\"}}"))
+    };
+    assert_eq!(counted("completion"), 0.0, "a ranking generates nothing");
+    // Two rankings answered, each counted at the usage its answer reported.
+    let reported = answer["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(counted("prompt"), 2.0 * reported as f64);
 }

@@ -442,6 +442,17 @@ mod tests {
     }
 
     #[test]
+    fn the_responses_apis_output_cap_counts_in_the_estimate() {
+        let body = r#"{"model":"m","input":[{"role":"user","content":"hi"}],"max_output_tokens":300}"#;
+        let head = peek(body.as_bytes()).unwrap();
+        assert_eq!(head.max_tokens, Some(300));
+        assert_eq!(head.token_estimate(body.len(), true, 512).completion, 300);
+        assert!(
+            peek(br#"{"model":"m","max_output_tokens":-1}"#).unwrap_err().to_string().contains("max_output_tokens")
+        );
+    }
+
+    #[test]
     fn finds_the_prompt_of_each_endpoint_as_sent() {
         let chat = r#"{"model":"m","messages": [{"role":"user","content":"hi"}] ,"n":1}"#;
         let head = peek(chat.as_bytes()).unwrap();
