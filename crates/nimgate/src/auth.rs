@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::HeaderMap;
 use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use crate::glob::ModelPattern;
@@ -111,6 +112,8 @@ pub enum AuthFailure {
 /// The keys of one snapshot, by digest.
 #[derive(Debug, Default)]
 pub struct KeyTable {
+    /// Tells tables apart for `KeyMemo`: unique per table made (a reload makes a new one).
+    generation: u64,
     by_digest: HashMap<[u8; 32], Arc<Key>>,
     /// Present when `server.allow_anonymous` is on: the identity of callers without a known key.
     anonymous: Option<Arc<Key>>,
@@ -120,10 +123,31 @@ pub struct KeyTable {
 impl KeyTable {
     /// `keys` pairs each key with the sha256 digest of its secret (validated: no duplicates).
     pub fn new(keys: Vec<([u8; 32], Arc<Key>)>, allow_anonymous: bool) -> Self {
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
         let len = keys.len();
         let anonymous = allow_anonymous
             .then(|| Arc::new(Key::new(KeyName::new("anonymous"), vec![ModelPattern::Any], Limits::default())));
-        Self { by_digest: keys.into_iter().collect(), anonymous, len }
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed);
+        Self { generation, by_digest: keys.into_iter().collect(), anonymous, len }
+    }
+
+    /// `authenticate`, remembering the key a client connection presented: the same
+    /// `Authorization` bytes again on that connection, against the same table, need no second
+    /// SHA-256. Only known keys are remembered (never a refusal, never the anonymous caller).
+    pub fn authenticate_on(&self, headers: &HeaderMap, memo: &KeyMemo) -> Result<Arc<Key>, AuthFailure> {
+        let presented = headers.get(AUTHORIZATION);
+        if let Some(presented) = presented
+            && let Some(key) = memo.recall(self.generation, presented)
+        {
+            return Ok(key);
+        }
+        let key = self.authenticate(headers)?;
+        if let Some(presented) = presented
+            && self.anonymous.as_ref().is_none_or(|anonymous| !Arc::ptr_eq(anonymous, key))
+        {
+            memo.remember(self.generation, presented, key);
+        }
+        Ok(Arc::clone(key))
     }
 
     /// The key presented in `headers`. With anonymous access on, a request without a known
@@ -161,6 +185,43 @@ impl KeyTable {
 /// The sha256 digest of a key, as stored in `key_sha256`.
 pub fn digest(key: &[u8]) -> [u8; 32] {
     Sha256::digest(key).into()
+}
+
+/// The key last authenticated on one client connection (`KeyTable::authenticate_on`).
+#[derive(Debug, Default)]
+pub struct KeyMemo {
+    last: Mutex<Option<Remembered>>,
+}
+
+#[derive(Debug)]
+struct Remembered {
+    generation: u64,
+    /// The `Authorization` value as presented (marked sensitive: never printed).
+    authorization: HeaderValue,
+    key: Arc<Key>,
+}
+
+impl KeyMemo {
+    fn recall(&self, generation: u64, presented: &HeaderValue) -> Option<Arc<Key>> {
+        let last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let remembered = last.as_ref()?;
+        let same = remembered.generation == generation
+            && constant_time_eq(remembered.authorization.as_bytes(), presented.as_bytes());
+        same.then(|| Arc::clone(&remembered.key))
+    }
+
+    fn remember(&self, generation: u64, presented: &HeaderValue, key: &Arc<Key>) {
+        // A copy: a clone would share, and keep alive, the buffer the request's head was read into.
+        let Ok(mut authorization) = HeaderValue::from_bytes(presented.as_bytes()) else { return };
+        authorization.set_sensitive(true);
+        let remembered = Remembered { generation, authorization, key: Arc::clone(key) };
+        *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(remembered);
+    }
+}
+
+/// Byte equality whose time does not depend on where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `hex(sha256(key))`, what `nimgate hash-key` prints.
@@ -234,6 +295,37 @@ mod tests {
         assert!(key.allows("meta/llama-3.1-8b-instruct"));
         assert!(key.allows("nvidia/x"));
         assert!(!key.allows("nvidia/y"));
+    }
+
+    fn remembered(memo: &KeyMemo) -> Option<(u64, Vec<u8>)> {
+        let last = memo.last.lock().unwrap();
+        last.as_ref().map(|r| (r.generation, r.authorization.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn a_connection_remembers_its_key_for_the_same_bytes_and_table_only() {
+        let (t, memo) = (table(true), KeyMemo::default());
+        assert_eq!(remembered(&memo), None);
+        let first = t.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap();
+        assert_eq!(remembered(&memo), Some((t.generation, b"Bearer sk-team-a".to_vec())));
+        // Recalled: the same key, the same bytes.
+        let again = t.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        // Other bytes are looked up (and a stranger here is the anonymous caller, not team-a),
+        // and neither a refusal nor the anonymous caller replaces what is remembered.
+        let stranger = t.authenticate_on(&headers(Some("Bearer sk-team-b")), &memo).unwrap();
+        assert_eq!(stranger.name.as_str(), "anonymous");
+        assert_eq!(remembered(&memo), Some((t.generation, b"Bearer sk-team-a".to_vec())));
+        let strict = table(false);
+        assert_eq!(strict.authenticate_on(&headers(Some("Bearer sk-x")), &memo).unwrap_err(), AuthFailure::Unknown);
+        assert_eq!(strict.authenticate_on(&headers(None), &memo).unwrap_err(), AuthFailure::Missing);
+        // A reloaded table (a new generation, where the key may be gone) is asked again.
+        assert_ne!(strict.generation, t.generation);
+        let reloaded = strict.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap();
+        assert!(!Arc::ptr_eq(&first, &reloaded), "the new table's key");
+        assert_eq!(remembered(&memo).unwrap().0, strict.generation);
+        let gone = KeyTable::new(Vec::new(), false);
+        assert_eq!(gone.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap_err(), AuthFailure::Unknown);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::api::{self, Endpoint, Resource};
+use crate::auth::KeyMemo;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::exchange::{Ending, Exchange};
@@ -21,8 +22,9 @@ use crate::request;
 use crate::streaming::{self, Origin, ResponseBody};
 use crate::upstream::{self, Outgoing, Pick};
 
-/// Serves one request on the snapshot in force when it arrived.
-pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Response<ResponseBody> {
+/// Serves one request on the snapshot in force when it arrived; `memo` is its client
+/// connection's last authenticated key.
+pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>, memo: &KeyMemo) -> Response<ResponseBody> {
     let started = Instant::now();
     let snapshot = gateway.snapshot();
     let path = request.uri().path();
@@ -34,7 +36,7 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>) -> Respons
             Err(GatewayError::HeaderTooLarge { limit: snapshot.server.max_header_bytes })
         }
         Some((resource, _)) if *request.method() == resource.method() => {
-            dispatch(&gateway, &snapshot, resource, request, &mut exchange).await
+            dispatch(&gateway, &snapshot, resource, request, memo, &mut exchange).await
         }
         Some((resource, _)) => Err(GatewayError::MethodNotAllowed {
             method: request.method().clone(),
@@ -60,6 +62,7 @@ async fn dispatch(
     snapshot: &Arc<Snapshot>,
     resource: Resource,
     request: Request<Incoming>,
+    memo: &KeyMemo,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, GatewayError> {
     match resource {
@@ -67,11 +70,11 @@ async fn dispatch(
         Resource::Ready if gateway.is_draining() => Ok(health(StatusCode::SERVICE_UNAVAILABLE, "draining")),
         Resource::Ready => Ok(health(StatusCode::OK, "ready")),
         Resource::Models => {
-            let key = snapshot.keys.authenticate(request.headers())?;
-            exchange.key = Some(Arc::clone(key));
-            Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, key, &exchange.request_id).await))
+            let key = snapshot.keys.authenticate_on(request.headers(), memo)?;
+            exchange.key = Some(Arc::clone(&key));
+            Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, &key, &exchange.request_id).await))
         }
-        Resource::Inference(endpoint) => infer(gateway, snapshot, request, endpoint, exchange).await,
+        Resource::Inference(endpoint) => infer(gateway, snapshot, request, endpoint, memo, exchange).await,
     }
 }
 
@@ -81,10 +84,12 @@ async fn infer(
     snapshot: &Snapshot,
     request: Request<Incoming>,
     endpoint: Endpoint,
+    memo: &KeyMemo,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    let key = snapshot.keys.authenticate(request.headers())?;
-    exchange.key = Some(Arc::clone(key));
+    let key = snapshot.keys.authenticate_on(request.headers(), memo)?;
+    exchange.key = Some(Arc::clone(&key));
+    let key = &key;
     // Before a byte of the body is read: a key its limits would refuse whatever it sends.
     gateway.limiter().precheck(key).await?;
 

@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::activity::{Activity, Tracked};
+use crate::auth::KeyMemo;
 use crate::gateway::Gateway;
 use crate::handler;
 
@@ -137,11 +138,14 @@ impl Serving {
     {
         let gateway = Arc::clone(&self.gateway);
         let activity = Arc::clone(&self.activity);
+        // The key this connection last presented: keep-alive requests skip the SHA-256.
+        let memo = Arc::new(KeyMemo::default());
         let service = service_fn(move |request| {
             let active = activity.request_started();
             let gateway = Arc::clone(&gateway);
+            let memo = Arc::clone(&memo);
             async move {
-                let mut response = handler::serve(gateway, request).await;
+                let mut response = handler::serve(gateway, request, &memo).await;
                 response.body_mut().hold(active);
                 Ok::<_, Infallible>(response)
             }
