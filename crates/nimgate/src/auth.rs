@@ -188,34 +188,41 @@ pub fn digest(key: &[u8]) -> [u8; 32] {
 }
 
 /// The key last authenticated on one client connection (`KeyTable::authenticate_on`).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KeyMemo {
-    last: Mutex<Option<Remembered>>,
+    last: Mutex<Remembered>,
 }
 
-#[derive(Debug)]
+#[derive(Default)]
 struct Remembered {
+    /// 0: nothing remembered (tables count from 1).
     generation: u64,
-    /// The `Authorization` value as presented (marked sensitive: never printed).
-    authorization: HeaderValue,
-    key: Arc<Key>,
+    /// The `Authorization` value as presented, in a buffer reused from one key to the next.
+    authorization: Vec<u8>,
+    key: Option<Arc<Key>>,
+}
+
+/// Names the key only: the bytes presented are a secret.
+impl std::fmt::Debug for KeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f.debug_struct("KeyMemo").field("key", &last.key.as_ref().map(|k| k.name.as_str())).finish_non_exhaustive()
+    }
 }
 
 impl KeyMemo {
     fn recall(&self, generation: u64, presented: &HeaderValue) -> Option<Arc<Key>> {
         let last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let remembered = last.as_ref()?;
-        let same = remembered.generation == generation
-            && constant_time_eq(remembered.authorization.as_bytes(), presented.as_bytes());
-        same.then(|| Arc::clone(&remembered.key))
+        let same = last.generation == generation && constant_time_eq(&last.authorization, presented.as_bytes());
+        if same { last.key.clone() } else { None }
     }
 
     fn remember(&self, generation: u64, presented: &HeaderValue, key: &Arc<Key>) {
-        // A copy: a clone would share, and keep alive, the buffer the request's head was read into.
-        let Ok(mut authorization) = HeaderValue::from_bytes(presented.as_bytes()) else { return };
-        authorization.set_sensitive(true);
-        let remembered = Remembered { generation, authorization, key: Arc::clone(key) };
-        *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(remembered);
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        last.generation = generation;
+        last.authorization.clear();
+        last.authorization.extend_from_slice(presented.as_bytes());
+        last.key = Some(Arc::clone(key));
     }
 }
 
@@ -299,15 +306,17 @@ mod tests {
 
     fn remembered(memo: &KeyMemo) -> Option<(u64, Vec<u8>)> {
         let last = memo.last.lock().unwrap();
-        last.as_ref().map(|r| (r.generation, r.authorization.as_bytes().to_vec()))
+        last.key.as_ref().map(|_| (last.generation, last.authorization.clone()))
     }
 
     #[test]
     fn a_connection_remembers_its_key_for_the_same_bytes_and_table_only() {
         let (t, memo) = (table(true), KeyMemo::default());
         assert_eq!(remembered(&memo), None);
+        assert!(!format!("{memo:?}").contains("sk-"));
         let first = t.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap();
         assert_eq!(remembered(&memo), Some((t.generation, b"Bearer sk-team-a".to_vec())));
+        assert_eq!(format!("{memo:?}"), "KeyMemo { key: Some(\"team-a\"), .. }", "the name, never the key");
         // Recalled: the same key, the same bytes.
         let again = t.authenticate_on(&headers(Some("Bearer sk-team-a")), &memo).unwrap();
         assert!(Arc::ptr_eq(&first, &again));
