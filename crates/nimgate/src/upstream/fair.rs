@@ -118,13 +118,10 @@ impl FairQueue {
         }
     }
 
-    /// Requests queued now.
-    pub fn len(&self) -> usize {
+    /// Requests queued now (the pool counts them without the lock, in `Pool::queued`).
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().waiting.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -183,7 +180,7 @@ mod tests {
         let woken = tokio::time::timeout(std::time::Duration::from_secs(5), second.wake.notified()).await;
         assert!(woken.is_ok(), "notified when the head left");
         queue.served(second.place);
-        assert!(queue.is_empty() && queue.lock().keys.is_empty(), "nothing kept for keys with no waiter");
+        assert!(queue.len() == 0 && queue.lock().keys.is_empty(), "nothing kept for keys with no waiter");
         // After a long quiet spell of b, a's backlog and b's new request interleave.
         let mut tickets: Vec<_> = (0..20).map(|_| (Arc::clone(&a), queue.join(Some(&a), 1))).collect();
         serve(&queue, &mut tickets, 10);

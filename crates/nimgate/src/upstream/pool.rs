@@ -48,15 +48,6 @@ pub enum Strategy {
     PrefixAffinity,
 }
 
-impl Strategy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::TwoChoices => "two_choices",
-            Self::PrefixAffinity => "prefix_affinity",
-        }
-    }
-}
-
 /// What the balancer is told about a request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Pick<'a> {
