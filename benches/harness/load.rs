@@ -259,6 +259,10 @@ pub async fn hold_streams(
         let (client, request) = (client.clone(), requests.build(n));
         tasks.spawn(async move {
             let response = client.request(request).await.ok()?;
+            // An error answer (a 429, a 503) has a body too: only a stream counts as held.
+            if response.status() != hyper::StatusCode::OK {
+                return None;
+            }
             let mut body = response.into_body();
             body.frame().await?.ok()?;
             Some(body)

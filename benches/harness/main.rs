@@ -478,8 +478,13 @@ async fn measure(
     (measured, cpu)
 }
 
-/// Holds `count` idle streams through the gateway (h2 client connections of 1,000 streams, so
-/// that the gateway's file descriptors go to its upstream connections) and reads its RSS.
+/// Streams per h2 client connection in the memory test: the most hyper's h2 server (and so
+/// nimgate) allows at once by default. More would wait in the client, never reaching the gateway.
+pub const STREAMS_PER_CONNECTION: usize = 200;
+
+/// Holds `count` idle streams through the gateway (h2 client connections of
+/// `STREAMS_PER_CONNECTION` streams, so that the gateway's file descriptors go to its upstream
+/// connections) and reads its RSS.
 async fn memory_test(gateway: SocketAddr, keys: &Arc<Vec<String>>, count: usize, idle_kib: u64, proc: &Proc) -> Memory {
     let requests = Arc::new(Requests {
         url: format!("http://{gateway}/v1/chat/completions"),
@@ -489,8 +494,8 @@ async fn memory_test(gateway: SocketAddr, keys: &Arc<Vec<String>>, count: usize,
     });
     let mut open = Vec::new();
     let mut failed = 0;
-    for start in (0..count).step_by(1000) {
-        let batch = (count - start).min(1000);
+    for start in (0..count).step_by(STREAMS_PER_CONNECTION) {
+        let batch = (count - start).min(STREAMS_PER_CONNECTION);
         let (streams, lost) = load::hold_streams(&load::http2_client(), Arc::clone(&requests), batch).await;
         open.extend(streams);
         failed += lost;

@@ -83,7 +83,8 @@ pub struct Memory {
 
 impl Memory {
     pub fn per_stream_kib(&self) -> f64 {
-        self.loaded_kib.saturating_sub(self.idle_kib) as f64 / self.streams.max(1) as f64
+        // Per stream held: a stream that failed to open holds nothing.
+        self.loaded_kib.saturating_sub(self.idle_kib) as f64 / self.streams.saturating_sub(self.failed).max(1) as f64
     }
 }
 
@@ -295,11 +296,13 @@ impl Report {
         if let Some(m) = &self.memory {
             let _ = writeln!(
                 out,
-                "\nnimgate idle: {:.1} MiB; holding {} idle streams ({} h2 client connections of 1,000 streams, one \
-                 HTTP/1.1 upstream connection each): {:.1} MiB, {:.1} KiB per stream.",
+                "\nnimgate idle: {:.1} MiB; holding {} idle streams ({} failed to open; {} h2 client connections of {} \
+                 streams, one HTTP/1.1 upstream connection each): {:.1} MiB, {:.1} KiB per stream held.",
                 m.idle_kib as f64 / 1024.0,
                 m.streams,
-                m.streams / 1000,
+                m.failed,
+                m.streams.div_ceil(crate::STREAMS_PER_CONNECTION),
+                crate::STREAMS_PER_CONNECTION,
                 m.loaded_kib as f64 / 1024.0,
                 m.per_stream_kib()
             );
