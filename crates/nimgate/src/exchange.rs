@@ -104,18 +104,20 @@ impl Exchange {
         limiter: &Limiter,
         metrics: &Metrics,
     ) {
-        if !matches!(error, Some(GatewayError::RateLimited(_))) {
-            let quota = match (self.quota, &self.key) {
-                (Some(quota), _) => Some(quota),
-                (None, Some(key)) => limiter.peek(key).await,
-                (None, None) => None,
-            };
-            if let Some(quota) = quota {
-                quota.write_headers(response.headers_mut());
-            }
+        let quota = match (self.quota, &self.key) {
+            _ if matches!(error, Some(GatewayError::RateLimited(_))) => None,
+            (Some(quota), _) => Some(quota),
+            (None, Some(key)) => limiter.peek(key).await,
+            (None, None) => None,
+        };
+        // One growth of the header map for everything added here.
+        let headers = response.headers_mut();
+        headers.reserve(quota.map_or(0, |q| q.header_count()) + 1);
+        if let Some(quota) = quota {
+            quota.write_headers(headers);
         }
+        headers.insert(X_REQUEST_ID, self.request_id.clone());
         self.status = response.status().as_u16();
-        response.headers_mut().insert(X_REQUEST_ID, self.request_id.clone());
         self.count(error, metrics);
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use bytes::BytesMut;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// One limit's state after a decision.
@@ -34,22 +35,44 @@ const TOKENS: [HeaderName; 3] = [
 ];
 
 impl Quota {
+    /// How many headers `write_headers` adds: three per limit.
+    pub fn header_count(&self) -> usize {
+        3 * (usize::from(self.requests.is_some()) + usize::from(self.tokens.is_some()))
+    }
+
     /// Adds the header triple of each limit the key has. Runs on every answer to a limited
-    /// key, so the values are formatted without `fmt` and copied once.
+    /// key, so the values are formatted without `fmt` into one buffer, one allocation for all
+    /// six, which each value then shares.
     pub fn write_headers(&self, headers: &mut HeaderMap) {
+        // Two windows of two u64 (at most 20 digits each) and a duration (at most 31 bytes).
+        let mut text = BytesMut::with_capacity(2 * (20 + 20 + 31));
+        let mut ends = [0usize; 6];
         let windows = [(self.requests, &REQUESTS), (self.tokens, &TOKENS)];
-        headers.reserve(3 * windows.iter().filter(|(w, _)| w.is_some()).count());
-        for (window, names) in windows {
+        let mut values = 0;
+        for (window, _) in &windows {
             if let Some(w) = window {
-                let [limit, remaining, reset] = names.clone();
-                headers.insert(limit, HeaderValue::from(w.limit));
-                headers.insert(remaining, HeaderValue::from(w.remaining));
-                let mut text = [0u8; 32];
-                let len = write_openai_duration(w.reset, &mut text);
-                if let Ok(value) = HeaderValue::from_bytes(&text[..len]) {
-                    headers.insert(reset, value);
-                }
+                let mut number = itoa::Buffer::new();
+                text.extend_from_slice(number.format(w.limit).as_bytes());
+                ends[values] = text.len();
+                text.extend_from_slice(number.format(w.remaining).as_bytes());
+                ends[values + 1] = text.len();
+                let mut duration = [0u8; 32];
+                let len = write_openai_duration(w.reset, &mut duration);
+                text.extend_from_slice(&duration[..len]);
+                ends[values + 2] = text.len();
+                values += 3;
             }
+        }
+        let text = text.freeze();
+        headers.reserve(values);
+        let names = windows.iter().filter(|(w, _)| w.is_some()).flat_map(|(_, names)| names.iter());
+        let mut start = 0;
+        for (name, &end) in names.zip(&ends[..values]) {
+            // Digits and duration letters are always valid header bytes.
+            if let Ok(value) = HeaderValue::from_maybe_shared(text.slice(start..end)) {
+                headers.insert(name.clone(), value);
+            }
+            start = end;
         }
     }
 }
@@ -124,6 +147,23 @@ mod tests {
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
         assert_eq!(retry_after_secs(Duration::from_secs(2)), 2);
         assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
+    }
+
+    #[test]
+    fn both_limits_at_their_widest_get_their_six_values() {
+        let wide = Window { limit: u64::MAX, remaining: u64::MAX - 1, reset: Duration::from_secs(u64::MAX) };
+        let quota =
+            Quota { requests: Some(wide), tokens: Some(Window { limit: 7, remaining: 0, reset: Duration::ZERO }) };
+        assert_eq!(quota.header_count(), 6);
+        let mut headers = HeaderMap::new();
+        quota.write_headers(&mut headers);
+        assert_eq!(headers.len(), 6);
+        assert_eq!(headers["x-ratelimit-limit-requests"], "18446744073709551615");
+        assert_eq!(headers["x-ratelimit-remaining-requests"], "18446744073709551614");
+        assert_eq!(headers["x-ratelimit-reset-requests"], "277777777h46m39s");
+        assert_eq!(headers["x-ratelimit-limit-tokens"], "7");
+        assert_eq!(headers["x-ratelimit-remaining-tokens"], "0");
+        assert_eq!(headers["x-ratelimit-reset-tokens"], "0ms");
     }
 
     #[test]
