@@ -101,6 +101,11 @@ impl UsageScanner {
                 pos = at + USAGE_KEY.len();
                 continue;
             };
+            if let Some((usage, len)) = flat_usage(&buf[open..]) {
+                self.last = Some(usage);
+                pos = open + len;
+                continue;
+            }
             let mut values = serde_json::Deserializer::from_slice(&buf[open..]).into_iter::<Usage>();
             match values.next() {
                 Some(Ok(usage)) => {
@@ -115,6 +120,128 @@ impl UsageScanner {
         }
         buf.len().saturating_sub(USAGE_KEY.len() - 1).max(pos)
     }
+}
+
+/// The usage object opening `buf` read by hand when it has the usual shape, with its length:
+/// keys without escapes, each value a non-negative integer, `null` or an object of those (the
+/// `*_details`). Exact or declines: anything else (a float, a string value, a duplicate known
+/// key, an object cut by the frame's end) is `None`, and serde, the reference, reads it. Every
+/// JSON answer and the end of every stream carry one, so this saves serde's ~1,000
+/// instructions per answer.
+fn flat_usage(buf: &[u8]) -> Option<(Usage, usize)> {
+    let mut at = 0;
+    let (mut prompt, mut completion, mut total) = (None, None, None);
+    let mut fields = FlatObject::open(buf, &mut at)?;
+    while let Some(key) = fields.next_key(buf, &mut at)? {
+        let slot = match key {
+            b"prompt_tokens" | b"input_tokens" => Some(&mut prompt),
+            b"completion_tokens" | b"output_tokens" => Some(&mut completion),
+            b"total_tokens" => Some(&mut total),
+            _ => None,
+        };
+        match (slot, flat_value(buf, &mut at)?) {
+            // serde refuses a field named twice (an alias counts as its field).
+            (Some(Some(_)), _) => return None,
+            (Some(slot @ None), FlatValue::Number(n)) => *slot = Some(Some(n)),
+            (Some(slot @ None), FlatValue::Null) if key == b"total_tokens" => *slot = Some(None),
+            // A count that is `null` or an object: serde's error, not ours to guess.
+            (Some(None), _) => return None,
+            (None, FlatValue::Object) => {
+                let mut inner = FlatObject::open(buf, &mut at)?;
+                while inner.next_key(buf, &mut at)?.is_some() {
+                    match flat_value(buf, &mut at)? {
+                        FlatValue::Number(_) | FlatValue::Null => {}
+                        FlatValue::Object => return None,
+                    }
+                }
+            }
+            (None, _) => {}
+        }
+    }
+    let usage = Usage {
+        prompt_tokens: prompt.flatten().unwrap_or(0),
+        completion_tokens: completion.flatten().unwrap_or(0),
+        total_tokens: total.flatten(),
+    };
+    Some((usage, at))
+}
+
+/// A value in a flat usage object. An `Object` is only announced: its `{` is still to read.
+enum FlatValue {
+    Number(u64),
+    Null,
+    Object,
+}
+
+/// Reads a non-negative integer or `null` at `*at` (after whitespace), or finds a `{` there.
+fn flat_value(buf: &[u8], at: &mut usize) -> Option<FlatValue> {
+    *at = skip_json_whitespace(buf, *at)?;
+    match buf.get(*at)? {
+        b'{' => Some(FlatValue::Object),
+        b'n' => {
+            let end = at.checked_add(4)?;
+            (buf.get(*at..end)? == b"null").then(|| *at = end)?;
+            Some(FlatValue::Null)
+        }
+        b'0' => {
+            *at += 1;
+            // JSON forbids leading zeros, and `0.5`/`0e1` are not integers: serde decides.
+            (!matches!(buf.get(*at)?, b'0'..=b'9' | b'.' | b'e' | b'E')).then_some(FlatValue::Number(0))
+        }
+        b'1'..=b'9' => {
+            let mut n: u64 = 0;
+            while let Some(&digit @ b'0'..=b'9') = buf.get(*at) {
+                n = n.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
+                *at += 1;
+            }
+            (!matches!(buf.get(*at)?, b'.' | b'e' | b'E')).then_some(FlatValue::Number(n))
+        }
+        _ => None,
+    }
+}
+
+/// Walks the keys of an object of plain keys: `{`, then `"key":` pairs separated by commas.
+struct FlatObject {
+    first: bool,
+}
+
+impl FlatObject {
+    fn open(buf: &[u8], at: &mut usize) -> Option<FlatObject> {
+        *at = skip_json_whitespace(buf, *at)?;
+        (*buf.get(*at)? == b'{').then(|| *at += 1)?;
+        Some(FlatObject { first: true })
+    }
+
+    /// The next key (its value follows at `*at`), `Some(None)` after the closing `}`, `None`
+    /// when the object is not plain or not complete in `buf`.
+    fn next_key<'a>(&mut self, buf: &'a [u8], at: &mut usize) -> Option<Option<&'a [u8]>> {
+        *at = skip_json_whitespace(buf, *at)?;
+        match buf.get(*at)? {
+            b'}' => {
+                *at += 1;
+                return Some(None);
+            }
+            b',' if !self.first => *at = skip_json_whitespace(buf, *at + 1)?,
+            _ if self.first => {}
+            _ => return None,
+        }
+        self.first = false;
+        (*buf.get(*at)? == b'"').then_some(())?;
+        let start = *at + 1;
+        let len = memchr::memchr(b'"', buf.get(start..)?)?;
+        let key = &buf[start..start + len];
+        // An escape, a control character or a non-ASCII byte: serde's to judge.
+        key.iter().all(|&b| (0x20..0x80).contains(&b) && b != b'\\').then_some(())?;
+        *at = skip_json_whitespace(buf, start + len + 1)?;
+        (*buf.get(*at)? == b':').then(|| *at += 1)?;
+        Some(Some(key))
+    }
+}
+
+/// Past JSON's four whitespace bytes (`is_ascii_whitespace` also takes form feed, which serde
+/// does not).
+fn skip_json_whitespace(buf: &[u8], from: usize) -> Option<usize> {
+    (from..buf.len()).find(|&i| !matches!(buf[i], b' ' | b'\t' | b'\n' | b'\r'))
 }
 
 /// Whether the object opening `buf` closes within it (its `}` found, strings skipped).
@@ -403,6 +530,59 @@ fn text_follows(buf: &[u8], at: usize, marker: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// serde's reading of a usage object at the start of `buf`, with the bytes it took.
+    fn serde_usage(buf: &[u8]) -> Option<(Usage, usize)> {
+        let mut values = serde_json::Deserializer::from_slice(buf).into_iter::<Usage>();
+        let usage = values.next()?.ok()?;
+        Some((usage, values.byte_offset()))
+    }
+
+    #[test]
+    fn the_hand_reader_agrees_with_serde_or_declines() {
+        let corpus: [&[u8]; 9] = [
+            br#"{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}"#,
+            br#"{ "prompt_tokens" : 0 , "total_tokens" : null ,"completion_tokens":7 }"#,
+            br#"{"input_tokens":5,"input_tokens_details":{"cached_tokens":0},"output_tokens":9,"output_tokens_details":{"reasoning_tokens":3},"total_tokens":14}"#,
+            br#"{"prompt_tokens":18446744073709551615,"completion_tokens":1}"#,
+            br#"{"prompt_tokens":3,"prompt_tokens_details":null,"completion_tokens":4,"total_tokens":7}"#,
+            b"{\n\t\"completion_tokens\": 2,\r\n \"prompt_tokens\": 1}",
+            br#"{}"#,
+            br#"{"prompt_tokens":1,"input_tokens":2}"#,
+            br#"{"prompt_tokens":1.0,"x":"y","total_tokens":-1,"z":[1],"q":{"a":{"b":1}}}"#,
+        ];
+        let tricky =
+            [b'"', b'\\', b'{', b'}', b',', b':', b'0', b'9', b'-', b'.', b'e', b'n', b' ', b'\x0c', 0x01, 0xff];
+        let mut agreed = 0;
+        let mut check = |buf: &[u8]| {
+            if let Some(hand) = flat_usage(buf) {
+                assert_eq!(Some(hand), serde_usage(buf), "{}", String::from_utf8_lossy(buf));
+                agreed += 1;
+            }
+        };
+        for body in corpus {
+            for end in 0..=body.len() {
+                check(&body[..end]);
+            }
+            for at in 0..body.len() {
+                for b in tricky {
+                    let mut mutated = body.to_vec();
+                    mutated[at] = b;
+                    check(&mutated);
+                    mutated.insert(at, b);
+                    check(&mutated);
+                }
+            }
+        }
+        assert!(agreed > 1000, "the hand reader read only {agreed} inputs");
+        // The usual shapes are read by hand, not left to serde.
+        for body in &corpus[..7] {
+            assert!(flat_usage(body).is_some(), "{}", String::from_utf8_lossy(body));
+        }
+        // A duplicate known field, by name or alias, is serde's error, so the hand reader declines.
+        assert_eq!(flat_usage(corpus[7]), None);
+        assert_eq!(serde_usage(corpus[7]), None);
+    }
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(
