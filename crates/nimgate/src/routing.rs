@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 
 use crate::glob::ModelPattern;
 use crate::upstream::Pool;
@@ -53,10 +54,12 @@ impl Route {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Arc<Route>>,
-    exact: HashMap<Box<str>, usize>,
+    // foldhash rather than SipHash: the table holds the config's patterns only, so a client's
+    // model string can look up but never fill a bucket.
+    exact: HashMap<Box<str>, usize, RandomState>,
     /// Glob routes by their literal prefix, each list in config order. Only globs whose prefix
     /// begins the model can match it, so a lookup tests a handful of globs, not all of them.
-    globs_by_prefix: HashMap<Box<str>, Vec<usize>>,
+    globs_by_prefix: HashMap<Box<str>, Vec<usize>, RandomState>,
     /// The distinct literal-prefix lengths of the globs, longest first.
     prefix_lengths: Vec<usize>,
 }
@@ -64,8 +67,8 @@ pub struct RouteTable {
 impl RouteTable {
     /// Indexes `routes` (validated: no duplicate patterns).
     pub fn new(routes: Vec<Arc<Route>>) -> Self {
-        let mut exact = HashMap::with_capacity(routes.len());
-        let mut globs_by_prefix: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut exact = HashMap::with_capacity_and_hasher(routes.len(), RandomState::default());
+        let mut globs_by_prefix: HashMap<Box<str>, Vec<usize>, RandomState> = HashMap::default();
         for (i, route) in routes.iter().enumerate() {
             match &route.pattern {
                 ModelPattern::Exact(name) => {

@@ -55,7 +55,9 @@ impl KeyState {
 /// Limiter state of every key of this replica.
 #[derive(Default)]
 pub struct MemoryStore {
-    keys: DashMap<KeyName, Arc<KeyState>>,
+    // foldhash rather than SipHash: the names are the config's, nothing a client chooses, and
+    // every request looks its key up two or three times.
+    keys: DashMap<KeyName, Arc<KeyState>, foldhash::fast::RandomState>,
 }
 
 impl std::fmt::Debug for MemoryStore {
