@@ -5,6 +5,7 @@
 //! route's model alias, the stream usage nimgate asks for on the client's behalf).
 
 mod budget;
+mod scan;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use crate::routing::Route;
 use crate::upstream::UpstreamBody;
 use crate::upstream::headers::X_REQUEST_ID;
 pub use budget::{BodyBudget, BodyLease};
+use scan::RawFields;
 
 /// The longest client-chosen request id nimgate keeps; longer or odd ones are replaced.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -280,7 +282,8 @@ impl TokenEstimate {
 }
 
 /// What serde reads: each field as raw JSON so that a wrong type gets a message naming the
-/// field, and every other field skipped without being built.
+/// field, and every other field skipped without being built. `scan` reads the same fields
+/// without serde (and is tested against this): a field added here is added there too.
 #[derive(Deserialize)]
 struct Fields<'a> {
     #[serde(borrow, default)]
@@ -320,6 +323,23 @@ struct StreamOptionsFields {
 
 /// Finds `model` and `stream` in a JSON request body.
 pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
+    // Nearly every body is plain enough for the scanner; it declines the rest, which serde
+    // reads (and words the errors of) as before.
+    let fields = match scan::top_level_fields(body) {
+        Some(fields) => fields,
+        None => fields_by_serde(body)?,
+    };
+    head_of(body, fields)
+}
+
+/// `peek` without its fast path: the reference the scanner is tested against.
+#[cfg(test)]
+fn peek_by_serde(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
+    head_of(body, fields_by_serde(body)?)
+}
+
+/// The fields as serde reads them, with the messages clients get for bodies it cannot read.
+fn fields_by_serde(body: &[u8]) -> Result<RawFields<'_>, GatewayError> {
     // serde would also read a struct from a JSON array, positionally; a request is an object.
     match body.iter().find(|b| !b.is_ascii_whitespace()) {
         None => {
@@ -342,18 +362,34 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
             _ => format!("request body is not valid JSON: {e}"),
         })
     })?;
+    Ok(RawFields {
+        model: fields.model.map(RawValue::get),
+        stream: fields.stream.map(RawValue::get),
+        max_tokens: fields.max_tokens.map(RawValue::get),
+        max_completion_tokens: fields.max_completion_tokens.map(RawValue::get),
+        max_output_tokens: fields.max_output_tokens.map(RawValue::get),
+        stream_options: fields.stream_options.map(RawValue::get),
+        messages: fields.messages.map(RawValue::get),
+        prompt: fields.prompt.map(RawValue::get),
+        input: fields.input.map(RawValue::get),
+        priority: fields.priority.map(RawValue::get),
+    })
+}
+
+/// The request head from the raw fields of `body`, whichever path read them.
+fn head_of<'a>(body: &'a [u8], fields: RawFields<'a>) -> Result<RequestHead<'a>, GatewayError> {
     let raw_model = fields
         .model
-        .filter(|raw| raw.get() != "null")
+        .filter(|raw| *raw != "null")
         .ok_or_else(|| GatewayError::InvalidRequest("`model` is required".into()))?;
     let model =
-        json_string(raw_model.get()).ok_or_else(|| GatewayError::InvalidRequest("`model` must be a string".into()))?;
+        json_string(raw_model).ok_or_else(|| GatewayError::InvalidRequest("`model` must be a string".into()))?;
     if model.is_empty() {
         return Err(GatewayError::InvalidRequest("`model` must not be empty".into()));
     }
     let stream = match fields.stream {
         None => false,
-        Some(raw) => match raw.get() {
+        Some(raw) => match raw {
             "true" => true,
             "false" | "null" => false,
             _ => return Err(GatewayError::InvalidRequest("`stream` must be a boolean".into())),
@@ -365,7 +401,7 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
         ("max_tokens", fields.max_tokens),
         ("max_output_tokens", fields.max_output_tokens),
     ] {
-        match raw.map(RawValue::get) {
+        match raw {
             None | Some("null") => {}
             Some(text) => {
                 let value = text
@@ -377,27 +413,24 @@ pub fn peek(body: &[u8]) -> Result<RequestHead<'_>, GatewayError> {
     }
     let stream_options = match fields.stream_options {
         None => StreamOptions::Absent,
-        Some(raw) if raw.get() == "null" => StreamOptions::Null(span_of(body, raw.get())),
+        Some(raw) if raw == "null" => StreamOptions::Null(span_of(body, raw)),
         Some(raw) => {
-            let object = raw.get().starts_with('{').then(|| serde_json::from_str::<StreamOptionsFields>(raw.get()));
+            let object = raw.starts_with('{').then(|| serde_json::from_str::<StreamOptionsFields>(raw));
             let options = object.and_then(Result::ok).ok_or_else(|| {
                 GatewayError::InvalidRequest("`stream_options` must be an object like {\"include_usage\": true}".into())
             })?;
-            StreamOptions::Object {
-                span: span_of(body, raw.get()),
-                include_usage: options.include_usage.unwrap_or(false),
-            }
+            StreamOptions::Object { span: span_of(body, raw), include_usage: options.include_usage.unwrap_or(false) }
         }
     };
-    let prompt_span = fields.messages.or(fields.prompt).or(fields.input).map(|raw| span_of(body, raw.get()));
+    let prompt_span = fields.messages.or(fields.prompt).or(fields.input).map(|raw| span_of(body, raw));
     Ok(RequestHead {
         model,
-        model_span: span_of(body, raw_model.get()),
+        model_span: span_of(body, raw_model),
         stream,
         max_tokens,
         stream_options,
         prompt_span,
-        priority_span: fields.priority.map(|raw| span_of(body, raw.get())),
+        priority_span: fields.priority.map(|raw| span_of(body, raw)),
     })
 }
 
