@@ -473,6 +473,8 @@ pub struct ContentCounter {
 const CONTENT_MARKERS: [&[u8]; 4] = [b"\"content\":\"", b"\"text\":\"", b"\"arguments\":\"", b"\"delta\":\""];
 /// The longest marker.
 const MARKER_MAX: usize = 13;
+/// The last letter of each marker's key (content, text, arguments, delta).
+const MARKER_LAST_LETTERS: [u8; 3] = [b't', b's', b'a'];
 /// The end every marker shares: one pass over a frame finds them all.
 const MARKER_END: &[u8] = b"\":\"";
 static MARKER_END_FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(MARKER_END));
@@ -499,6 +501,11 @@ impl ContentCounter {
         // Markers within this frame whose following byte is here too, found by their shared
         // end (`":"`, which every string-valued key has) in one pass.
         for end in MARKER_END_FINDER.find_iter(bytes) {
+            // Most `":"` end other keys (`"id"`, `"model"`, `"role"`): the key's last letter
+            // rules them out before any marker is compared.
+            if !end.checked_sub(1).and_then(|i| bytes.get(i)).is_some_and(|b| MARKER_LAST_LETTERS.contains(b)) {
+                continue;
+            }
             let starts = CONTENT_MARKERS.iter().map(|m| (end + MARKER_END.len()).checked_sub(m.len()));
             if CONTENT_MARKERS.iter().zip(starts).any(|(m, at)| at.is_some_and(|at| text_follows(bytes, at, m))) {
                 self.events += 1;
@@ -692,6 +699,14 @@ mod tests {
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}],\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n";
         let mut stripper = UsageEventStripper::default();
         assert_eq!(stripper.process(Bytes::from(stream)), stream);
+    }
+
+    #[test]
+    fn every_marker_key_ends_in_a_letter_the_counter_looks_at() {
+        for marker in CONTENT_MARKERS {
+            let last = marker[marker.len() - MARKER_END.len() - 1];
+            assert!(MARKER_LAST_LETTERS.contains(&last), "{}", String::from_utf8_lossy(marker));
+        }
     }
 
     #[test]
