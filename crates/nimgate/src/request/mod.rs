@@ -378,10 +378,9 @@ fn fields_by_serde(body: &[u8]) -> Result<RawFields<'_>, GatewayError> {
 
 /// The request head from the raw fields of `body`, whichever path read them.
 fn head_of<'a>(body: &'a [u8], fields: RawFields<'a>) -> Result<RequestHead<'a>, GatewayError> {
-    let raw_model = fields
-        .model
-        .filter(|raw| *raw != "null")
-        .ok_or_else(|| GatewayError::InvalidRequest("`model` is required".into()))?;
+    // A `null` arrives as `None` in every field but `stream_options` and `priority` (both
+    // paths read it so; `a_null_reads_as_serde_reads_it_in_every_field` holds them to it).
+    let raw_model = fields.model.ok_or_else(|| GatewayError::InvalidRequest("`model` is required".into()))?;
     let model =
         json_string(raw_model).ok_or_else(|| GatewayError::InvalidRequest("`model` must be a string".into()))?;
     if model.is_empty() {
@@ -391,7 +390,7 @@ fn head_of<'a>(body: &'a [u8], fields: RawFields<'a>) -> Result<RequestHead<'a>,
         None => false,
         Some(raw) => match raw {
             "true" => true,
-            "false" | "null" => false,
+            "false" => false,
             _ => return Err(GatewayError::InvalidRequest("`stream` must be a boolean".into())),
         },
     };
@@ -402,7 +401,7 @@ fn head_of<'a>(body: &'a [u8], fields: RawFields<'a>) -> Result<RequestHead<'a>,
         ("max_output_tokens", fields.max_output_tokens),
     ] {
         match raw {
-            None | Some("null") => {}
+            None => {}
             Some(text) => {
                 let value = text
                     .parse::<u64>()
