@@ -91,7 +91,7 @@ async fn infer(
     exchange.key = Some(Arc::clone(&key));
     let key = &key;
     // Before a byte of the body is read: a key its limits would refuse whatever it sends.
-    gateway.limiter().precheck(key).await?;
+    let checked = gateway.limiter().precheck(key).await?;
 
     let (parts, body) = request.into_parts();
     let mut lease = gateway.body_budget().lease(snapshot.server.header_read_timeout);
@@ -112,7 +112,7 @@ async fn infer(
     }
 
     let estimate = head.token_estimate(body.len(), endpoint.completes(), snapshot.rate_limits.default_max_tokens);
-    let admission = gateway.limiter().admit(key, estimate.total()).await?;
+    let admission = gateway.limiter().admit_checked(key, estimate.total(), checked).await?;
     exchange.admitted(admission.as_ref());
 
     let model = route.pattern.as_str();

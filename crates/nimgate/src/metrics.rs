@@ -239,6 +239,14 @@ impl Metrics {
         series(self.id, 2, &self.duration, &[model, backend])
     }
 
+    /// The time-to-first-byte and duration histograms of a route model and backend, in one
+    /// lookup: every upstream answer observes both.
+    pub fn timings(&self, model: &str, backend: &str) -> (Histogram, Histogram) {
+        let labels = [model, backend];
+        let make = || (self.ttfb.with_label_values(&labels), self.duration.with_label_values(&labels));
+        memo(self.id, 8, &labels, make, Clone::clone)
+    }
+
     pub fn chunk_gap(&self, model: &str, backend: &str) -> Histogram {
         series(self.id, 3, &self.chunk_gap, &[model, backend])
     }
@@ -253,10 +261,11 @@ impl Metrics {
 
     /// The prompt and completion token counters of a route model and key.
     pub fn token_counters(&self, model: &str, key: &str) -> (IntCounter, IntCounter) {
-        (
-            series(self.id, 5, &self.tokens, &[model, key, "prompt"]),
-            series(self.id, 5, &self.tokens, &[model, key, "completion"]),
-        )
+        let make = || {
+            let series = |kind| self.tokens.with_label_values(&[model, key, kind]);
+            (series("prompt"), series("completion"))
+        };
+        memo(self.id, 5, &[model, key], make, Clone::clone)
     }
 
     /// A choice of prefix affinity (`result`: hit, miss, overflow).
@@ -386,21 +395,26 @@ trait Memoized: Clone + 'static {
     fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R;
 }
 
-thread_local! {
-    static COUNTERS: RefCell<Table<IntCounter>> = RefCell::new(Table::default());
-    static HISTOGRAMS: RefCell<Table<Histogram>> = RefCell::new(Table::default());
+/// `Memoized` for a series type, with its thread-local table.
+macro_rules! memoized {
+    ($($table:ident: $type:ty),* $(,)?) => {
+        thread_local! {
+            $(static $table: RefCell<Table<$type>> = RefCell::new(Table::default());)*
+        }
+        $(impl Memoized for $type {
+            fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R {
+                $table.with(|table| f(&mut table.borrow_mut()))
+            }
+        })*
+    };
 }
 
-impl Memoized for IntCounter {
-    fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R {
-        COUNTERS.with(|table| f(&mut table.borrow_mut()))
-    }
-}
-
-impl Memoized for Histogram {
-    fn with_table<R>(f: impl FnOnce(&mut Table<Self>) -> R) -> R {
-        HISTOGRAMS.with(|table| f(&mut table.borrow_mut()))
-    }
+memoized! {
+    COUNTERS: IntCounter,
+    HISTOGRAMS: Histogram,
+    // Series a request always uses together, found with one lookup.
+    COUNTER_PAIRS: (IntCounter, IntCounter),
+    HISTOGRAM_PAIRS: (Histogram, Histogram),
 }
 
 /// The series of `family` with `labels`, from this thread's memo (the family's lock is taken
@@ -425,6 +439,17 @@ where
     T: Memoized,
     B: prometheus::core::MetricVecBuilder<M = T>,
 {
+    memo(registry, family, labels, || vec.with_label_values(labels), f)
+}
+
+/// `f` applied to what `make` made for `family` and `labels`, made once per thread.
+fn memo<T: Memoized, R>(
+    registry: usize,
+    family: usize,
+    labels: &[&str],
+    make: impl FnOnce() -> T,
+    f: impl FnOnce(&T) -> R,
+) -> R {
     let family = registry << 8 | family;
     let mut hash = WordHash(family as u64);
     for label in labels {
@@ -438,7 +463,7 @@ where
         if let Some((_, _, series)) = bucket.iter().find(same) {
             return f(series);
         }
-        let series = vec.with_label_values(labels);
+        let series = make();
         let out = f(&series);
         bucket.push((family, labels.iter().map(|l| Box::from(*l)).collect(), series));
         out
@@ -460,6 +485,9 @@ mod tests {
         metrics.request("m", "gpu", "team-a", 200);
         metrics.request("m", "gpu", "team-a", 200);
         metrics.ttfb("m", "gpu").observe(0.02);
+        let (ttfb, duration) = metrics.timings("m", "gpu");
+        ttfb.observe(0.5);
+        duration.observe(1.0);
         let (prompt, completion) = metrics.token_counters("m", "team-a");
         prompt.inc_by(10);
         completion.inc_by(5);
@@ -469,6 +497,8 @@ mod tests {
             "nimgate_config_reloads_total{result=\"error\"} 0",
             "nimgate_requests_total{backend=\"gpu\",code=\"200\",key=\"team-a\",model=\"m\"} 2",
             "nimgate_time_to_first_byte_seconds_bucket{backend=\"gpu\",model=\"m\",le=\"0.025\"} 1",
+            "nimgate_time_to_first_byte_seconds_count{backend=\"gpu\",model=\"m\"} 2",
+            "nimgate_request_duration_seconds_count{backend=\"gpu\",model=\"m\"} 1",
             "nimgate_tokens_total{key=\"team-a\",kind=\"completion\",model=\"m\"} 5",
             "nimgate_inflight_requests{backend=\"gpu\"} 0",
             "nimgate_backend_healthy{backend=\"gpu\"} 1",

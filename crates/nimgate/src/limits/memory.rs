@@ -52,6 +52,28 @@ impl KeyState {
     }
 }
 
+/// A key's state as one request found it: admission takes it from the precheck, and the
+/// request's permit settles into it, without looking the key up again. It settles into the
+/// bucket its reservation came from even after a reload changed the key's limits (and so
+/// replaced its state), where that bucket is gone and the reservation with it.
+#[derive(Clone)]
+pub struct KeyHandle(Arc<KeyState>);
+
+impl std::fmt::Debug for KeyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KeyHandle")
+    }
+}
+
+impl KeyHandle {
+    /// Replaces a reservation with the tokens really used.
+    pub fn settle(&self, reserved: u64, used: u64) {
+        if let Some(bucket) = &self.0.tokens {
+            lock(bucket).settle(reserved, used, Instant::now());
+        }
+    }
+}
+
 /// Limiter state of every key of this replica.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -86,7 +108,10 @@ impl MemoryStore {
     }
 
     fn decide(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
-        let state = self.state(key, limits);
+        self.decide_on(self.state(key, limits), limits, tokens)
+    }
+
+    fn decide_on(&self, state: Arc<KeyState>, limits: &Limits, tokens: u64) -> Decision {
         let now = Instant::now();
         let mut quota = Quota::default();
 
@@ -132,7 +157,7 @@ impl MemoryStore {
                 }
             }
         }
-        Decision::Admitted { reserved, quota, slot }
+        Decision::Admitted { reserved, quota, slot, held: Some(KeyHandle(state)) }
     }
 }
 
@@ -141,6 +166,11 @@ impl MemoryStore {
     /// limit), reserving the tokens; or refuses it without consuming anything.
     pub fn admit(&self, key: &KeyName, limits: &Limits, tokens: u64) -> Decision {
         self.decide(key, limits, tokens)
+    }
+
+    /// `admit` on the state the precheck found (`held`, for these `limits`).
+    pub fn admit_held(&self, held: KeyHandle, limits: &Limits, tokens: u64) -> Decision {
+        self.decide_on(held.0, limits, tokens)
     }
 
     /// The key's quota now, consuming nothing (for responses refused before admission).
@@ -164,15 +194,21 @@ impl MemoryStore {
 
     /// Refuses a request that no body could make admissible: its key has no request left
     /// now, or no token at all. Consumes nothing; `admit` decides on the body's estimate.
-    pub fn precheck(&self, key: &KeyName, limits: &Limits) -> Option<Decision> {
+    /// The key's state comes back with the answer, for `admit_held`.
+    pub fn precheck(&self, key: &KeyName, limits: &Limits) -> (Option<Decision>, KeyHandle) {
         let state = self.state(key, limits);
+        let refusal = self.refusal(&state);
+        (refusal, KeyHandle(state))
+    }
+
+    fn refusal(&self, state: &KeyState) -> Option<Decision> {
         let now = Instant::now();
         if state.concurrency_full() {
-            let quota = self.quota_of(&state, now);
+            let quota = self.quota_of(state, now);
             return Some(Decision::Refused { limit: LimitKind::Concurrency, retry_after: CONCURRENCY_RETRY, quota });
         }
         if let Some(wait) = state.requests.as_ref().and_then(|r| lock(r).busy_for(now)) {
-            let quota = self.quota_of(&state, now);
+            let quota = self.quota_of(state, now);
             return Some(Decision::Refused { limit: LimitKind::Requests, retry_after: wait, quota });
         }
         let bucket = state.tokens.as_ref()?;
@@ -180,7 +216,7 @@ impl MemoryStore {
         (!wait.is_zero()).then(|| Decision::Refused {
             limit: LimitKind::Tokens,
             retry_after: wait,
-            quota: self.quota_of(&state, now),
+            quota: self.quota_of(state, now),
         })
     }
 
@@ -260,7 +296,29 @@ mod tests {
         });
         assert!(poisoner.join().is_err());
         assert!(matches!(store.admit(&key, &limits, 10), Decision::Refused { limit: LimitKind::Tokens, .. }));
-        assert!(store.precheck(&key, &limits).is_some(), "the precheck refuses the spent key too");
+        assert!(store.precheck(&key, &limits).0.is_some(), "the precheck refuses the spent key too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_state_a_precheck_found_is_the_one_admission_and_settling_use() {
+        let store = MemoryStore::default();
+        let key = KeyName::new("k");
+        let l = limits(Some(2), Some(100));
+        let (refusal, held) = store.precheck(&key, &l);
+        assert!(refusal.is_none());
+        let (reserved, quota) = admitted(store.admit_held(held.clone(), &l, 60));
+        assert_eq!((reserved, quota.requests.unwrap().remaining), (60, 1));
+        // The same count as `admit` by name: one state.
+        let (_, quota) = admitted(store.admit(&key, &l, 10));
+        assert_eq!((quota.requests.unwrap().remaining, quota.tokens.unwrap().remaining), (0, 30));
+        held.settle(60, 5);
+        assert_eq!(store.peek(&key, &l).tokens.unwrap().remaining, 85, "55 tokens refunded");
+        // After a reload changed the key's limits, a settlement of the old state leaves the
+        // new one alone: its reservation went with the old bucket.
+        let changed = limits(Some(2), Some(200));
+        assert_eq!(store.peek(&key, &changed).tokens.unwrap().remaining, 200);
+        held.settle(10, 0);
+        assert_eq!(store.peek(&key, &changed).tokens.unwrap().remaining, 200);
     }
 
     #[tokio::test(start_paused = true)]
@@ -277,9 +335,9 @@ mod tests {
         let (limit, retry_after, quota) = refused(store.decide(&key, &l, 0));
         assert_eq!((limit, retry_after), (LimitKind::Requests, Duration::from_secs(20)));
         assert_eq!(quota.requests.unwrap().reset, Duration::from_secs(60));
-        assert!(store.precheck(&key, &l).is_some(), "the precheck refuses too, consuming nothing");
+        assert!(store.precheck(&key, &l).0.is_some(), "the precheck refuses too, consuming nothing");
         tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(store.precheck(&key, &l).is_none());
+        assert!(store.precheck(&key, &l).0.is_none());
         let (_, quota) = admitted(store.decide(&key, &l, 0));
         assert_eq!(quota.requests.unwrap().remaining, 0);
         assert!(matches!(store.decide(&key, &l, 0), Decision::Refused { .. }));
@@ -343,9 +401,9 @@ mod tests {
         assert_eq!((limit, retry_after), (LimitKind::Concurrency, Duration::from_secs(1)));
         assert_eq!(quota.requests.unwrap().remaining, 58, "the refusal took no request");
         assert_eq!(quota.tokens.unwrap().remaining, 980, "nor tokens");
-        assert!(matches!(store.precheck(&key, &l), Some(Decision::Refused { limit: LimitKind::Concurrency, .. })));
+        assert!(matches!(store.precheck(&key, &l).0, Some(Decision::Refused { limit: LimitKind::Concurrency, .. })));
         drop(first);
-        assert!(store.precheck(&key, &l).is_none());
+        assert!(store.precheck(&key, &l).0.is_none());
         admitted(store.decide(&key, &l, 10));
         drop(second);
         // A request refused by a later limit gives its slot back at once.

@@ -20,7 +20,7 @@ use prometheus::IntCounterVec;
 pub use bucket::TokenBucket;
 pub use gcra::Gcra;
 pub use inflight::{InFlight, InFlightSlot};
-pub use memory::MemoryStore;
+pub use memory::{KeyHandle, MemoryStore};
 pub use quota::{Quota, Window, openai_duration, retry_after_secs};
 pub use redis::{Lease, RedisStore, StoreError};
 
@@ -59,9 +59,9 @@ pub enum Slot {
 /// A store's answer to one admission.
 #[derive(Debug)]
 pub enum Decision {
-    /// Admitted; `reserved` tokens are held until the request settles, and `slot` until it
-    /// ends.
-    Admitted { reserved: u64, quota: Quota, slot: Option<Slot> },
+    /// Admitted; `reserved` tokens are held until the request settles (into `held`, the key's
+    /// state, for the memory store), and `slot` until it ends.
+    Admitted { reserved: u64, quota: Quota, slot: Option<Slot>, held: Option<KeyHandle> },
     /// Refused by `limit`; admission is possible again after `retry_after`.
     Refused { limit: LimitKind, retry_after: Duration, quota: Quota },
 }
@@ -223,24 +223,40 @@ impl Limiter {
     /// Admits one request of `key` estimated at `tokens`, or refuses it. A key without limits
     /// is admitted without a look at the store.
     pub async fn admit(&self, key: &Key, tokens: u64) -> Result<Option<Admission>, Unadmitted> {
+        self.admit_checked(key, tokens, Checked::default()).await
+    }
+
+    /// `admit` after `precheck` passed: on the key state the precheck found, when the store
+    /// is still the one it looked in.
+    pub async fn admit_checked(
+        &self,
+        key: &Key,
+        tokens: u64,
+        checked: Checked,
+    ) -> Result<Option<Admission>, Unadmitted> {
         if key.limits.is_unlimited() {
             return Ok(None);
         }
         let store = self.store.load_full();
-        let decision = match &*store {
-            Store::Memory(memory) => memory.admit(&key.name, &key.limits, tokens),
-            Store::Redis(redis) => match redis.admit(&key.name, &key.limits, tokens).await {
+        let decision = match (&*store, checked.held) {
+            (Store::Memory(memory), Some((checked_in, held))) if Arc::ptr_eq(&checked_in, &store) => {
+                memory.admit_held(held, &key.limits, tokens)
+            }
+            (Store::Memory(memory), _) => memory.admit(&key.name, &key.limits, tokens),
+            (Store::Redis(redis), _) => match redis.admit(&key.name, &key.limits, tokens).await {
                 Ok(decision) => decision,
                 Err(e) => return self.unanswered(redis, &e),
             },
         };
         match decision {
-            Decision::Admitted { reserved, quota, slot } => {
+            Decision::Admitted { reserved, quota, slot, held } => {
                 let needs_permit = key.limits.tokens_per_minute.is_some() || slot.is_some();
                 let permit = needs_permit.then(|| Permit {
-                    store,
-                    key: key.name.clone(),
-                    limits: key.limits,
+                    account: match held {
+                        Some(held) => Account::Held(held),
+                        None => Account::Store { store, key: key.name.clone(), limits: key.limits },
+                    },
+                    tokens_limited: key.limits.tokens_per_minute.is_some(),
                     reserved,
                     _slot: slot,
                 });
@@ -266,18 +282,23 @@ impl Limiter {
     }
 
     /// Refuses, before its body is read, a request of `key` that its limits could not admit
-    /// whatever the body: no request left now, no token, or no slot. Consumes nothing.
-    pub async fn precheck(&self, key: &Key) -> Result<(), Refused> {
+    /// whatever the body: no request left now, no token, or no slot. Consumes nothing; what
+    /// it found is for `admit_checked`.
+    pub async fn precheck(&self, key: &Key) -> Result<Checked, Refused> {
         if key.limits.is_unlimited() {
-            return Ok(());
+            return Ok(Checked::default());
         }
-        let decision = match &**self.store.load() {
-            Store::Memory(store) => store.precheck(&key.name, &key.limits),
-            Store::Redis(store) => store.precheck(&key.name, &key.limits),
+        let store = self.store.load_full();
+        let (decision, held) = match &*store {
+            Store::Memory(memory) => {
+                let (decision, held) = memory.precheck(&key.name, &key.limits);
+                (decision, Some(held))
+            }
+            Store::Redis(redis) => (redis.precheck(&key.name, &key.limits), None),
         };
         match decision {
             Some(Decision::Refused { limit, retry_after, quota }) => Err(Refused::new(key, limit, retry_after, quota)),
-            _ => Ok(()),
+            _ => Ok(Checked { held: held.map(|held| (store, held)) }),
         }
     }
 
@@ -302,6 +323,30 @@ impl Limiter {
     }
 }
 
+/// What a passed precheck found: the memory store's state of the key, and the store it is in.
+#[derive(Debug, Default)]
+pub struct Checked {
+    held: Option<(Arc<Store>, KeyHandle)>,
+}
+
+/// Where a permit's tokens settle.
+#[derive(Debug)]
+enum Account {
+    /// The key's state in the memory store, as admission found it.
+    Held(KeyHandle),
+    /// The store that admitted the request (Redis), by key name.
+    Store { store: Arc<Store>, key: KeyName, limits: Limits },
+}
+
+impl Account {
+    fn settle(&self, reserved: u64, used: u64) {
+        match self {
+            Self::Held(held) => held.settle(reserved, used),
+            Self::Store { store, key, limits } => store.settle(key, limits, reserved, used),
+        }
+    }
+}
+
 /// A token reservation and in-flight slot held while a request runs. `settle` replaces the
 /// reservation with the real usage. Dropped unsettled, no upstream answer started (the
 /// answer's meter always settles once it has one): the reservation is refunded, so a key is
@@ -310,9 +355,8 @@ impl Limiter {
 /// that admitted the request, even after a reload switched stores.
 #[derive(Debug)]
 pub struct Permit {
-    store: Arc<Store>,
-    key: KeyName,
-    limits: Limits,
+    account: Account,
+    tokens_limited: bool,
     reserved: u64,
     _slot: Option<Slot>,
 }
@@ -326,8 +370,8 @@ impl Permit {
     /// Charges `used` tokens instead of the reservation (refunding or charging the difference).
     pub fn settle(mut self, used: u64) {
         let reserved = std::mem::take(&mut self.reserved);
-        if used != reserved && self.limits.tokens_per_minute.is_some() {
-            self.store.settle(&self.key, &self.limits, reserved, used);
+        if used != reserved && self.tokens_limited {
+            self.account.settle(reserved, used);
         }
     }
 }
@@ -335,7 +379,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if self.reserved > 0 {
-            self.store.settle(&self.key, &self.limits, self.reserved, 0);
+            self.account.settle(self.reserved, 0);
         }
     }
 }

@@ -107,11 +107,12 @@ pub fn forward(answer: Answer, permit: Option<Permit>, origin: Origin<'_>) -> Re
     let label = backend.name.as_str();
     let success = response.status().is_success();
     let sse = success && is_event_stream(response.headers());
+    let (first_byte, duration) = metrics.timings(model, label);
     let observe = Observe {
         metrics: Arc::clone(metrics),
         started,
-        first_byte: Some(metrics.ttfb(model, label)),
-        duration: Some(metrics.duration(model, label)),
+        first_byte: Some(first_byte),
+        duration: Some(duration),
         chunk_gap: sse.then(|| metrics.chunk_gap(model, label)),
     };
     let meter = (permit.is_some() || success).then(|| Meter {

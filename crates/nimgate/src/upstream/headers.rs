@@ -25,15 +25,28 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// origin to a backend that trusts them (`Forwarded`, `X-Forwarded-*`, `X-Real-IP`), with the
 /// request id added. The backend credential is added by `request`.
 pub fn upstream_headers(client: &HeaderMap, request_id: &HeaderValue) -> HeaderMap {
-    let listed = connection_listed(client);
+    // Most requests have no `Connection` header: it is noticed on the way rather than looked
+    // up, and only one that names headers has them filtered again.
+    let mut connection = false;
+    let mut headers = copy_request_headers(client, |name| {
+        connection |= name == CONNECTION;
+        false
+    });
+    if let Some(listed) = connection.then(|| connection_listed(client)).flatten() {
+        headers = copy_request_headers(client, |name| listed.contains(name));
+    }
+    headers.insert(X_REQUEST_ID, request_id.clone());
+    headers
+}
+
+/// The client's headers but those always dropped and those `listed` says, in their order.
+fn copy_request_headers(client: &HeaderMap, mut listed: impl FnMut(&HeaderName) -> bool) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(client.len() + 3);
     for (name, value) in client {
-        let dropped = is_dropped_request_header(name) || listed.as_ref().is_some_and(|l| l.contains(name));
-        if !dropped {
+        if !listed(name) && !is_dropped_request_header(name) {
             headers.append(name.clone(), value.clone());
         }
     }
-    headers.insert(X_REQUEST_ID, request_id.clone());
     headers
 }
 
@@ -92,6 +105,11 @@ fn connection_listed(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
 /// Removes hop-by-hop headers from an upstream response before it goes to the client. Most
 /// responses carry none, so it looks before it removes (each removal hashes a name).
 pub fn strip_response_headers(headers: &mut HeaderMap) {
+    // One pass over the names first: `Connection` is hop-by-hop, so an answer without any
+    // costs neither a lookup nor an allocation.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let listed = connection_listed(headers);
     let doomed: Vec<HeaderName> = headers
         .keys()

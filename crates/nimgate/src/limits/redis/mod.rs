@@ -193,7 +193,7 @@ impl RedisStore {
                 if self.0.blocked.contains_key(key) {
                     self.0.blocked.remove(key);
                 }
-                Decision::Admitted { reserved: reply.reserved, quota: reply.quota, slot }
+                Decision::Admitted { reserved: reply.reserved, quota: reply.quota, slot, held: None }
             }
             Some(limit) => {
                 if limit != LimitKind::Concurrency {
