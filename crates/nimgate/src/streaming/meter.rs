@@ -61,8 +61,9 @@ impl Metering {
 
     /// One frame's bytes in, the bytes to send out (empty while an event is held whole).
     pub(super) fn on_data(&mut self, data: Bytes) -> Bytes {
+        let mut without_usage_object = false;
         if self.success {
-            self.scanner.feed(&data);
+            without_usage_object = self.scanner.feed(&data);
             match &mut self.counter {
                 Some(counter) => {
                     counter.feed(&data);
@@ -80,7 +81,8 @@ impl Metering {
             }
         }
         match &mut self.stripper {
-            Some(stripper) => stripper.process(data),
+            // One search for `"usage"` serves both when the frame has no usage object.
+            Some(stripper) => stripper.process_known(data, without_usage_object),
             None => data,
         }
     }

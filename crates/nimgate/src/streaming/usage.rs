@@ -57,14 +57,19 @@ pub struct UsageScanner {
 }
 
 impl UsageScanner {
-    pub fn feed(&mut self, bytes: &[u8]) {
+    /// Reads one frame. True when the frame was searched on its own and every `"usage"` key
+    /// in it (streams carry `"usage":null` in each chunk) has a value other than an object:
+    /// then the stripper, which looks for the one usage object, need not search it again.
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
         // The common frame needs no copy: the carry is at most a few bytes that cannot begin a
         // key, so `bytes` is scanned where it lies. Only a key cut by the frame boundary, or an
         // object still open from the last frame, joins the carry and the frame.
         // (A frame shorter than the key is joined too: it may continue a key and end before it
         // does, and copying a few bytes costs nothing.)
+        let mut without_usage_object = false;
         if self.carry.len() < USAGE_KEY.len() && bytes.len() >= USAGE_KEY.len() && !key_starts_in(&self.carry, bytes) {
-            let keep = self.scan(bytes);
+            let (keep, objects) = self.scan(bytes);
+            without_usage_object = !objects;
             self.carry.clear();
             self.carry.extend_from_slice(&bytes[keep..]);
         } else if self.carry.len() >= USAGE_KEY.len() && memchr::memchr2(b'}', b']', bytes).is_none() {
@@ -74,13 +79,14 @@ impl UsageScanner {
         } else {
             let mut joined = std::mem::take(&mut self.carry);
             joined.extend_from_slice(bytes);
-            let keep = self.scan(&joined);
+            let (keep, _) = self.scan(&joined);
             joined.drain(..keep);
             self.carry = joined;
         }
         if self.carry.len() > MAX_CARRY {
             self.carry.clear();
         }
+        without_usage_object
     }
 
     /// The last usage seen so far.
@@ -89,18 +95,21 @@ impl UsageScanner {
     }
 
     /// Records every complete usage object in `buf`; returns where the bytes that may still
-    /// begin one (a split key or an unfinished object) start.
-    fn scan(&mut self, buf: &[u8]) -> usize {
+    /// begin one (a split key or an unfinished object) start, and whether any `"usage"` key
+    /// in `buf` has (or may have, cut by its end) an object for its value.
+    fn scan(&mut self, buf: &[u8]) -> (usize, bool) {
         let mut pos = 0;
+        let mut objects = false;
         while let Some(found) = USAGE_FINDER.find(&buf[pos..]) {
             let at = pos + found;
             let Some(open) = object_after_key(buf, at + USAGE_KEY.len()) else {
-                return at;
+                return (at, true);
             };
             let Ok(open) = open else {
                 pos = at + USAGE_KEY.len();
                 continue;
             };
+            objects = true;
             if let Some((usage, len)) = flat_usage(&buf[open..]) {
                 self.last = Some(usage);
                 pos = open + len;
@@ -114,11 +123,11 @@ impl UsageScanner {
                 }
                 // Cut by the frame's end (serde may call that a syntax error: after `1.` or
                 // `-`), the object may still complete; one that closes and fails is skipped.
-                Some(Err(_)) if !object_closes(&buf[open..]) => return at,
+                Some(Err(_)) if !object_closes(&buf[open..]) => return (at, true),
                 _ => pos = open + 1,
             }
         }
-        buf.len().saturating_sub(USAGE_KEY.len() - 1).max(pos)
+        (buf.len().saturating_sub(USAGE_KEY.len() - 1).max(pos), objects)
     }
 }
 
@@ -307,6 +316,13 @@ pub const MAX_EVENT: usize = 4 * 1024;
 impl UsageEventStripper {
     /// The bytes to forward for `frame` (empty when all of it waits for the next frame).
     pub fn process(&mut self, frame: Bytes) -> Bytes {
+        self.process_known(frame, false)
+    }
+
+    /// `process`, told by the usage scanner that no `"usage"` key in `frame` has an object
+    /// for its value (`without_usage_object`): then, unless bytes held from earlier frames
+    /// join it, it holds no usage event and is not searched for one.
+    pub fn process_known(&mut self, frame: Bytes, without_usage_object: bool) -> Bytes {
         if self.removed {
             return self.join(frame);
         }
@@ -322,11 +338,13 @@ impl UsageEventStripper {
             }
             return Bytes::new();
         };
+        let searched = without_usage_object && self.carry.is_empty();
         let complete = self.join(frame.slice(..end));
         let rest = frame.slice(end..);
         // The end of an overlong event is no event of its own: it is not looked at.
         let skip = if std::mem::take(&mut self.overlong) { last_event_end_from(&complete).unwrap_or(0) } else { 0 };
-        let out = match usage_only_event(&complete[skip..]) {
+        let found = if searched { None } else { usage_only_event(&complete[skip..]) };
+        let out = match found {
             None => complete,
             Some(event) => {
                 self.removed = true;
@@ -774,14 +792,20 @@ mod tests {
             let mut stripper = UsageEventStripper::default();
             let mut counter = ContentCounter::default();
             let mut out = Vec::new();
+            // The stripper alone, and told what the scanner found, as the meter runs them.
+            let mut told = UsageEventStripper::default();
+            let mut told_out = Vec::new();
             for frame in split_at_points(STREAM, &points) {
-                scanner.feed(&frame);
+                let without_usage_object = scanner.feed(&frame);
                 counter.feed(&frame);
-                out.extend_from_slice(&stripper.process(frame));
+                out.extend_from_slice(&stripper.process(frame.clone()));
+                told_out.extend_from_slice(&told.process_known(frame, without_usage_object));
             }
             out.extend_from_slice(&stripper.finish());
+            told_out.extend_from_slice(&told.finish());
             prop_assert_eq!(scanner.usage().map(|u| u.total()), Some(11));
             prop_assert_eq!(String::from_utf8(out).unwrap(), STREAM.replace(USAGE_EVENT, ""));
+            prop_assert_eq!(String::from_utf8(told_out).unwrap(), STREAM.replace(USAGE_EVENT, ""));
             prop_assert_eq!(counter.events(), 2);
         }
 
