@@ -431,3 +431,74 @@ async fn max_concurrency_refuses_while_the_keys_streams_run_and_admits_when_one_
     })
     .await;
 }
+
+/// A backend streaming one chat answer in three writes, apart in time so that they reach the
+/// gateway as separate frames: a chunk whose text is `[DONE]`, then the usage chunk
+/// (`completion_tokens` of 1,000), then the real `data: [DONE]`.
+async fn done_in_text_backend() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                // The head, then the body its Content-Length announces.
+                loop {
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                    let Ok(n) = socket.read(&mut buffer).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                let events = [
+                    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"[DONE]\"}}],\"usage\":null}\n\n",
+                    "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1000,\"total_tokens\":1010}}\n\n",
+                    "data: [DONE]\n\n",
+                ];
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for event in events {
+                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                    if socket.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = socket.write_all(b"0\r\n\r\n").await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test]
+async fn a_stream_whose_text_says_done_is_charged_its_reported_usage() {
+    let gw = gateway()
+        .backend("sse", &done_in_text_backend().await)
+        .route(LLAMA, &["sse"])
+        .key_limited("team-a", &["*"], None, Some(6000))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let (status, _, text) = stream_text(&client, &request(Some(100), true, false)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"content\":\"[DONE]\""), "{text}");
+    assert!(usage_events(&text).is_empty(), "the usage chunk nimgate asked for is hidden: {text}");
+    // The usage chunk's 1,010 tokens, not an estimate made when the text went by.
+    let left = tokens_left(&client).await;
+    assert!((6000 - 1010..6000 - 1010 + 50).contains(&left), "left {left}");
+}

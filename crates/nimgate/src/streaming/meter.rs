@@ -9,9 +9,6 @@ use prometheus::IntCounter;
 use super::usage::{ContentCounter, UsageEventStripper, UsageScanner};
 use crate::limits::Permit;
 
-static DONE_FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"[DONE]"));
-
 /// How one answer is metered.
 #[derive(Debug)]
 pub struct Meter {
@@ -65,14 +62,9 @@ impl Metering {
         if self.success {
             without_usage_object = self.scanner.feed(&data);
             match &mut self.counter {
-                Some(counter) => {
-                    counter.feed(&data);
-                    // `[DONE]` ends the stream for the client, which may send its next
-                    // request before the body formally ends.
-                    if DONE_FINDER.find(&data).is_some() {
-                        self.settle();
-                    }
-                }
+                // A stream settles when its end goes by (`[DONE]`, or the Responses API's
+                // terminal event), which the body's `Completion` tells.
+                Some(counter) => counter.feed(&data),
                 // A JSON answer's usage is final: settle before its last bytes go out, so a
                 // client that sends its next request the moment it has read this one finds
                 // the refund already made.

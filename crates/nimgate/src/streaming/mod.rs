@@ -353,12 +353,11 @@ impl Forwarded {
                     let out = match this.metering {
                         Some(metering) => {
                             let out = metering.on_data(data);
-                            // The end for the client, who may send its next request before
-                            // the body formally ends (chat's `[DONE]` is seen by the meter).
-                            if *this.sse
-                                && matches!(this.completion, Completion::Terminal(_))
-                                && this.completion.complete()
-                            {
+                            // The end for the client, who may send its next request the moment
+                            // it has read it, before the body formally ends: settled before it
+                            // goes out. Told by the stream's last bytes, so a `[DONE]` in the
+                            // text of a chunk is no end.
+                            if *this.sse && this.completion.complete() {
                                 metering.settle();
                             }
                             out
