@@ -141,7 +141,12 @@ impl Backend {
 
     /// The full upstream URI of `endpoint` on this backend.
     pub fn uri(&self, endpoint: Endpoint) -> &Uri {
-        &self.uris.0[endpoint.index()]
+        &self.uris.absolute[endpoint.index()]
+    }
+
+    /// The URI a request for `endpoint` is sent with (see `EndpointUris`).
+    pub fn request_uri(&self, endpoint: Endpoint) -> &Uri {
+        &self.uris.sent[endpoint.index()]
     }
 
     /// A backend named `name` at `url` with default settings, for unit tests.
@@ -169,9 +174,15 @@ impl Backend {
     }
 }
 
-/// Every endpoint's URI under a backend's base URL.
+/// Every endpoint's URI under a backend's base URL, and the form a request carries it in.
 #[derive(Debug, Clone)]
-pub struct EndpointUris([Uri; Endpoint::ALL.len()]);
+pub struct EndpointUris {
+    absolute: [Uri; Endpoint::ALL.len()],
+    /// What a request's line says: the path alone for plain HTTP, whose connections nimgate
+    /// keeps itself (with a `Host` header), so that no request converts it on its way; the
+    /// absolute URI for https, which hyper-util's client takes apart itself.
+    sent: [Uri; Endpoint::ALL.len()],
+}
 
 impl EndpointUris {
     /// Fails only if the base URL cannot take the API paths.
@@ -180,7 +191,14 @@ impl EndpointUris {
         if let Some(Err(e)) = joined.iter().find(|uri| uri.is_err()) {
             return Err(e.clone());
         }
-        Ok(Self(joined.map(Result::unwrap_or_default)))
+        let absolute = joined.map(Result::unwrap_or_default);
+        let sent = match base.scheme_str() {
+            Some("http") => absolute
+                .clone()
+                .map(|uri| uri.path_and_query().cloned().map_or_else(|| Uri::from_static("/"), Uri::from)),
+            _ => absolute.clone(),
+        };
+        Ok(Self { absolute, sent })
     }
 }
 
@@ -203,5 +221,16 @@ mod tests {
         assert_eq!(join(&base, "/v1/models").unwrap(), "https://integrate.api.nvidia.com/v1/models");
         let base: Uri = "http://10.0.0.5:8000/nim/".parse().unwrap();
         assert_eq!(join(&base, "/v1/chat/completions").unwrap(), "http://10.0.0.5:8000/nim/v1/chat/completions");
+    }
+
+    #[test]
+    fn plain_http_requests_carry_the_path_and_https_ones_the_whole_uri() {
+        let chat = Endpoint::ChatCompletions.index();
+        let plain = EndpointUris::new(&"http://10.0.0.5:8000/nim/".parse().unwrap()).unwrap();
+        assert_eq!(plain.absolute[chat], "http://10.0.0.5:8000/nim/v1/chat/completions");
+        assert_eq!(plain.sent[chat], "/nim/v1/chat/completions");
+        assert_eq!(plain.sent[chat].scheme(), None);
+        let hosted = EndpointUris::new(&"https://integrate.api.nvidia.com".parse().unwrap()).unwrap();
+        assert_eq!(hosted.sent[chat], "https://integrate.api.nvidia.com/v1/chat/completions");
     }
 }

@@ -132,7 +132,7 @@ pub fn request(backend: &Backend, endpoint: Endpoint, mut headers: HeaderMap, bo
     }
     let mut request = Request::new(Full::new(body));
     *request.method_mut() = method;
-    *request.uri_mut() = backend.uri(endpoint).clone();
+    *request.uri_mut() = backend.request_uri(endpoint).clone();
     *request.headers_mut() = headers;
     request
 }
