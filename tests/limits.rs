@@ -432,10 +432,17 @@ async fn max_concurrency_refuses_while_the_keys_streams_run_and_admits_when_one_
     .await;
 }
 
-/// A backend streaming one chat answer in three writes, apart in time so that they reach the
-/// gateway as separate frames: a chunk whose text is `[DONE]`, then the usage chunk
-/// (`completion_tokens` of 1,000), then the real `data: [DONE]`.
-async fn done_in_text_backend() -> String {
+/// A chunk whose text is `[DONE]`, then the usage chunk (`completion_tokens` of 1,000), then
+/// the real `data: [DONE]`.
+const DONE_IN_TEXT: [&str; 3] = [
+    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"[DONE]\"}}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1000,\"total_tokens\":1010}}\n\n",
+    "data: [DONE]\n\n",
+];
+
+/// A backend streaming one chat answer in `writes`, apart in time so that they reach the
+/// gateway as separate frames.
+async fn sse_backend(writes: &'static [&'static str]) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -463,15 +470,10 @@ async fn done_in_text_backend() -> String {
                     request.extend_from_slice(&buffer[..n]);
                 }
                 let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                let events = [
-                    "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"[DONE]\"}}],\"usage\":null}\n\n",
-                    "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1000,\"total_tokens\":1010}}\n\n",
-                    "data: [DONE]\n\n",
-                ];
                 if socket.write_all(head.as_bytes()).await.is_err() {
                     return;
                 }
-                for event in events {
+                for event in writes {
                     let chunk = format!("{:x}\r\n{event}\r\n", event.len());
                     if socket.write_all(chunk.as_bytes()).await.is_err() {
                         return;
@@ -488,7 +490,7 @@ async fn done_in_text_backend() -> String {
 #[tokio::test]
 async fn a_stream_whose_text_says_done_is_charged_its_reported_usage() {
     let gw = gateway()
-        .backend("sse", &done_in_text_backend().await)
+        .backend("sse", &sse_backend(&DONE_IN_TEXT).await)
         .route(LLAMA, &["sse"])
         .key_limited("team-a", &["*"], None, Some(6000))
         .start()
@@ -499,6 +501,31 @@ async fn a_stream_whose_text_says_done_is_charged_its_reported_usage() {
     assert!(text.contains("\"content\":\"[DONE]\""), "{text}");
     assert!(usage_events(&text).is_empty(), "the usage chunk nimgate asked for is hidden: {text}");
     // The usage chunk's 1,010 tokens, not an estimate made when the text went by.
+    let left = tokens_left(&client).await;
+    assert!((6000 - 1010..6000 - 1010 + 50).contains(&left), "left {left}");
+}
+
+#[tokio::test]
+async fn a_frame_that_ends_right_after_done_in_a_chunks_text_does_not_end_the_stream() {
+    // The chunk's text is `data: [DONE]`, and its first write ends right after it, as the
+    // stream's last bytes would.
+    static WRITES: [&str; 4] = [
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"data: [DONE]",
+        "\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1000,\"total_tokens\":1010}}\n\n",
+        "data: [DONE]\n\n",
+    ];
+    let gw = gateway()
+        .backend("sse", &sse_backend(&WRITES).await)
+        .route(LLAMA, &["sse"])
+        .key_limited("team-a", &["*"], None, Some(6000))
+        .start()
+        .await;
+    let client = gw.client("team-a");
+    let (status, _, text) = stream_text(&client, &request(Some(100), true, false)).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"content\":\"data: [DONE]\""), "{text}");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let left = tokens_left(&client).await;
     assert!((6000 - 1010..6000 - 1010 + 50).contains(&left), "left {left}");
 }

@@ -43,7 +43,8 @@ impl Completion {
 /// The last bytes of a stream, kept across frames: an event can be split anywhere.
 #[derive(Debug, Default)]
 pub struct Tail {
-    bytes: [u8; 16],
+    /// Room for `\r\ndata: [DONE]\r\n\r\n` and a few bytes of trailing whitespace.
+    bytes: [u8; 24],
     len: usize,
 }
 
@@ -62,9 +63,18 @@ impl Tail {
     }
 
     /// The stream's last event is `[DONE]` (`data:` takes one optional space, per the SSE spec).
+    /// Only at a line's start: a frame may end inside a chunk's text that reads `data: [DONE]`,
+    /// but JSON text holds no raw line break, so one before `data:` is the event's own.
     pub fn ends_with_done(&self) -> bool {
         let end = self.bytes[..self.len].trim_ascii_end();
-        end.ends_with(b"data: [DONE]") || end.ends_with(b"data:[DONE]")
+        [&b"data: [DONE]"[..], b"data:[DONE]"].iter().any(|done| {
+            end.strip_suffix(*done).is_some_and(|before| match before.last() {
+                Some(&byte) => byte == b'\n',
+                // The stream's first line, or one whose start went by behind a long run of
+                // trailing whitespace: taken as the end, as a line break before it is likely.
+                None => true,
+            })
+        })
     }
 }
 
@@ -165,6 +175,24 @@ mod tests {
         let mut tail = Tail::default();
         tail.push(b"data: {\"choices\":[]}\n\n");
         assert!(!tail.ends_with_done());
+    }
+
+    #[test]
+    fn done_in_a_chunks_text_is_no_end_even_where_a_frame_ends_after_it() {
+        let chunk = b"data: {\"choices\":[{\"delta\":{\"content\":\"data: [DONE]";
+        let mut tail = Tail::default();
+        tail.push(chunk);
+        assert!(!tail.ends_with_done());
+        let mut tail = Tail::default();
+        tail.push(b"data: {\"x\":1}\n\n");
+        tail.push(&chunk[..chunk.len() - 3]);
+        tail.push(&chunk[chunk.len() - 3..]);
+        assert!(!tail.ends_with_done());
+        for stream in [&b"data: [DONE]\n\n"[..], b"data: {}\r\n\r\ndata: [DONE]\r\n\r\n", b"data: {}\n\ndata: [DONE]"] {
+            let mut tail = Tail::default();
+            tail.push(stream);
+            assert!(tail.ends_with_done(), "{}", String::from_utf8_lossy(stream));
+        }
     }
 
     const RESPONSES: &[u8] = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n\
