@@ -457,12 +457,32 @@ fn last_event_end_from(data: &[u8]) -> Option<usize> {
 /// Whether one SSE event is a `data:` line carrying usage and no choices. Parsed, but only for
 /// the one event per stream that mentions a usage object.
 fn is_usage_only(event: &[u8]) -> bool {
-    #[derive(Deserialize)]
-    struct Chunk {
-        #[serde(default)]
-        choices: Vec<serde::de::IgnoredAny>,
-        usage: Option<Usage>,
+    // The usual event, one `data:` line and its blank line, is read where it lies. Its UTF-8
+    // is checked first, as the general reading does: serde does not check the strings it
+    // skips.
+    match single_data_line(event) {
+        Some(json) => {
+            std::str::from_utf8(json).is_ok_and(|json| serde_json::from_str::<Chunk>(json).is_ok_and(Chunk::usage_only))
+        }
+        None => is_usage_only_by_lines(event),
     }
+}
+
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<serde::de::IgnoredAny>,
+    usage: Option<Usage>,
+}
+
+impl Chunk {
+    fn usage_only(self) -> bool {
+        self.choices.is_empty() && self.usage.is_some()
+    }
+}
+
+/// `is_usage_only` for any event: its `data:` lines joined, as the SSE spec reads them.
+fn is_usage_only_by_lines(event: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(event) else { return false };
     let mut data = String::new();
     for line in text.lines() {
@@ -472,7 +492,20 @@ fn is_usage_only(event: &[u8]) -> bool {
             None => return false,
         }
     }
-    serde_json::from_str::<Chunk>(&data).is_ok_and(|chunk| chunk.choices.is_empty() && chunk.usage.is_some())
+    serde_json::from_str::<Chunk>(&data).is_ok_and(Chunk::usage_only)
+}
+
+/// The value of an event that is one `data:` line and the blank line ending it, as the
+/// general reading (`str::lines`) would take it; `None` for any other shape.
+fn single_data_line(event: &[u8]) -> Option<&[u8]> {
+    let newline = memchr::memchr(b'\n', event)?;
+    let (line, rest) = (&event[..newline], &event[newline + 1..]);
+    if rest != b"\n" && rest != b"\r\n" {
+        return None;
+    }
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let value = line.strip_prefix(b"data:")?;
+    Some(value.strip_prefix(b" ").unwrap_or(value))
 }
 
 /// Counts the SSE events that carry generated text, an estimate of completion tokens for
@@ -770,6 +803,31 @@ mod tests {
         match (lf, crlf) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn an_event_read_where_it_lies_is_judged_as_by_its_lines(
+            start in proptest::sample::select(vec!["data:", "data: ", "data:  ", "event: x\ndata: ", ": c\ndata:", "dat: ", ""]),
+            json in proptest::sample::select(vec![
+                "{\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}",
+                "{\"id\":\"\u{e9}\",\"choices\":[],\"usage\":{\"total_tokens\":3}}",
+                "{\"choices\":[{\"delta\":{}}],\"usage\":{\"prompt_tokens\":1}}",
+                "{\"choices\":[],\"usage\":null}",
+                "{\"choices\":[],\"usage\":{\"prompt_tokens\":1}",
+                "{\"choices\":[],\"usage\":{\"prompt_tokens\":\"1\"}}",
+                "\r{\"choices\":[],\"usage\":{}} ",
+            ]),
+            bad_byte in proptest::option::of(0usize..40),
+            end in proptest::sample::select(vec!["\n\n", "\r\n\r\n", "\r\n\n", "\n\r\n", "\n", "\ndata: {}\n\n", "\r\r\n\n"]),
+        ) {
+            let mut event = format!("{start}{json}{end}").into_bytes();
+            // Bytes that are not UTF-8, inside the JSON or out of it.
+            if let Some(at) = bad_byte.filter(|&at| at < event.len()) {
+                event.insert(at, 0xff);
+            }
+            prop_assert_eq!(is_usage_only(&event), is_usage_only_by_lines(&event), "{:?}", String::from_utf8_lossy(&event));
         }
     }
 
