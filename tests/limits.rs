@@ -487,22 +487,31 @@ async fn sse_backend(writes: &'static [&'static str]) -> String {
     url
 }
 
-#[tokio::test]
-async fn a_stream_whose_text_says_done_is_charged_its_reported_usage() {
+/// Streams `writes` through a key limited to 6,000 tokens a minute: the stream's text as the
+/// client read it, and the tokens the key has left after it.
+async fn stream_through_limited_key(writes: &'static [&'static str]) -> (String, u64) {
     let gw = gateway()
-        .backend("sse", &sse_backend(&DONE_IN_TEXT).await)
+        .backend("sse", &sse_backend(writes).await)
         .route(LLAMA, &["sse"])
         .key_limited("team-a", &["*"], None, Some(6000))
         .start()
         .await;
     let client = gw.client("team-a");
     let (status, _, text) = stream_text(&client, &request(Some(100), true, false)).await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{text}");
+    (text, tokens_left(&client).await)
+}
+
+/// What a key limited to 6,000 tokens has left once charged the usage chunk's 1,010 (give or
+/// take the minute's refill), rather than an estimate made before that chunk went by.
+const LEFT_AFTER_REPORTED_USAGE: std::ops::Range<u64> = 6000 - 1010..6000 - 1010 + 50;
+
+#[tokio::test]
+async fn a_stream_whose_text_says_done_is_charged_its_reported_usage() {
+    let (text, left) = stream_through_limited_key(&DONE_IN_TEXT).await;
     assert!(text.contains("\"content\":\"[DONE]\""), "{text}");
     assert!(usage_events(&text).is_empty(), "the usage chunk nimgate asked for is hidden: {text}");
-    // The usage chunk's 1,010 tokens, not an estimate made when the text went by.
-    let left = tokens_left(&client).await;
-    assert!((6000 - 1010..6000 - 1010 + 50).contains(&left), "left {left}");
+    assert!(LEFT_AFTER_REPORTED_USAGE.contains(&left), "left {left}");
 }
 
 #[tokio::test]
@@ -515,17 +524,8 @@ async fn a_frame_that_ends_right_after_done_in_a_chunks_text_does_not_end_the_st
         "data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1000,\"total_tokens\":1010}}\n\n",
         "data: [DONE]\n\n",
     ];
-    let gw = gateway()
-        .backend("sse", &sse_backend(&WRITES).await)
-        .route(LLAMA, &["sse"])
-        .key_limited("team-a", &["*"], None, Some(6000))
-        .start()
-        .await;
-    let client = gw.client("team-a");
-    let (status, _, text) = stream_text(&client, &request(Some(100), true, false)).await;
-    assert_eq!(status, 200);
+    let (text, left) = stream_through_limited_key(&WRITES).await;
     assert!(text.contains("\"content\":\"data: [DONE]\""), "{text}");
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-    let left = tokens_left(&client).await;
-    assert!((6000 - 1010..6000 - 1010 + 50).contains(&left), "left {left}");
+    assert!(LEFT_AFTER_REPORTED_USAGE.contains(&left), "left {left}");
 }
