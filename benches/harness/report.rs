@@ -131,6 +131,8 @@ impl Report {
         s.cells.iter().find(|(t, _)| t == target).map(|(_, c)| c.figures())
     }
 
+    /// The open performance issue's targets (#19): throughput and CPU per request against
+    /// nginx's, added latency at most nginx's, memory per idle stream.
     fn checks(&self) -> Vec<Check> {
         let mut checks = Vec::new();
         for scenario in ["closed c=64", "closed c=256"] {
@@ -156,8 +158,8 @@ impl Report {
         ) {
             let (gp50, np50, gp99, np99) = (g.p50 - d.p50, n.p50 - d.p50, g.p99 - d.p99, n.p99 - d.p99);
             checks.push(Check {
-                what: "open 1000/s: added p50 ≤ 0.5 × nginx's".into(),
-                holds: gp50 <= 0.5 * np50,
+                what: "open 1000/s: added p50 ≤ nginx's".into(),
+                holds: gp50 <= np50,
                 detail: format!("{} vs {}", signed_us(gp50), signed_us(np50)),
             });
             checks.push(Check {
@@ -185,8 +187,8 @@ impl Report {
         }
         if let Some(m) = &self.memory {
             checks.push(Check {
-                what: format!("{} idle streams: ≤ 16 KiB RSS per stream", m.streams),
-                holds: m.per_stream_kib() <= 16.0 && m.failed == 0,
+                what: format!("{} idle streams: ≤ 24 KiB RSS per stream", m.streams),
+                holds: m.per_stream_kib() <= 24.0 && m.failed == 0,
                 detail: format!("{:.1} KiB ({} failed to open)", m.per_stream_kib(), m.failed),
             });
             checks.push(Check {
