@@ -70,10 +70,12 @@ fn caller_checks(c: &mut Criterion) {
         b.iter(|| black_box(snapshot.keys.authenticate(black_box(&callers[42])).is_ok()))
     });
     c.bench_function("acl: two globs", |b| b.iter(|| black_box(keys[42].allows(black_box(model)))));
-    c.bench_function("limits: admit + settle (requests and tokens)", |b| {
+    // As the handler does: the precheck before the body, admission on what it found after.
+    c.bench_function("limits: precheck + admit + settle (requests and tokens)", |b| {
         b.iter(|| {
             let key = &keys[next.next().unwrap_or(0)];
-            let admission = now(gateway.limiter().admit(key, black_box(700))).expect("admitted");
+            let checked = now(gateway.limiter().precheck(key)).expect("not refused");
+            let admission = now(gateway.limiter().admit_checked(key, black_box(700), checked)).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
                 permit.settle(black_box(300));
             }
@@ -83,7 +85,8 @@ fn caller_checks(c: &mut Criterion) {
         b.iter(|| {
             let key = snapshot.keys.authenticate(black_box(&callers[next.next().unwrap_or(0)])).expect("known key");
             assert!(key.allows(black_box(model)));
-            let admission = now(gateway.limiter().admit(key, 700)).expect("admitted");
+            let checked = now(gateway.limiter().precheck(key)).expect("not refused");
+            let admission = now(gateway.limiter().admit_checked(key, 700, checked)).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
                 permit.settle(300);
             }
@@ -155,10 +158,11 @@ fn usage_scanning(c: &mut Criterion) {
     group.bench_function("scan + count + strip", |b| {
         let (mut scanner, mut counter, mut stripper) =
             (UsageScanner::default(), ContentCounter::default(), UsageEventStripper::default());
+        // As the meter does: the stripper told what the scanner found.
         b.iter(|| {
-            scanner.feed(&chunk);
+            let without_usage_object = scanner.feed(&chunk);
             counter.feed(&chunk);
-            black_box(stripper.process(black_box(chunk.clone())))
+            black_box(stripper.process_known(black_box(chunk.clone()), without_usage_object))
         })
     });
     group.finish();
@@ -172,8 +176,9 @@ fn metrics_recording(c: &mut Criterion) {
     group.bench_function("one request's series", |b| {
         b.iter(|| {
             metrics.request("meta/llama-3.1-8b-instruct", "llama-a", "team-search", 200);
-            metrics.ttfb("meta/llama-3.1-8b-instruct", "llama-a").observe(0.12);
-            metrics.duration("meta/llama-3.1-8b-instruct", "llama-a").observe(1.5);
+            let (ttfb, duration) = metrics.timings("meta/llama-3.1-8b-instruct", "llama-a");
+            ttfb.observe(0.12);
+            duration.observe(1.5);
             let (prompt, completion) = metrics.token_counters("meta/llama-3.1-8b-instruct", "team-search");
             prompt.inc_by(250);
             completion.inc_by(120);

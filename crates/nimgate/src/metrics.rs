@@ -231,14 +231,6 @@ impl Metrics {
         with_series(self.id, 0, &self.requests, &[model, backend, key, code], IntCounter::inc);
     }
 
-    pub fn ttfb(&self, model: &str, backend: &str) -> Histogram {
-        series(self.id, 1, &self.ttfb, &[model, backend])
-    }
-
-    pub fn duration(&self, model: &str, backend: &str) -> Histogram {
-        series(self.id, 2, &self.duration, &[model, backend])
-    }
-
     /// The time-to-first-byte and duration histograms of a route model and backend, in one
     /// lookup: every upstream answer observes both.
     pub fn timings(&self, model: &str, backend: &str) -> (Histogram, Histogram) {
@@ -484,7 +476,7 @@ mod tests {
         metrics.config_reloads.with_label_values(&["ok"]).inc();
         metrics.request("m", "gpu", "team-a", 200);
         metrics.request("m", "gpu", "team-a", 200);
-        metrics.ttfb("m", "gpu").observe(0.02);
+        metrics.timings("m", "gpu").0.observe(0.02);
         let (ttfb, duration) = metrics.timings("m", "gpu");
         ttfb.observe(0.5);
         duration.observe(1.0);
