@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -40,15 +41,27 @@ impl UpstreamClient {
     }
 
     /// Sends `request`; the `Lease` holds the connection until the answer's body is done with.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<(Response<Incoming>, Lease), ClientError> {
+    /// Not an async fn: the future is the chosen client's own, without a state machine around
+    /// it that the request and the inner future would be moved into on every request.
+    pub fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> impl Future<Output = Result<(Response<Incoming>, Lease), ClientError>> + Send + '_ {
         match self {
-            Self::Http(connections) => connections.send(request).await,
-            Self::Https(client) => match client.request(request).await {
-                Ok(response) => Ok((response, Lease::default())),
-                Err(e) if e.is_connect() => Err(ClientError::Connect(root_cause(&e))),
-                Err(e) => Err(ClientError::Failed(root_cause(&e))),
-            },
+            Self::Http(connections) => Either::Left(connections.send(request)),
+            Self::Https(client) => Either::Right(send_https(client, request)),
         }
+    }
+}
+
+async fn send_https(
+    client: &Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> Result<(Response<Incoming>, Lease), ClientError> {
+    match client.request(request).await {
+        Ok(response) => Ok((response, Lease::default())),
+        Err(e) if e.is_connect() => Err(ClientError::Connect(root_cause(&e))),
+        Err(e) => Err(ClientError::Failed(root_cause(&e))),
     }
 }
 
