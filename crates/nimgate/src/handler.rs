@@ -35,14 +35,15 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>, memo: &Key
         _ if head_size(&request) > snapshot.server.max_header_bytes => {
             Err(GatewayError::HeaderTooLarge { limit: snapshot.server.max_header_bytes })
         }
-        // Inference is called here, not through `dispatch`: one async level less to build and
-        // move its ~3 KB future through on every request.
-        Some((Resource::Inference(endpoint), _)) if *request.method() == Resource::Inference(endpoint).method() => {
-            infer(&gateway, &snapshot, request, endpoint, memo, &mut exchange).await
-        }
-        Some((resource, _)) if *request.method() == resource.method() => {
-            dispatch(&gateway, &snapshot, resource, request, memo, &mut exchange).await
-        }
+        // Each resource's work is called from here, not through a dispatching async fn: a level
+        // less to build and move the request's futures through on every request.
+        Some((resource, _)) if *request.method() == resource.method() => match resource {
+            Resource::Live => Ok(health(StatusCode::OK, "live")),
+            Resource::Ready if gateway.is_draining() => Ok(health(StatusCode::SERVICE_UNAVAILABLE, "draining")),
+            Resource::Ready => Ok(health(StatusCode::OK, "ready")),
+            Resource::Models => models(&gateway, &snapshot, &request, memo, &mut exchange).await,
+            Resource::Inference(endpoint) => infer(&gateway, &snapshot, request, endpoint, memo, &mut exchange).await,
+        },
         Some((resource, _)) => Err(GatewayError::MethodNotAllowed {
             method: request.method().clone(),
             path: path.to_owned(),
@@ -62,25 +63,17 @@ pub async fn serve(gateway: Arc<Gateway>, request: Request<Incoming>, memo: &Key
     response
 }
 
-async fn dispatch(
+/// `GET /v1/models`: the models the key may use.
+async fn models(
     gateway: &Gateway,
     snapshot: &Arc<Snapshot>,
-    resource: Resource,
-    request: Request<Incoming>,
+    request: &Request<Incoming>,
     memo: &KeyMemo,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, GatewayError> {
-    match resource {
-        Resource::Live => Ok(health(StatusCode::OK, "live")),
-        Resource::Ready if gateway.is_draining() => Ok(health(StatusCode::SERVICE_UNAVAILABLE, "draining")),
-        Resource::Ready => Ok(health(StatusCode::OK, "ready")),
-        Resource::Models => {
-            let key = snapshot.keys.authenticate_on(request.headers(), memo)?;
-            exchange.key = Some(Arc::clone(&key));
-            Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, &key, &exchange.request_id).await))
-        }
-        Resource::Inference(endpoint) => infer(gateway, snapshot, request, endpoint, memo, exchange).await,
-    }
+    let key = snapshot.keys.authenticate_on(request.headers(), memo)?;
+    exchange.key = Some(Arc::clone(&key));
+    Ok(json(StatusCode::OK, gateway.catalog().list(snapshot, &key, &exchange.request_id).await))
 }
 
 /// A model-routed POST: chat completions, completions, embeddings.
