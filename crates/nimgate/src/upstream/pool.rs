@@ -254,12 +254,27 @@ impl Pool {
     /// queueing of their keys (`fair`); while any wait, a new request queues behind them
     /// instead of taking a slot freed for them.
     pub async fn acquire(&self, pick: Pick<'_>, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
+        match self.acquire_now(pick) {
+            Some(picked) => picked,
+            None => self.acquire_queued(pick, waited).await,
+        }
+    }
+
+    /// `acquire` when it need not wait: a backend with room and nobody queued before this
+    /// request, or a refusal. None when the request must queue (`acquire_queued`). Apart so
+    /// that the usual request takes its slot without building the queue's future.
+    pub fn acquire_now(&self, pick: Pick<'_>) -> Option<Result<Slot, NoBackend>> {
         if self.queued.load(Ordering::Acquire) == 0 {
             match self.try_acquire(pick, Tried::default()) {
                 Err(NoBackend::Full) => {}
-                picked => return picked,
+                picked => return Some(picked),
             }
         }
+        (self.queue_length == 0).then_some(Err(NoBackend::QueueFull))
+    }
+
+    /// `acquire` once `acquire_now` said to queue.
+    pub async fn acquire_queued(&self, pick: Pick<'_>, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
         if self.queue_length == 0 {
             return Err(NoBackend::QueueFull);
         }

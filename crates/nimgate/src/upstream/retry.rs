@@ -144,7 +144,10 @@ pub async fn send(
 ) -> Result<Answer, UpstreamError> {
     pool.budget().deposit();
     let mut waited = None;
-    let acquired = pool.acquire(pick, &mut waited).await;
+    let acquired = match pool.acquire_now(pick) {
+        Some(picked) => picked,
+        None => pool.acquire_queued(pick, &mut waited).await,
+    };
     if let Some(waited) = waited {
         metrics.queue_wait(model).observe(waited.as_secs_f64());
         metrics.key_queue_wait(pick.key.map_or(crate::metrics::NONE, |k| k)).observe(waited.as_secs_f64());
@@ -165,7 +168,10 @@ pub async fn send(
         let headers = headers::upstream_headers(outgoing.client_headers, outgoing.request_id);
         let request = headers::request(backend, outgoing.endpoint, headers, bytes);
         let deadline = backend.timeouts.total.map(|total| started + total);
-        let (outcome, lease) = match send_one(backend, request, deadline).await {
+        // `send_one`'s steps, inline: an async level less to move the request through.
+        let after = first_byte_limit(backend, deadline);
+        let sent = tokio::time::timeout(after, backend.client.send(request)).await;
+        let (outcome, lease) = match attempt_result(backend, after, sent) {
             Ok((response, lease)) => (Ok(response), lease),
             Err(e) => (Err(e), Lease::default()),
         };
@@ -286,11 +292,24 @@ pub async fn send_one(
     request: Request<Full<Bytes>>,
     deadline: Option<Instant>,
 ) -> Result<(Response<Incoming>, Lease), AttemptError> {
-    let mut after = backend.timeouts.first_byte;
-    if let Some(deadline) = deadline {
-        after = after.min(deadline.saturating_duration_since(Instant::now()));
-    }
-    match tokio::time::timeout(after, backend.client.send(request)).await {
+    let after = first_byte_limit(backend, deadline);
+    attempt_result(backend, after, tokio::time::timeout(after, backend.client.send(request)).await)
+}
+
+/// How long an attempt on `backend` may wait for its answer's head: the backend's first-byte
+/// timeout, cut short by the request's deadline.
+fn first_byte_limit(backend: &Backend, deadline: Option<Instant>) -> Duration {
+    let after = backend.timeouts.first_byte;
+    deadline.map_or(after, |deadline| after.min(deadline.saturating_duration_since(Instant::now())))
+}
+
+/// An attempt's result, its errors named after `backend`; `after` is the limit it ran under.
+fn attempt_result(
+    backend: &Backend,
+    after: Duration,
+    sent: Result<Result<(Response<Incoming>, Lease), ClientError>, tokio::time::error::Elapsed>,
+) -> Result<(Response<Incoming>, Lease), AttemptError> {
+    match sent {
         Ok(Ok(answer)) => Ok(answer),
         Ok(Err(ClientError::Connect(cause))) => Err(AttemptError::Connect { backend: backend.name.clone(), cause }),
         Ok(Err(ClientError::Failed(cause))) => Err(AttemptError::Failed { backend: backend.name.clone(), cause }),
