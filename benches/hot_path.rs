@@ -74,7 +74,7 @@ fn caller_checks(c: &mut Criterion) {
     c.bench_function("limits: precheck + admit + settle (requests and tokens)", |b| {
         b.iter(|| {
             let key = &keys[next.next().unwrap_or(0)];
-            let checked = now(gateway.limiter().precheck(key)).expect("not refused");
+            let checked = gateway.limiter().precheck(key).expect("not refused");
             let admission = now(gateway.limiter().admit_checked(key, black_box(700), checked)).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
                 permit.settle(black_box(300));
@@ -85,7 +85,7 @@ fn caller_checks(c: &mut Criterion) {
         b.iter(|| {
             let key = snapshot.keys.authenticate(black_box(&callers[next.next().unwrap_or(0)])).expect("known key");
             assert!(key.allows(black_box(model)));
-            let checked = now(gateway.limiter().precheck(key)).expect("not refused");
+            let checked = gateway.limiter().precheck(key).expect("not refused");
             let admission = now(gateway.limiter().admit_checked(key, 700, checked)).expect("admitted");
             if let Some(permit) = admission.and_then(|a| a.permit) {
                 permit.settle(300);

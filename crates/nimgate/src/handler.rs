@@ -89,7 +89,7 @@ async fn infer(
     exchange.key = Some(Arc::clone(&key));
     let key = &key;
     // Before a byte of the body is read: a key its limits would refuse whatever it sends.
-    let checked = gateway.limiter().precheck(key).await?;
+    let checked = gateway.limiter().precheck(key)?;
 
     let (parts, body) = request.into_parts();
     let mut lease = gateway.body_budget().lease(snapshot.server.header_read_timeout);

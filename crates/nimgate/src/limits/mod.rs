@@ -284,7 +284,7 @@ impl Limiter {
     /// Refuses, before its body is read, a request of `key` that its limits could not admit
     /// whatever the body: no request left now, no token, or no slot. Consumes nothing; what
     /// it found is for `admit_checked`.
-    pub async fn precheck(&self, key: &Key) -> Result<Checked, Refused> {
+    pub fn precheck(&self, key: &Key) -> Result<Checked, Refused> {
         if key.limits.is_unlimited() {
             return Ok(Checked::default());
         }
