@@ -252,7 +252,8 @@ impl Pool {
     /// A backend for a request's first attempt, waiting in the queue while all are full
     /// (`waited` tells how long, when it did). Queued requests are served by weighted fair
     /// queueing of their keys (`fair`); while any wait, a new request queues behind them
-    /// instead of taking a slot freed for them.
+    /// instead of taking a slot freed for them. `retry::send` spells out these two steps
+    /// itself, so that its own future holds the queue's only on the path that waits.
     pub async fn acquire(&self, pick: Pick<'_>, waited: &mut Option<Duration>) -> Result<Slot, NoBackend> {
         match self.acquire_now(pick) {
             Some(picked) => picked,
