@@ -345,6 +345,36 @@ async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
     assert_eq!(state["in_flight"], 0);
 }
 
+#[tokio::test]
+async fn a_steady_stream_outlives_its_idle_timeout_and_is_cut_when_it_stalls() {
+    // Chunks every 100 ms for about a second under a 300 ms idle timeout: the timer fires and
+    // is moved forward several times while the body waits for chunks, then the stall ends it.
+    let stalling = sim(SimOptions {
+        tokens: 12,
+        chunk_delay: Duration::from_millis(100),
+        failures: Failures { stall_after_chunks: Some(10), ..Failures::default() },
+        ..SimOptions::default()
+    })
+    .await;
+    let gw = one_backend(&stalling, timeouts(|t| t.idle = Some("300ms".into()))).await;
+    let client = gw.client("team-a");
+    let started = Instant::now();
+    let response = client
+        .send(client.request(Method::POST, "/v1/chat/completions", chat_body(LLAMA, true).to_string(), &[]))
+        .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let text: String = all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1200) && took < Duration::from_secs(4), "{took:?}");
+    let events = sse_data(&text);
+    // Text chunks: the first chunk carries the role and an empty content.
+    let content = events.iter().filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\"")).count();
+    assert_eq!(content, 10, "every chunk sent before the stall arrives: {text}");
+    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "upstream_timeout", "{text}");
+}
+
 /// A sim with one GPU slot and a long time to first token, with `waiting` requests sent to
 /// it directly and left waiting: its `/v1/metrics` reports them.
 async fn busy_nim(waiting: usize) -> (Sim, Vec<tokio::task::JoinHandle<()>>) {

@@ -20,9 +20,9 @@ pub mod meter;
 pub mod usage;
 
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -260,6 +260,9 @@ pin_project_lite::pin_project! {
         // Armed for min(last_frame + idle, deadline); moved forward lazily, only when it fires.
         #[pin]
         timer: Sleep,
+        // The waker the timer holds, if it holds one: while the body is polled with the same
+        // waker and the timer has not fired, polling the timer again changes nothing.
+        timer_waker: Option<Waker>,
     }
 
     impl PinnedDrop for Forwarded {
@@ -315,6 +318,7 @@ impl Forwarded {
             outcome: "client left",
             cause: None,
             timer: tokio::time::sleep_until(first),
+            timer_waker: None,
         }
     }
 
@@ -389,7 +393,20 @@ impl Forwarded {
                     message: format!("the backend's stream broke: {}", root_cause(&e)),
                 },
                 Poll::Pending => {
-                    ready!(this.timer.as_mut().poll(cx));
+                    // A stream waits for its next chunk many times; the timer needs registering
+                    // once, not at every wait.
+                    if this.timer_waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && !this.timer.is_elapsed() {
+                        return Poll::Pending;
+                    }
+                    // Polled outside tokio's cooperative budget: a timer the budget turned away
+                    // would return Pending without holding the waker, and the shortcut above
+                    // would then wait for a wake that never comes.
+                    if pin!(tokio::task::unconstrained(this.timer.as_mut())).poll(cx).is_pending() {
+                        *this.timer_waker = Some(cx.waker().clone());
+                        return Poll::Pending;
+                    }
+                    // Fired: moved forward below, or the stream ends.
+                    *this.timer_waker = None;
                     let now = Instant::now();
                     let idle_end = *this.last_frame + *this.idle_timeout;
                     let past_deadline = this.deadline.is_some_and(|d| now >= d);
