@@ -349,6 +349,7 @@ async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
 async fn a_steady_stream_outlives_its_idle_timeout_and_is_cut_when_it_stalls() {
     // Chunks every 100 ms for about a second under a 300 ms idle timeout: the timer fires and
     // is moved forward several times while the body waits for chunks, then the stall ends it.
+    // Over HTTP/1.1 the connection's task polls the body; over h2, a task of the stream's own.
     let stalling = sim(SimOptions {
         tokens: 12,
         chunk_delay: Duration::from_millis(100),
@@ -358,21 +359,29 @@ async fn a_steady_stream_outlives_its_idle_timeout_and_is_cut_when_it_stalls() {
     .await;
     let gw = one_backend(&stalling, timeouts(|t| t.idle = Some("300ms".into()))).await;
     let client = gw.client("team-a");
-    let started = Instant::now();
-    let response = client
-        .send(client.request(Method::POST, "/v1/chat/completions", chat_body(LLAMA, true).to_string(), &[]))
-        .await;
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let text: String = all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
-    let took = started.elapsed();
-    assert!(took >= Duration::from_millis(1200) && took < Duration::from_secs(4), "{took:?}");
-    let events = sse_data(&text);
-    // Text chunks: the first chunk carries the role and an empty content.
-    let content = events.iter().filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\"")).count();
-    assert_eq!(content, 10, "every chunk sent before the stall arrives: {text}");
-    let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
-    assert_eq!(last["error"]["code"], "upstream_timeout", "{text}");
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    for version in [http::Version::HTTP_11, http::Version::HTTP_2] {
+        let started = Instant::now();
+        let request = client.request(Method::POST, "/v1/chat/completions", chat_body(LLAMA, true).to_string(), &[]);
+        let response = match version {
+            http::Version::HTTP_2 => h2.request(request).await.expect("the gateway answers"),
+            _ => client.send(request).await,
+        };
+        assert_eq!((response.version(), response.status()), (version, http::StatusCode::OK));
+        let mut body = response.into_body();
+        let text: String =
+            all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(1200) && took < Duration::from_secs(4), "{version:?}: {took:?}");
+        let events = sse_data(&text);
+        // Text chunks: the first chunk carries the role and an empty content.
+        let content = events.iter().filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\"")).count();
+        assert_eq!(content, 10, "{version:?}: every chunk sent before the stall arrives: {text}");
+        let last: serde_json::Value = serde_json::from_str(events.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["code"], "upstream_timeout", "{version:?}: {text}");
+    }
 }
 
 /// A sim with one GPU slot and a long time to first token, with `waiting` requests sent to
