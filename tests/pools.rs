@@ -374,7 +374,8 @@ async fn a_steady_stream_outlives_its_idle_timeout_and_is_cut_when_it_stalls() {
         let text: String =
             all_frames(&mut body).await.iter().map(|f| String::from_utf8_lossy(f).into_owned()).collect();
         let took = started.elapsed();
-        assert!(took >= Duration::from_millis(1200) && took < Duration::from_secs(4), "{version:?}: {took:?}");
+        // Not cut at the first 300 ms (every chunk arrives, below), nor long after the stall.
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{version:?}: {took:?}");
         let events = sse_data(&text);
         // Text chunks: the first chunk carries the role and an empty content.
         let content = events.iter().filter(|e| e.contains("\"content\":\"") && !e.contains("\"content\":\"\"")).count();
